@@ -1,0 +1,33 @@
+"""Diffusion solvers (samplers) for Stable Diffusion, numerically equal to diffusers' schedulers."""
+
+from .ddim import DDIM
+from .ddpm import DDPM
+from .dpm_solver import DPMSolver, DPMSolverSDE
+from .euler import Euler, EulerAncestral
+from .lcm import LCM
+from .solver import (
+    NoiseSchedule,
+    PredictionType,
+    SigmaSchedule,
+    Solver,
+    SolverParams,
+    TimestepSpacing,
+    first_inference_step_from_strength,
+)
+
+__all__ = [
+    "DDIM",
+    "DDPM",
+    "DPMSolver",
+    "DPMSolverSDE",
+    "Euler",
+    "EulerAncestral",
+    "LCM",
+    "NoiseSchedule",
+    "PredictionType",
+    "SigmaSchedule",
+    "Solver",
+    "SolverParams",
+    "TimestepSpacing",
+    "first_inference_step_from_strength",
+]
