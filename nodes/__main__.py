@@ -1,0 +1,7 @@
+"""`python -m nodes ...`: see `nodes/cli.py`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
