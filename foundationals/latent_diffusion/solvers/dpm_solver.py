@@ -68,7 +68,7 @@ class DPMSolver(Solver):
     def __call__(
         self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        """One multistep update; uses the previous step's prediction when the previous call was `step - 1`."""
+        """One update: second order from the prediction at `step - 1` when this run made one, else first order."""
         out_dtype = predicted_noise.dtype
         alpha_s0, sigma_s0 = alpha_sigma(self.sigmas[step])
         match self.params.prediction_type:
@@ -78,21 +78,26 @@ class DPMSolver(Solver):
                 denoised = alpha_s0 * x - sigma_s0 * predicted_noise
             case _:
                 raise ValueError(f"unknown prediction type {self.params.prediction_type!r}")
+        # second order needs this run's prediction at step - 1; the final sigma is 0, so the last step is
+        # always first order (diffusers' lower_order_final)
         previous = self.previous
         self.previous = (step, denoised)
+        use_previous = (
+            previous is not None
+            and previous[0] == step - 1
+            and step != self.first_inference_step
+            and step != self.num_inference_steps - 1
+        )
         x = upcast(x)
         noise = sample_noise(denoised, generator, dtype=torch.float32) if self.stochastic else None
 
         alpha_t, sigma_t = alpha_sigma(self.sigmas[step + 1])
         h = log_snr(alpha_t, sigma_t) - log_snr(alpha_s0, sigma_s0)
-        # the final sigma is 0, so the last step is always first order (diffusers' lower_order_final)
-        first_order = previous is None or previous[0] != step - 1 or step == self.num_inference_steps - 1
         if noise is None:
             x = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * denoised
         else:
             x = (sigma_t / sigma_s0 * torch.exp(-h)) * x + (alpha_t * (1 - torch.exp(-2.0 * h))) * denoised
-        if not first_order:
-            assert previous is not None
+        if use_previous and previous is not None:
             alpha_s1, sigma_s1 = alpha_sigma(self.sigmas[step - 1])
             r0 = (log_snr(alpha_s0, sigma_s0) - log_snr(alpha_s1, sigma_s1)) / h
             correction = (1.0 / r0) * (denoised - previous[1])

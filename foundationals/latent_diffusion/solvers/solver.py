@@ -224,8 +224,8 @@ class Solver(ABC):
                 return (x - beta_bar**0.5 * prediction) / alpha_bar**0.5, prediction
             case PredictionType.V_PREDICTION:
                 return (
-                    alpha_bar** 0.5 * x - beta_bar** 0.5 * prediction,
-                    alpha_bar** 0.5 * prediction + beta_bar** 0.5 * x,
+                    alpha_bar**0.5 * x - beta_bar**0.5 * prediction,
+                    alpha_bar**0.5 * prediction + beta_bar**0.5 * x,
                 )
             case _:
                 raise ValueError(f"unknown prediction type {self.params.prediction_type!r}")
