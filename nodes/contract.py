@@ -49,11 +49,11 @@ def _check_input(section: str, name: str, entry: Any) -> list[str]:
         return problems
     if kind in SCALAR_TYPES and default is not None:
         if isinstance(default, bool) != (kind == "BOOLEAN") or not isinstance(default, SCALAR_TYPES[kind]):
-            problems.append(f"{where}: default {default!r} is not a {kind}")
+            problems.append(f"{where}: default {default!r} is not {'an' if kind == 'INT' else 'a'} {kind}")
             return problems
     low, high = options.get("min"), options.get("max")
     if low is not None and high is not None and low > high:
-        problems.append(f"{where}: min {low} > max {high}")
+        return [*problems, f"{where}: min {low} > max {high}"]
     if kind in ("INT", "FLOAT") and isinstance(default, int | float):
         if low is not None and default < low:
             problems.append(f"{where}: default {default} < min {low}")
