@@ -1,0 +1,1 @@
+"""CLIP for Stable Diffusion: byte-level BPE tokenizer, ComfyUI prompt features, text encoders."""
