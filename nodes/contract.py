@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from .registry import NODE_DISPLAY_NAME_MAPPINGS
+from .runner import plan
+from .runner_nodes import RUNNER_NODE_CLASSES
+from .workflow import MODE_BYPASS, MODE_MUTED, Workflow, WorkflowError, input_specs, widget_value_names
 
 PACK_PREFIX = "Fluxion"
 SECTIONS = ("required", "optional", "hidden")
@@ -175,3 +178,36 @@ def check_node_mappings(
         for name, cls in class_mappings.items()
         for problem in check_node_contract(name, cls, display_names)
     ]
+
+
+def _check_widget_values(node: Mapping[str, Any], cls: type) -> list[str]:
+    values = node.get("widgets_values")
+    if isinstance(values, dict):
+        return []
+    expected = widget_value_names(cls)
+    has_upload = any(spec.options.get("image_upload") for spec in input_specs(cls).values())
+    count = len(values or [])
+    if count == len(expected) or (has_upload and count == len(expected) + 1):
+        return []
+    return [
+        f"node {node.get('id')} ({node.get('type')}): widgets_values has {count} value(s), "
+        f"the editor stores {len(expected)}: {', '.join(expected) or 'none'}"
+    ]
+
+
+def check_workflow_contract(workflow: Workflow, node_classes: Mapping[str, type]) -> list[str]:
+    """Problems of a workflow file: graph errors, pack nodes breaking the contract, widget counts."""
+    problems = []
+    try:
+        plan(workflow.prompt, node_classes)
+    except WorkflowError as error:
+        problems.append(str(error))
+    used = sorted({node["class_type"] for node in workflow.prompt.values()})
+    for class_type in used:
+        if class_type in node_classes and class_type not in RUNNER_NODE_CLASSES:
+            problems += check_node_contract(class_type, node_classes[class_type])
+    for node in (workflow.ui or {}).get("nodes", []):
+        cls = node_classes.get(node.get("type"))
+        if cls is not None and node.get("mode") not in (MODE_MUTED, MODE_BYPASS):
+            problems += _check_widget_values(node, cls)
+    return problems

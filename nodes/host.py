@@ -347,7 +347,8 @@ def model_file_path(kind: str, name: str) -> Path:
     else:
         for root in model_search_paths(kind):
             candidate = root / relative
-            if candidate.is_dir() if kind == "diffusers" else candidate.is_file():
+            found = candidate.is_dir() if kind == "diffusers" else candidate.is_file()
+            if found:
                 return candidate
     available = list_model_files(kind)
     searched = ", ".join(str(p) for p in model_search_paths(kind))
@@ -389,7 +390,7 @@ def _hook_host_memory() -> None:
     global _host_hooked
     if _host_hooked or _HOST is None:
         return
-    model_management = _HOST[0]
+    model_management: Any = _HOST[0]
     original_unload_all = model_management.unload_all_models
     original_free = model_management.free_memory
 

@@ -125,7 +125,9 @@ def check_value(node_id: str, class_type: str, spec: InputSpec, value: Any) -> A
 
 
 @dataclass
-class _Plan:
+class ExecutionPlan:
+    """Validated nodes in run order, with their classes, input specs and checked literal inputs."""
+
     order: list[str]
     classes: dict[str, type]
     specs: dict[str, dict[str, InputSpec]]
@@ -136,7 +138,7 @@ def plan(
     prompt: Mapping[str, Mapping[str, Any]],
     node_classes: Mapping[str, type],
     outputs: Iterable[str] = (),
-) -> _Plan:
+) -> ExecutionPlan:
     """Validate a prompt and order the nodes to run (dependencies first); raises WorkflowError."""
     classes: dict[str, type] = {}
     specs: dict[str, dict[str, InputSpec]] = {}
@@ -193,7 +195,7 @@ def plan(
         node_id: _check_inputs(prompt[node_id], node_id, classes[node_id], specs[node_id])
         for node_id in order
     }
-    return _Plan(order, classes, specs, literals)
+    return ExecutionPlan(order, classes, specs, literals)
 
 
 def _check_link(
@@ -333,7 +335,7 @@ class Runner:
         self,
         node_id: str,
         node: Mapping[str, Any],
-        steps: _Plan,
+        steps: ExecutionPlan,
         result: RunResult,
         prompt: Mapping[str, Any],
         extra_pnginfo: dict[str, Any] | None,

@@ -164,7 +164,8 @@ class LoadImage:
     def load_image(self, image: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames of the file as IMAGE (B,H,W,3) and MASK (B,H,W); frames of another size are skipped."""
         opened = Image.open(annotated_path(image))
-        frames, masks = [], []
+        frames: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
         for frame in ImageSequence.Iterator(opened):
             frame = ImageOps.exif_transpose(frame)
             if frame.mode == "I":

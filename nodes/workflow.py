@@ -113,6 +113,16 @@ def input_specs(cls: type) -> dict[str, InputSpec]:
     return specs
 
 
+def widget_value_names(cls: type) -> list[str]:
+    """What the editor stores in a node's `widgets_values`, in order (control widgets included)."""
+    names: list[str] = []
+    for spec in input_specs(cls).values():
+        if spec.has_widget:
+            names.append(spec.name)
+            names += ["control_after_generate", "control_filter_list"][: spec.control_values]
+    return names
+
+
 @dataclass
 class Workflow:
     """A workflow ready to run: the API prompt, plus the UI graph when it came from a UI file."""

@@ -2,8 +2,9 @@
 
 import pytest
 
-from nodes.contract import check_node_contract, check_node_mappings
+from nodes.contract import check_node_contract, check_node_mappings, check_workflow_contract
 from nodes.registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from nodes.workflow import parse_workflow
 
 
 class FluxionGoodNode:
@@ -179,3 +180,54 @@ def test_input_types_that_raise_are_reported():
 
 def test_every_registered_pack_node_keeps_the_contract():
     assert check_node_mappings(NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS) == []
+
+
+class FluxionSeeded(FluxionGoodNode):
+    @classmethod
+    def INPUT_TYPES(cls):
+        declared = FluxionGoodNode.INPUT_TYPES()
+        declared["required"]["seed"] = (
+            "INT",
+            {"default": 0, "min": 0, "max": 2**32 - 1, "tooltip": "Noise seed."},
+        )
+        return declared
+
+    def apply(self, **inputs):
+        return (inputs["model"],)
+
+
+def seeded_workflow(widgets_values):
+    classes = {"FluxionSeeded": FluxionSeeded}
+    ui = {
+        "nodes": [
+            {
+                "id": 1,
+                "type": "FluxionSeeded",
+                "mode": 0,
+                "inputs": [{"name": "model", "type": "FLUXION_MODEL", "link": None}],
+                "widgets_values": widgets_values,
+            },
+        ],
+        "links": [],
+    }
+    return parse_workflow(ui, classes), classes
+
+
+def test_workflow_check_counts_the_widget_values_the_editor_stores(monkeypatch):
+    monkeypatch.setitem(NODE_DISPLAY_NAME_MAPPINGS, "FluxionSeeded", "Seeded")
+    workflow, classes = seeded_workflow([1.0, 20, "a.safetensors", "x", True, 7, "randomize"])
+    assert check_workflow_contract(workflow, classes) == [
+        "the workflow has no output node (such as SaveImage or PreviewImage): nothing to run"
+    ]
+    workflow, classes = seeded_workflow([1.0, 20, "a.safetensors", "x", True, 7])  # control value left out
+    assert check_workflow_contract(workflow, classes)[1] == (
+        "node 1 (FluxionSeeded): widgets_values has 6 value(s), the editor stores 7: strength, steps, "
+        "name, mode, enabled, seed, control_after_generate"
+    )
+
+
+def test_workflow_check_reports_pack_nodes_breaking_the_contract():
+    workflow, classes = seeded_workflow([1.0, 20, "a.safetensors", "x", True, 7, "randomize"])
+    assert "FluxionSeeded: no display name in NODE_DISPLAY_NAME_MAPPINGS" in check_workflow_contract(
+        workflow, classes
+    )
