@@ -313,7 +313,7 @@ class Runner:
                 tuple(
                     (name, signatures[source], index) for name, (source, index) in sorted(upstream.items())
                 ),
-                self._is_changed(cls, kwargs),
+                self._is_changed(node_id, node["class_type"], cls, kwargs),
             )
             signatures[node_id] = signature
             cached = self._cache.get(node_id)
@@ -354,13 +354,18 @@ class Runner:
         return kwargs, upstream
 
     @staticmethod
-    def _is_changed(cls: type, kwargs: Mapping[str, Any]) -> Any:
+    def _is_changed(node_id: str, class_type: str, cls: type, kwargs: Mapping[str, Any]) -> Any:
+        """The node's IS_CHANGED answer (as in ComfyUI: a new value, or NaN, means run it again)."""
         check = getattr(cls, "IS_CHANGED", None)
         if check is None:
             return None
         accepted = inspect.signature(check).parameters
         takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-        return _fingerprint(check(**{k: v for k, v in kwargs.items() if takes_all or k in accepted}))
+        try:
+            answer = check(**{k: v for k, v in kwargs.items() if takes_all or k in accepted})
+        except Exception as error:
+            raise NodeFailedError(node_id, class_type, error) from error
+        return _fingerprint(answer)
 
     def _instance(self, node_id: str, cls: type) -> Any:
         known = self._instances.get(node_id)
@@ -374,7 +379,7 @@ class Runner:
     ) -> tuple[tuple[Any, ...], dict[str, Any] | None]:
         try:
             returned = getattr(self._instance(node_id, cls), cls.FUNCTION)(**kwargs)  # type: ignore[attr-defined]
-        except (Cancelled, WorkflowError, KeyboardInterrupt):
+        except (Cancelled, WorkflowError):
             raise
         except Exception as error:
             raise NodeFailedError(node_id, class_type, error) from error

@@ -199,6 +199,7 @@ class _UIGraph:
         self.links = _read_links(ui)
         self.nodes = {str(node["id"]): node for node in ui["nodes"]}
         self.node_classes = node_classes
+        self.subgraphs = {s.get("id") for s in (ui.get("definitions") or {}).get("subgraphs", [])}
 
     def is_virtual(self, node: dict[str, Any]) -> bool:
         return node.get("type") in NOTE_TYPES | {"Reroute", "PrimitiveNode"}
@@ -243,6 +244,12 @@ class _UIGraph:
     def convert_node(self, node_id: str, node: dict[str, Any]) -> dict[str, Any]:
         class_type = str(node.get("type"))
         cls = self.node_classes.get(class_type)
+        if cls is None and class_type in self.subgraphs:
+            raise WorkflowError(
+                "subgraphs are not supported headless; unpack it in the editor (right-click > Unpack Subgraph)",
+                node_id,
+                class_type,
+            )
         if cls is None:
             raise unknown_node_type(node_id, class_type, self.node_classes)
         specs = input_specs(cls)

@@ -267,3 +267,11 @@ def test_ui_unknown_node_type_lists_known_ones(fake_nodes):
         WorkflowError, match=r"^node 2 \(KSampler\): unknown node type 'KSampler'. Known node types: FakeAdd"
     ):
         ui_to_api(ui, fake_nodes)
+
+
+def test_ui_subgraph_nodes_ask_to_be_unpacked(fake_nodes):
+    ui = sampler_ui()
+    ui["nodes"][1]["type"] = "b48931b4-1499-46f5-85c3-1a5ef033a29b"
+    ui["definitions"] = {"subgraphs": [{"id": "b48931b4-1499-46f5-85c3-1a5ef033a29b", "nodes": []}]}
+    with pytest.raises(WorkflowError, match=r"^node 2 \(b48931b4-.*\): subgraphs are not supported headless"):
+        ui_to_api(ui, fake_nodes)
