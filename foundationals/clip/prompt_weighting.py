@@ -11,6 +11,8 @@ Semantics follow ComfyUI's `comfy/sd1_clip.py` (`token_weights`, `SDTokenizer.to
   are tokenized as such. `\\(` and `\\)` are literal parentheses. An unclosed `(` stays in the text;
   a stray `)` leaves the nesting count negative, as in ComfyUI.
 - Each weighted segment is tokenized on its own, so `(red)dish` is `red` + `dish`, not `reddish`.
+  Segments go through our `CLIPTokenizer` (open_clip's clean-up); ComfyUI calls transformers'
+  tokenizer, which gives other ids only for HTML entities (it does not unescape them twice).
 """
 
 from __future__ import annotations
