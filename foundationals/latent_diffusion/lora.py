@@ -1,0 +1,565 @@
+"""LoRAs on SD models: load any file format, stack named LoRAs with their own strengths, fuse/unfuse.
+
+A file is first normalized (`conversion.lora_keys`) into canonical module paths, then each path is
+placed on one of our layers through a module map (canonical path → our module path). Plain LoRAs
+run as fluxion `LinearLora`/`Conv2dLora` (low-rank path); LoCon-Tucker as a 3-conv chain; LoHa,
+LoKr and full diffs as a weight delta computed from their factors; DoRA re-normalizes the
+adapted weight. `fuse()` merges every delta into the base weights; `unfuse()` puts the saved
+originals back, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...fluxion import layers as fl
+from ...fluxion.adapters.lora import Conv2dLora, LinearLora, Lora, LoraAdapter
+from ..conversion.lora_keys import (
+    SD15,
+    TEXT_ENCODER_2,
+    UNET,
+    LoraFile,
+    LoraNamespace,
+    LoraWeights,
+    UNetLayout,
+    compute_delta,
+    normalize_lora,
+)
+
+__all__ = [
+    "DeltaLora",
+    "DoraLora",
+    "LoraLoadReport",
+    "LoraMismatchError",
+    "SDLoraManager",
+    "TuckerConv2dLora",
+    "load_lora_state_dict",
+    "lora_namespace",
+]
+
+
+class LoraMismatchError(ValueError):
+    """A LoRA file of which nothing fits the model (wrong base model, or not a LoRA)."""
+
+
+def load_lora_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and safetensors metadata of a LoRA file (`.ckpt/.pt/.bin` via `weights_only=True`)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path.name}: expected a dict of tensors, got {type(state).__name__}")
+    return {key: value for key, value in state.items() if isinstance(value, Tensor)}, {}
+
+
+def lora_namespace(
+    name: str,
+    block_channels: tuple[int, ...],
+    transformer_depth: tuple[int, ...],
+    middle_transformer_depth: int,
+    layers_per_block: int,
+    has_add_embedding: bool,
+    text_encoder_layers: Mapping[str, int],
+) -> LoraNamespace:
+    """A LoRA namespace for a model built from these config values (e.g. a UNetConfig's)."""
+    layout = UNetLayout(
+        tuple(block_channels),
+        tuple(transformer_depth),
+        middle_transformer_depth,
+        layers_per_block,
+        has_add_embedding,
+    )
+    projected = (TEXT_ENCODER_2,) if TEXT_ENCODER_2 in text_encoder_layers else ()
+    return LoraNamespace(name, layout, dict(text_encoder_layers), projected)
+
+
+# -- LoRA layers beyond fluxion's plain LinearLora / Conv2dLora ----------------------------------------
+
+
+def _conv_settings(target: fl.WeightedModule) -> dict[str, Any]:
+    if isinstance(target, torch.nn.Conv2d):
+        return {
+            "stride": target.stride,
+            "padding": target.padding,
+            "dilation": target.dilation,
+            "groups": target.groups,
+        }
+    return {}
+
+
+def _apply_weight(x: Tensor, weight: Tensor, conv: Mapping[str, Any]) -> Tensor:
+    """`x` through a bias-free layer of `weight` (linear, or conv with the target's settings)."""
+    return F.conv2d(x, weight, **conv) if conv else F.linear(x, weight)
+
+
+class TuckerConv2dLora(Lora[fl.Conv2d]):
+    """LoCon with a Tucker core: 1x1 `down`, k×k `mid` (the target's stride/padding), 1x1 `up`."""
+
+    def __init__(
+        self, name: str, target: fl.Conv2d, down: Tensor, mid: Tensor, up: Tensor, scale: float
+    ) -> None:
+        self.in_channels, self.out_channels = target.in_channels, target.out_channels
+        options = {"device": target.weight.device, "dtype": target.weight.dtype, "use_bias": False}
+        super().__init__(
+            name,
+            down.shape[0],
+            scale,
+            fl.Conv2d(target.in_channels, down.shape[0], 1, **options),  # type: ignore[arg-type]
+            fl.Conv2d(
+                mid.shape[1],
+                mid.shape[0],
+                target.kernel_size,  # type: ignore[arg-type]
+                stride=target.stride,  # type: ignore[arg-type]
+                padding=target.padding,  # type: ignore[arg-type]
+                **options,  # type: ignore[arg-type]
+            ),
+            fl.Conv2d(up.shape[1], target.out_channels, 1, **options),  # type: ignore[arg-type]
+        )
+        with torch.no_grad():
+            for layer, weight in zip(self[:3], (down, mid, up)):
+                layer.weight.copy_(weight.reshape(layer.weight.shape))  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        """Weights always come from a file."""
+
+    @property
+    def mid(self) -> Any:
+        return self[1]
+
+    @property
+    def up(self) -> Any:
+        return self[2]
+
+    def is_compatible(self, layer: fl.WeightedModule) -> bool:
+        return (
+            isinstance(layer, fl.Conv2d)
+            and layer.in_channels == self.in_channels
+            and layer.out_channels == self.out_channels
+            and tuple(layer.kernel_size) == tuple(self.mid.kernel_size)
+        )
+
+    def delta_weight(self) -> Tensor:
+        core, up, down = self.mid.weight, self.up.weight.flatten(1), self.down.weight.flatten(1)
+        return self.scale * torch.einsum("abhw,oa,bi->oihw", core, up, down)
+
+
+class WeightFactors(fl.WeightedModule):
+    """The stored factors of a LoHa/LoKr/full delta; `delta()` rebuilds ΔW in the target's shape."""
+
+    def __init__(self, method: str, tensors: Mapping[str, Tensor], target: fl.WeightedModule) -> None:
+        super().__init__()
+        self.method = method
+        self.shape = tuple(target.weight.shape)
+        self._conv = _conv_settings(target)
+        for role, tensor in tensors.items():
+            weight = tensor.to(device=target.weight.device, dtype=target.weight.dtype)
+            self.register_parameter(role, torch.nn.Parameter(weight, requires_grad=False))
+
+    def delta(self) -> Tensor:
+        return compute_delta(self.method, dict(self.named_parameters(recurse=False)), self.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _apply_weight(x, self.delta(), self._conv)
+
+
+class DeltaLora(Lora[fl.WeightedModule]):
+    """A LoRA whose update is a full ΔW rebuilt from factors each call (LoHa, LoKr, full diff)."""
+
+    def __init__(self, name: str, target: fl.WeightedModule, weights: LoraWeights, scale: float) -> None:
+        self.shape = tuple(target.weight.shape)
+        factors = WeightFactors(weights.method, weights.tensors, target)
+        factors.delta()  # fails now, not at sampling time, when the factors don't fit the layer
+        super().__init__(name, weights.rank or 0, scale, factors)
+
+    def reset_parameters(self) -> None:
+        """Weights always come from a file."""
+
+    def is_compatible(self, layer: fl.WeightedModule) -> bool:
+        return tuple(layer.weight.shape) == self.shape
+
+    def delta_weight(self) -> Tensor:
+        return self.scale * self[0].delta()  # type: ignore[operator]
+
+
+class DoraLora(Lora[fl.WeightedModule]):
+    """DoRA: `m ⊙ (W + sΔW) / ‖W + sΔW‖`, applied as the difference to `W` (norm per output, or per input).
+
+    `scale` is the user strength `s`; the inner LoRA carries alpha/rank.
+    """
+
+    def __init__(
+        self, name: str, target: fl.WeightedModule, inner: Lora[Any], magnitude: Tensor, scale: float
+    ) -> None:
+        self._target_layer = [target]  # not a child: the adapter already holds the target
+        self._conv = _conv_settings(target)
+        weight = target.weight
+        if magnitude.numel() == weight.shape[0]:
+            self.norm_dim = 0  # one magnitude per output channel (peft, LyCORIS wd_on_out)
+        elif weight.dim() >= 2 and magnitude.numel() == weight.shape[1]:
+            self.norm_dim = 1  # one per input channel (early LyCORIS DoRA)
+        else:
+            raise ValueError(
+                f"DoRA magnitude of {magnitude.numel()} values fits neither side of {tuple(weight.shape)}"
+            )
+        shape = [1] * weight.dim()
+        shape[self.norm_dim] = magnitude.numel()
+        parameter = fl.Parameter(*shape, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            parameter.weight.copy_(magnitude.reshape(shape))
+        super().__init__(name, inner.rank, scale, inner, parameter)
+
+    def reset_parameters(self) -> None:
+        """Weights always come from a file."""
+
+    @property
+    def inner(self) -> Lora[Any]:
+        return self[0]  # type: ignore[return-value]
+
+    @property
+    def scale(self) -> float:
+        return self[2].scale  # type: ignore[union-attr]
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self[2].scale = value  # type: ignore[union-attr]
+
+    def is_compatible(self, layer: fl.WeightedModule) -> bool:
+        return layer is self._target_layer[0]
+
+    def delta_weight(self) -> Tensor:
+        weight = self._target_layer[0].weight
+        adapted = weight + self.scale * self.inner.delta_weight().reshape(weight.shape)
+        other = [dim for dim in range(weight.dim()) if dim != self.norm_dim]
+        norm = adapted.norm(dim=other, keepdim=True)
+        return self[1].weight * adapted / norm - weight  # type: ignore[union-attr]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _apply_weight(x, self.delta_weight(), self._conv)
+
+
+def _as_target_shape(tensor: Tensor, target: fl.WeightedModule, role: str) -> Tensor:
+    """A 1x1-conv LoRA factor on a Linear (or a 2-D factor on a 1x1 conv): same numbers, target form."""
+    if isinstance(target, fl.Linear) and tensor.dim() == 4 and tensor.shape[2:] == (1, 1):
+        return tensor.flatten(1)
+    if isinstance(target, fl.Conv2d) and tensor.dim() == 2:
+        return tensor[:, :, None, None]
+    return tensor
+
+
+def build_lora(name: str, target: fl.WeightedModule, weights: LoraWeights, strength: float) -> Lora[Any]:
+    """The fluxion LoRA layer for one normalized entry on our `target` (raises if it doesn't fit)."""
+    if weights.dora_scale is not None:
+        inner = build_lora(name, target, LoraWeights(**{**weights.__dict__, "dora_scale": None}), 1.0)
+        return DoraLora(name, target, inner, weights.dora_scale, strength)
+    scale = strength * weights.scale
+    if weights.method != "lora":
+        return DeltaLora(name, target, weights, scale)
+    options = {"device": target.weight.device, "dtype": target.weight.dtype}
+    down = _as_target_shape(weights.down, target, "down")
+    up = _as_target_shape(weights.up, target, "up")
+    rank = down.shape[0]
+    lora: Lora[Any]
+    if weights.mid is not None:
+        if not isinstance(target, fl.Conv2d):
+            raise ValueError(f"a LoCon Tucker core needs a Conv2d, {name!r} targets {target.describe()}")
+        lora = TuckerConv2dLora(name, target, down, weights.mid, up, scale)
+    elif isinstance(target, fl.Linear):
+        lora = LinearLora(name, target.in_features, target.out_features, rank, scale, **options)  # type: ignore[arg-type]
+    elif isinstance(target, fl.Conv2d):
+        kernel = tuple(down.shape[2:])
+        lora = Conv2dLora(
+            name,
+            target.in_channels,
+            target.out_channels,
+            rank,
+            scale,
+            kernel_size=kernel,  # type: ignore[arg-type]
+            stride=target.stride if kernel != (1, 1) else 1,  # type: ignore[arg-type]
+            padding=target.padding if kernel != (1, 1) else 0,  # type: ignore[arg-type]
+            **options,  # type: ignore[arg-type]
+        )
+        if kernel == (1, 1) and tuple(target.kernel_size) != (1, 1):
+            raise ValueError(f"a 1x1 LoRA does not fit {target.describe()}")
+    else:
+        raise ValueError(f"LoRA needs a Linear or Conv2d, got {target.describe()}")
+    if not lora.is_compatible(target):
+        raise ValueError(
+            f"LoRA {name!r} (down {tuple(down.shape)}, up {tuple(up.shape)}) does not fit {target.describe()}"
+        )
+    lora.load_weights(down, up)
+    return lora
+
+
+# -- The manager --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraLoadReport:
+    """What one `add_loras` did: layers placed per component, and every key left out with why."""
+
+    name: str
+    source: str
+    applied: list[str] = field(default_factory=list)  # "component:canonical module"
+    not_applied: list[str] = field(default_factory=list)
+
+    @property
+    def applied_count(self) -> int:
+        return len(self.applied)
+
+    def __str__(self) -> str:
+        lines = [f"LoRA {self.name!r} ({self.source}): {len(self.applied)} layers applied"]
+        if self.not_applied:
+            lines.append(f"{len(self.not_applied)} not applied:")
+            lines.extend(f"  {item}" for item in self.not_applied)
+        return "\n".join(lines)
+
+
+@dataclass
+class _Site:
+    """One of our layers that carries LoRAs."""
+
+    component: str
+    layer: fl.WeightedModule
+    root: fl.Chain
+    adapter: LoraAdapter | None = None
+    original: Tensor | None = None  # the base weight, kept while fused
+
+
+@dataclass
+class _Entry:
+    site: _Site
+    lora: Lora[Any]
+    base_scale: float  # alpha/rank, or 1 for DoRA (its inner LoRA holds alpha/rank)
+
+
+def _find_parent(root: fl.Chain, module: fl.Module) -> fl.Chain:
+    parent = root.find_parent(module)
+    if parent is None:
+        raise ValueError(f"{module.describe()} is not in {type(root).__name__}")
+    return parent
+
+
+def _resolve(path: str, root: fl.Chain) -> fl.Module:
+    module: Any = root
+    for part in path.split("."):
+        module = module[part] if isinstance(module, fl.Chain) else getattr(module, part)
+    return module
+
+
+class SDLoraManager:
+    """Named LoRAs on the UNet and text encoders of one SD model: add, remove, rescale, fuse.
+
+    `models` maps components (`unet`, `text_encoder`, `text_encoder_2`) to our Chains;
+    `module_maps` maps, per component, canonical module paths to our module paths (the part of our
+    state-dict keys before `.weight`). Both are read once, before any adapter is injected.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, fl.Chain],
+        module_maps: Mapping[str, Mapping[str, str]],
+        namespace: LoraNamespace = SD15,
+    ) -> None:
+        self.models = dict(models)
+        self.namespace = namespace
+        self.targets: dict[str, dict[str, fl.WeightedModule]] = {}
+        for component, mapping in module_maps.items():
+            root = self.models[component]
+            resolved = {canonical: _resolve(ours, root) for canonical, ours in mapping.items()}
+            self.targets[component] = {
+                canonical: module
+                for canonical, module in resolved.items()
+                if isinstance(module, (fl.Linear, fl.Conv2d))
+            }
+        self._sites: dict[tuple[str, str], _Site] = {}
+        self._entries: dict[str, list[_Entry]] = {}
+        self._scales: dict[str, tuple[float, float]] = {}
+        self.fused = False
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def scales(self, name: str) -> tuple[float, float]:
+        """(unet, text encoder) strengths of a LoRA."""
+        return self._scales[self._known(name)]
+
+    def _known(self, name: str) -> str:
+        if name not in self._entries:
+            raise ValueError(f"no LoRA named {name!r} (loaded: {self.names})")
+        return name
+
+    def add_loras(
+        self,
+        name: str,
+        weights: LoraFile | Mapping[str, Tensor] | str | Path,
+        unet_scale: float = 1.0,
+        text_encoder_scale: float = 1.0,
+        source: str | None = None,
+        strict: bool = False,
+    ) -> LoraLoadReport:
+        """Place a LoRA (file path, state dict, or normalized file) on the model under `name`.
+
+        Raises `LoraMismatchError` when none of it fits; with `strict`, when any key is left out.
+        Nothing stays behind when it raises.
+        """
+        if name in self._entries:
+            raise ValueError(f"a LoRA named {name!r} is already loaded")
+        if isinstance(weights, (str, Path)):
+            source = source or Path(weights).name
+            state_dict, metadata = load_lora_state_dict(weights)
+            lora_file = normalize_lora(state_dict, self.namespace, metadata)
+        elif isinstance(weights, LoraFile):
+            lora_file = weights
+        else:
+            lora_file = normalize_lora(weights, self.namespace)
+        report = LoraLoadReport(name, source or name)
+        report.not_applied.extend(
+            f"{key}: no such layer in {self.namespace.name}" for key in lora_file.unmatched
+        )
+        built: list[tuple[tuple[str, str], fl.WeightedModule, Lora[Any], float]] = []
+        for entry in lora_file.weights:
+            target = self.targets.get(entry.component, {}).get(entry.module)
+            place = f"{entry.component}:{entry.module}"
+            if target is None:
+                why = (
+                    "no such component in this model"
+                    if entry.component not in self.targets
+                    else "no such layer"
+                )
+                report.not_applied.append(f"{entry.source or place}: {why}")
+                continue
+            strength = unet_scale if entry.component == UNET else text_encoder_scale
+            try:
+                lora = build_lora(name, target, entry, strength)
+            except ValueError as error:
+                report.not_applied.append(f"{entry.source or place}: {error}")
+                continue
+            base = 1.0 if isinstance(lora, DoraLora) else entry.scale
+            built.append(((entry.component, entry.module), target, lora, base))
+            report.applied.append(place)
+        if not built:
+            hint = lora_file.family_hint or "an unknown base model"
+            raise LoraMismatchError(
+                f"LoRA {report.source!r} targets {hint}; the model is {self.namespace.name}: "
+                f"none of its {len(lora_file.weights) + len(lora_file.unmatched)} entries fit"
+                + (f" (e.g. {report.not_applied[0]})" if report.not_applied else "")
+            )
+        if strict and report.not_applied:
+            raise LoraMismatchError(f"{report}")
+        entries: list[_Entry] = []
+        try:
+            for key, target, lora, base in built:
+                site = self._site(key, target)
+                entries.append(_Entry(site, lora, base))
+                assert site.adapter is not None
+                site.adapter.add_lora(lora)
+        except Exception:
+            self._drop(entries)
+            raise
+        self._entries[name] = entries
+        self._scales[name] = (unet_scale, text_encoder_scale)
+        if self.fused:
+            self._refuse({id(entry.site): entry.site for entry in entries}.values())
+        return report
+
+    def _site(self, key: tuple[str, str], target: fl.WeightedModule) -> _Site:
+        site = self._sites.get(key)
+        if site is None:
+            root = self.models[key[0]]
+            site = _Site(key[0], target, root)
+            site.adapter = LoraAdapter(target)
+            if not self.fused:
+                site.adapter.inject(_find_parent(root, target))
+            self._sites[key] = site
+        return site
+
+    def _drop(self, entries: Iterable[_Entry]) -> None:
+        """Take LoRAs off their layers; a layer left with none gets its base weight and place back."""
+        touched: dict[int, _Site] = {}
+        for entry in entries:
+            assert entry.site.adapter is not None
+            entry.site.adapter.remove_lora(entry.lora.name)
+            touched[id(entry.site)] = entry.site
+        for site in touched.values():
+            assert site.adapter is not None
+            if site.adapter.names:
+                continue
+            if site.original is not None:
+                with torch.no_grad():
+                    site.layer.weight.copy_(site.original)
+                site.original = None
+            if site.adapter.parent is not None:
+                site.adapter.eject()
+            del self._sites[next(key for key, value in self._sites.items() if value is site)]
+        if self.fused:
+            self._refuse(site for site in touched.values() if site.adapter is not None and site.adapter.names)
+
+    def remove_loras(self, name: str) -> None:
+        """Take a LoRA off every layer it was on."""
+        self._drop(self._entries.pop(self._known(name)))
+        del self._scales[name]
+
+    def set_scale(self, name: str, unet: float | None = None, text_encoder: float | None = None) -> None:
+        """Change a LoRA's strengths (None keeps one as it is)."""
+        old_unet, old_text = self._scales[self._known(name)]
+        unet = old_unet if unet is None else unet
+        text_encoder = old_text if text_encoder is None else text_encoder
+        for entry in self._entries[name]:
+            entry.lora.scale = entry.base_scale * (unet if entry.site.component == UNET else text_encoder)
+        self._scales[name] = (unet, text_encoder)
+        if self.fused:
+            self._refuse({id(entry.site): entry.site for entry in self._entries[name]}.values())
+
+    def fuse(self) -> None:
+        """Merge every LoRA into its layer's weight (originals kept) and take the adapters out."""
+        if self.fused:
+            return
+        for site in self._sites.values():
+            assert site.adapter is not None
+            site.adapter.eject()
+        self.fused = True
+        self._refuse(self._sites.values())
+
+    def unfuse(self) -> None:
+        """Put the original weights back, bit for bit, and the adapters in again."""
+        if not self.fused:
+            return
+        for site in self._sites.values():
+            assert site.adapter is not None and site.original is not None
+            with torch.no_grad():
+                site.layer.weight.copy_(site.original)
+            site.original = None
+            site.adapter.inject(_find_parent(site.root, site.layer))
+        self.fused = False
+
+    def _refuse(self, sites: Iterable[_Site]) -> None:
+        """While fused: rewrite these layers' weights as original + the sum of their LoRAs' deltas."""
+        for site in sites:
+            assert site.adapter is not None
+            weight = site.layer.weight
+            if site.original is None:
+                site.original = weight.detach().clone()
+            with torch.no_grad():
+                weight.copy_(site.original)  # DoRA reads the base weight
+                delta = sum(
+                    (lora.delta_weight().reshape(weight.shape) for lora in site.adapter.iter_loras()),
+                    torch.zeros_like(weight),
+                )
+                weight.copy_(site.original + delta)
+
+    def clear(self) -> None:
+        """Remove every LoRA (fused or not): the model is back to its base weights and structure."""
+        for name in list(self._entries):
+            self.remove_loras(name)
