@@ -1,0 +1,150 @@
+"""Key maps between diffusers' `UNet2DConditionModel` / `AutoencoderKL` and our UNet and autoencoder.
+
+`diffusers_unet_key_map(unet)` and `diffusers_autoencoder_key_map(autoencoder)` return
+`{diffusers key: our state-dict key}` for every tensor of the given (possibly meta-device) model.
+"""
+
+from __future__ import annotations
+
+from ...fluxion import layers as fl
+from ..latent_diffusion.auto_encoder import AttentionBlock2d, Decoder, Encoder, LatentDiffusionAutoencoder
+from ..latent_diffusion.unet import CrossAttentionBlock2d, ResidualBlock, UNet
+from .ldm_keys import add_block, expand_module_map, spatial_transformer_table
+
+UNET_RESIDUAL_BLOCK = {
+    "Chain.GroupNorm_1": "norm1",
+    "Chain.Conv2d_1": "conv1",
+    "Chain.RangeAdapter2d.Chain.Linear": "time_emb_proj",
+    "Chain.GroupNorm_2": "norm2",
+    "Chain.Conv2d_2": "conv2",
+    "Conv2d": "conv_shortcut",
+}
+AUTOENCODER_RESIDUAL_BLOCK = {
+    "Chain.GroupNorm_1": "norm1",
+    "Chain.Conv2d_1": "conv1",
+    "Chain.GroupNorm_2": "norm2",
+    "Chain.Conv2d_2": "conv2",
+    "Conv2d": "conv_shortcut",
+}
+AUTOENCODER_ATTENTION = {
+    "GroupNorm": "group_norm",
+    "SelfAttention2d.Distribute.Linear_1": "to_q",
+    "SelfAttention2d.Distribute.Linear_2": "to_k",
+    "SelfAttention2d.Distribute.Linear_3": "to_v",
+    "SelfAttention2d.Linear": "to_out.0",
+}
+
+
+def diffusers_unet_module_map(unet: UNet) -> dict[str, str]:
+    """Our module paths -> diffusers `UNet2DConditionModel` module paths."""
+    config = unet.config
+    per_level = config.layers_per_block
+    mapping = {
+        "TimestepEncoder.RangeEncoder.Linear_1": "time_embedding.linear_1",
+        "TimestepEncoder.RangeEncoder.Linear_2": "time_embedding.linear_2",
+        "OutputBlock.GroupNorm": "conv_norm_out",
+        "OutputBlock.Conv2d": "conv_out",
+    }
+    if config.addition_embedding == "text_time":
+        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "add_embedding.linear_1"
+        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "add_embedding.linear_2"
+    for index, (block_name, block) in enumerate(unet.DownBlocks.named_children()):
+        if index == 0:
+            mapping[f"DownBlocks.{block_name}.Conv2d"] = "conv_in"
+            continue
+        level, layer = divmod(index - 1, per_level + 1)
+        theirs = f"down_blocks.{level}"
+        for name, child in block.named_children():
+            _add_unet_child(mapping, f"DownBlocks.{block_name}.{name}", theirs, layer, child, "downsamplers")
+    for index, (block_name, block) in enumerate(unet.UpBlocks.named_children()):
+        level, layer = divmod(index, per_level + 1)
+        for name, child in block.named_children():
+            _add_unet_child(
+                mapping, f"UpBlocks.{block_name}.{name}", f"up_blocks.{level}", layer, child, "upsamplers"
+            )
+    resnet = 0
+    for name, child in unet.MiddleBlock.named_children():
+        if isinstance(child, ResidualBlock):
+            add_block(
+                mapping, f"MiddleBlock.{name}", f"mid_block.resnets.{resnet}", UNET_RESIDUAL_BLOCK, child
+            )
+            resnet += 1
+        elif isinstance(child, CrossAttentionBlock2d):
+            table = spatial_transformer_table(child)
+            add_block(mapping, f"MiddleBlock.{name}", "mid_block.attentions.0", table, child)
+    return mapping
+
+
+def _add_unet_child(
+    mapping: dict[str, str], ours: str, theirs: str, layer: int, child: fl.Module, samplers: str
+) -> None:
+    if isinstance(child, ResidualBlock):
+        add_block(mapping, ours, f"{theirs}.resnets.{layer}", UNET_RESIDUAL_BLOCK, child)
+    elif isinstance(child, CrossAttentionBlock2d):
+        add_block(mapping, ours, f"{theirs}.attentions.{layer}", spatial_transformer_table(child), child)
+    elif isinstance(child, (fl.Downsample, fl.Upsample)):
+        mapping[f"{ours}.Conv2d"] = f"{theirs}.{samplers}.0.conv"
+
+
+def diffusers_unet_key_map(unet: UNet) -> dict[str, str]:
+    """`{diffusers UNet2DConditionModel key: our key}` for every tensor of `unet`."""
+    return expand_module_map(unet, diffusers_unet_module_map(unet))
+
+
+def diffusers_autoencoder_module_map(autoencoder: LatentDiffusionAutoencoder) -> dict[str, str]:
+    """Our module paths -> diffusers `AutoencoderKL` module paths."""
+    mapping: dict[str, str] = {}
+    levels = len(autoencoder.config.block_channels)
+    children = list(autoencoder.ensure_find(Encoder).named_children())
+    mapping[f"Encoder.{children[0][0]}"] = "encoder.conv_in"
+    for level, (name, chain) in enumerate(children[1 : 1 + levels]):
+        _add_autoencoder_level(
+            mapping, f"Encoder.{name}", f"encoder.down_blocks.{level}", chain, "downsamplers"
+        )
+    _add_autoencoder_middle(
+        mapping, f"Encoder.{children[1 + levels][0]}", "encoder.mid_block", children[1 + levels][1]
+    )
+    mapping[f"Encoder.{children[2 + levels][0]}.GroupNorm"] = "encoder.conv_norm_out"
+    mapping[f"Encoder.{children[2 + levels][0]}.Conv2d"] = "encoder.conv_out"
+    mapping[f"Encoder.{children[3 + levels][0]}"] = "quant_conv"
+
+    children = list(autoencoder.ensure_find(Decoder).named_children())
+    mapping[f"Decoder.{children[0][0]}"] = "post_quant_conv"
+    mapping[f"Decoder.{children[1][0]}"] = "decoder.conv_in"
+    _add_autoencoder_middle(mapping, f"Decoder.{children[2][0]}", "decoder.mid_block", children[2][1])
+    for level, (name, chain) in enumerate(children[3 : 3 + levels]):
+        _add_autoencoder_level(mapping, f"Decoder.{name}", f"decoder.up_blocks.{level}", chain, "upsamplers")
+    mapping[f"Decoder.{children[3 + levels][0]}.GroupNorm"] = "decoder.conv_norm_out"
+    mapping[f"Decoder.{children[3 + levels][0]}.Conv2d"] = "decoder.conv_out"
+    return mapping
+
+
+def _add_autoencoder_level(
+    mapping: dict[str, str], ours: str, theirs: str, level: fl.Module, samplers: str
+) -> None:
+    resnet = 0
+    for name, child in level.named_children():
+        if isinstance(child, ResidualBlock):
+            add_block(
+                mapping, f"{ours}.{name}", f"{theirs}.resnets.{resnet}", AUTOENCODER_RESIDUAL_BLOCK, child
+            )
+            resnet += 1
+        elif isinstance(child, (fl.Downsample, fl.Upsample)):
+            mapping[f"{ours}.{name}.Conv2d"] = f"{theirs}.{samplers}.0.conv"
+
+
+def _add_autoencoder_middle(mapping: dict[str, str], ours: str, theirs: str, middle: fl.Module) -> None:
+    resnet = 0
+    for name, child in middle.named_children():
+        if isinstance(child, AttentionBlock2d):
+            add_block(mapping, f"{ours}.{name}", f"{theirs}.attentions.0", AUTOENCODER_ATTENTION, child)
+        elif isinstance(child, ResidualBlock):
+            add_block(
+                mapping, f"{ours}.{name}", f"{theirs}.resnets.{resnet}", AUTOENCODER_RESIDUAL_BLOCK, child
+            )
+            resnet += 1
+
+
+def diffusers_autoencoder_key_map(autoencoder: LatentDiffusionAutoencoder) -> dict[str, str]:
+    """`{diffusers AutoencoderKL key: our key}` for every tensor of `autoencoder`."""
+    return expand_module_map(autoencoder, diffusers_autoencoder_module_map(autoencoder))
