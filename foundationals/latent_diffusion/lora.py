@@ -21,8 +21,12 @@ from torch import Tensor
 
 from ...fluxion import layers as fl
 from ...fluxion.adapters.lora import Conv2dLora, LinearLora, Lora, LoraAdapter
+from ..clip.text_encoder import CLIPTextEncoder, transformer_layer_names
+from ..conversion.clip_keys import TEXT_PROJECTION, TRANSFORMERS_LAYER_KEYS
+from ..conversion.diffusers_keys import diffusers_unet_module_map
 from ..conversion.lora_keys import (
     SD15,
+    TEXT_ENCODER,
     TEXT_ENCODER_2,
     UNET,
     LoraFile,
@@ -32,6 +36,7 @@ from ..conversion.lora_keys import (
     compute_delta,
     normalize_lora,
 )
+from .unet import UNet
 
 __all__ = [
     "DeltaLora",
@@ -42,6 +47,8 @@ __all__ = [
     "TuckerConv2dLora",
     "load_lora_state_dict",
     "lora_namespace",
+    "text_encoder_lora_module_map",
+    "unet_lora_module_map",
 ]
 
 
@@ -82,6 +89,33 @@ def lora_namespace(
     )
     projected = (TEXT_ENCODER_2,) if TEXT_ENCODER_2 in text_encoder_layers else ()
     return LoraNamespace(name, layout, dict(text_encoder_layers), projected)
+
+
+def unet_lora_module_map(unet: UNet) -> dict[str, str]:
+    """Canonical (diffusers) module path → our module path, for every Linear/Conv2d of `unet`."""
+    return {theirs: ours for ours, theirs in diffusers_unet_module_map(unet).items()}
+
+
+def text_encoder_lora_module_map(encoder: CLIPTextEncoder) -> dict[str, str]:
+    """Canonical (transformers) module path → our module path, for every Linear of `encoder`."""
+    mapping = {}
+    for index, layer in enumerate(transformer_layer_names(encoder.config.num_layers)):
+        for theirs, ours in TRANSFORMERS_LAYER_KEYS.items():
+            if theirs.endswith(".weight") and isinstance(ours, str) and "layer_norm" not in theirs:
+                module = theirs.removesuffix(".weight")
+                mapping[f"text_model.encoder.layers.{index}.{module}"] = ours.format(
+                    layer=layer
+                ).removesuffix(".weight")
+    if encoder.config.projection_dim is not None:
+        mapping["text_projection"] = TEXT_PROJECTION.removesuffix(".weight")
+    return mapping
+
+
+def model_family(unet: UNet) -> str:
+    """SD1.5, SD2.x or SDXL, from the UNet's config (the name LoRA errors use)."""
+    if unet.config.addition_embedding == "text_time":
+        return "SDXL"
+    return "SD2.x" if unet.config.context_dim == 1024 else "SD1.5"
 
 
 # -- LoRA layers beyond fluxion's plain LinearLora / Conv2dLora ----------------------------------------
@@ -386,6 +420,34 @@ class SDLoraManager:
         self._entries: dict[str, list[_Entry]] = {}
         self._scales: dict[str, tuple[float, float]] = {}
         self.fused = False
+
+    @classmethod
+    def for_models(
+        cls,
+        unet: UNet,
+        text_encoder: CLIPTextEncoder | None = None,
+        text_encoder_2: CLIPTextEncoder | None = None,
+    ) -> SDLoraManager:
+        """A manager for our UNet and text encoders, placing LoRAs through their diffusers/transformers key maps."""
+        models: dict[str, fl.Chain] = {UNET: unet}
+        maps: dict[str, dict[str, str]] = {UNET: unet_lora_module_map(unet)}
+        layers: dict[str, int] = {}
+        for component, encoder in ((TEXT_ENCODER, text_encoder), (TEXT_ENCODER_2, text_encoder_2)):
+            if encoder is not None:
+                models[component] = encoder
+                maps[component] = text_encoder_lora_module_map(encoder)
+                layers[component] = encoder.config.num_layers
+        config = unet.config
+        namespace = lora_namespace(
+            model_family(unet),
+            config.block_channels,
+            config.transformer_depth,
+            config.middle_transformer_depth,
+            config.layers_per_block,
+            config.addition_embedding == "text_time",
+            layers,
+        )
+        return cls(models, maps, namespace)
 
     @property
     def names(self) -> list[str]:
