@@ -249,3 +249,168 @@ def test_partly_fitting_lora_reports_what_was_left_out():
     assert "up_blocks_3_resnets_0_conv1" in str(report)
     with pytest.raises(ValueError, match="already loaded"):
         manager.add_loras("plain", state_dict)
+
+
+# -- Parity with diffusers' load_lora_weights + set_adapters on the tiny SD1.5 models --------------------
+
+
+def tiny_sd15_pair():
+    """diffusers/transformers tiny SD1.5 UNet + CLIP, and ours with the same (random) weights."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from foundationals.clip.config import CLIPTextConfig
+    from foundationals.clip.text_encoder import load_clip_text_encoder
+    from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
+    from foundationals.latent_diffusion.model_config import TINY_UNET
+    from foundationals.latent_diffusion.unet import UNet
+
+    torch.manual_seed(0)
+    reference_unet = diffusers.UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=32,
+    ).eval()
+    for parameter in reference_unet.parameters():  # diffusers zero-inits some layers: make every weight count
+        parameter.data.normal_(0, 0.05 if parameter.dim() > 1 else 0.1)
+    unet = UNet(TINY_UNET, device="meta")
+    state = reference_unet.state_dict()
+    unet.load_state_dict(
+        {ours: state[theirs] for theirs, ours in diffusers_unet_key_map(unet).items()}, assign=True
+    )
+    text_config = transformers.CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=100
+    )
+    reference_text = transformers.CLIPTextModel(text_config).eval()
+    text = load_clip_text_encoder(
+        reference_text.state_dict(),
+        "transformers",
+        config=CLIPTextConfig(
+            embedding_dim=32, num_layers=2, num_heads=4, feedforward_dim=37, vocabulary_size=100
+        ),
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL(block_out_channels=(32,), norm_num_groups=32, latent_channels=4),
+        text_encoder=reference_text,
+        tokenizer=None,
+        unet=reference_unet,
+        scheduler=diffusers.DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe, unet, text
+
+
+def write_loras(pipe, folder):
+    """A peft file written by diffusers' `save_lora_weights`, and a kohya file by sd-scripts' naming rule."""
+    import diffusers
+    import peft
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet_targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj"]
+    text_targets = ["q_proj", "v_proj", "out_proj", "fc1"]
+    g = torch.Generator().manual_seed(7)
+    layers = {}
+    for component, targets, rank, alpha in (
+        (UNET, unet_targets, 4, 8.0),
+        (TEXT_ENCODER, text_targets, 2, 1.0),
+    ):
+        model = getattr(pipe, component)
+        model.add_adapter(
+            peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets), adapter_name="trained"
+        )
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.2)
+        layers[component] = {
+            name: module
+            for name, module in model.named_modules()
+            if hasattr(module, "lora_A") and "trained" in module.lora_A
+        }
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        str(folder),
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="trained"),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="trained"),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["trained"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["trained"].to_dict(),
+        weight_name="peft.safetensors",
+    )
+    kohya = {}
+    for component, prefix in ((UNET, "lora_unet"), (TEXT_ENCODER, "lora_te")):
+        for name, module in layers[component].items():
+            key = f"{prefix}_{name.replace('.', '_')}"
+            kohya[f"{key}.lora_down.weight"] = (
+                torch.randn(module.lora_A["trained"].weight.shape, generator=g) * 0.2
+            )
+            kohya[f"{key}.lora_up.weight"] = (
+                torch.randn(module.lora_B["trained"].weight.shape, generator=g) * 0.2
+            )
+            kohya[f"{key}.alpha"] = torch.tensor(3.0)
+    save_file(kohya, folder / "kohya.safetensors")
+    pipe.delete_adapters("trained")
+
+
+def run_pair(pipe, unet, text):
+    g = torch.Generator().manual_seed(1)
+    x, t, context = (
+        torch.randn(2, 4, 16, 16, generator=g),
+        torch.tensor([999.0, 3.5]),
+        torch.randn(2, 7, 32, generator=g),
+    )
+    tokens = torch.randint(0, 100, (2, 9), generator=g)
+    with torch.no_grad():
+        expected = pipe.unet(x, t, context).sample, pipe.text_encoder(tokens).last_hidden_state
+        unet.set_timestep(t)
+        unet.set_clip_text_embedding(context)
+        actual = unet(x), text(tokens)
+    return expected, actual
+
+
+def test_kohya_and_peft_files_match_diffusers_load_lora_weights_and_set_adapters(tmp_path):
+    pipe, unet, text = tiny_sd15_pair()
+    write_loras(pipe, tmp_path)
+    (base_expected, base_actual) = run_pair(pipe, unet, text)
+    assert max_diff(base_expected, base_actual) < 1e-4
+
+    pipe.load_lora_weights(str(tmp_path), weight_name="peft.safetensors", adapter_name="peft")
+    pipe.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors", adapter_name="kohya")
+    pipe.set_adapters(["peft", "kohya"], adapter_weights=[0.7, -0.4])
+    manager = SDLoraManager.for_models(unet, text)
+    for name, strength in (("peft", 0.7), ("kohya", -0.4)):
+        report = manager.add_loras(
+            name, tmp_path / f"{name}.safetensors", unet_scale=strength, text_encoder_scale=strength
+        )
+        assert report.not_applied == [] and report.applied_count > 50
+    expected, actual = run_pair(pipe, unet, text)
+    assert max_diff(expected, base_expected) > 1e-2  # the LoRAs do change the outputs
+    assert max_diff(expected, actual) < 1e-4
+
+    manager.fuse()
+    assert max_diff(run_pair(pipe, unet, text)[1], actual) < 1e-4
+    manager.unfuse()
+    manager.clear()
+    assert all(torch.equal(a, b) for a, b in zip(run_pair(pipe, unet, text)[1], base_actual))
+
+
+def test_sdxl_lora_on_sd15_model_names_both_and_leaves_the_model_unchanged():
+    _, unet, text = tiny_sd15_pair()
+    manager = SDLoraManager.for_models(unet, text)
+    tree = repr(unet)
+    sdxl = {
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 1280),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(5120, 2),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(2, 2048),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 2),
+    }
+    with pytest.raises(
+        LoraMismatchError, match=r"'xl.safetensors' targets SDXL \(has lora_te2_.*the model is SD1.5"
+    ):
+        manager.add_loras("xl", sdxl, source="xl.safetensors")
+    assert repr(unet) == tree and manager.names == []
