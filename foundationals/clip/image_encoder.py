@@ -206,23 +206,28 @@ def preprocess_images(
     return (pixels - mean_tensor) / std_tensor
 
 
-def _image_config(
-    tensors: Mapping[str, Tensor], num_layers: int, config_json: Mapping[str, Any]
-) -> CLIPImageConfig:
-    """Shapes from the tensors; heads and activation from config.json, else from the preset of that shape."""
+def _image_shape(tensors: Mapping[str, Tensor], num_layers: int) -> dict[str, Any]:
+    """The config fields that the weights' shapes give."""
     embedding_dim, _, patch_size, _ = tensors[IMAGE_PATCH_EMBEDDING].shape
     positions = tensors[IMAGE_POSITION_EMBEDDING].shape[0]
     grid = round((positions - 1) ** 0.5)
     if grid * grid != positions - 1:
         raise ValueError(f"{positions} image positions are not a square grid plus the class token")
     feedforward_dim = tensors[TEXT_FEEDFORWARD.format(layer=transformer_layer_names(num_layers)[0])].shape[0]
-    shape: dict[str, Any] = dict(
+    return dict(
         embedding_dim=int(embedding_dim),
         num_layers=num_layers,
         feedforward_dim=int(feedforward_dim),
         patch_size=int(patch_size),
         image_size=int(grid * patch_size),
         projection_dim=int(tensors[IMAGE_PROJECTION].shape[0]),
+    )
+
+
+def _image_config(shape: Mapping[str, Any], config_json: Mapping[str, Any]) -> CLIPImageConfig:
+    """Heads and activation from config.json, else from the preset of that shape."""
+    embedding_dim, num_layers, feedforward_dim = (
+        shape[k] for k in ("embedding_dim", "num_layers", "feedforward_dim")
     )
     if "num_attention_heads" in config_json:
         return CLIPImageConfig(
@@ -269,8 +274,12 @@ def load_clip_image_encoder(
             f"{key_layout.description}: no image projection ({key_layout.prefix + key_layout.projection}); "
             "IP-Adapter needs CLIPVisionModelWithProjection weights"
         )
-    inferred = _image_config(tensors, num_layers, config_json or {})
-    config = check_config_shapes(config, inferred, key_layout.description) if config else inferred
+    shape = _image_shape(tensors, num_layers)
+    config = (
+        check_config_shapes(config, shape, key_layout.description)
+        if config
+        else _image_config(shape, config_json or {})
+    )
     if device is not None or dtype is not None:
         tensors = {key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}
     encoder = CLIPImageEncoder(config, device="meta")

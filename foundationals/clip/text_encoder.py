@@ -9,7 +9,7 @@ is a structural view of an encoder (weights shared, nothing copied) that runs on
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -304,15 +304,12 @@ def transformer_layer_names(num_layers: int) -> list[str]:
     )
 
 
-def check_config_shapes(config: T, inferred: T, description: str) -> T:
-    """`config` when its shape fields equal those read from the weights, else a clear error."""
-    shape_fields = [
-        f.name for f in fields(config) if f.name not in ("num_heads", "activation", "layer_norm_eps")
-    ]  # type: ignore[arg-type]
+def check_config_shapes(config: T, shape: Mapping[str, Any], description: str) -> T:
+    """`config` when its fields equal the `shape` read from the weights, else a clear error."""
     wrong = {
-        name: (getattr(config, name), getattr(inferred, name))
-        for name in shape_fields
-        if getattr(config, name) != getattr(inferred, name)
+        name: (getattr(config, name), found)
+        for name, found in shape.items()
+        if getattr(config, name) != found
     }
     if wrong:
         details = ", ".join(
@@ -322,20 +319,25 @@ def check_config_shapes(config: T, inferred: T, description: str) -> T:
     return config
 
 
-def _text_config(
-    tensors: Mapping[str, Tensor], num_layers: int, config_json: Mapping[str, Any]
-) -> CLIPTextConfig:
-    """Shapes from the tensors; heads and activation from config.json, else from the preset of that shape."""
+def _text_shape(tensors: Mapping[str, Tensor], num_layers: int) -> dict[str, Any]:
+    """The config fields that the weights' shapes give."""
     vocabulary_size, embedding_dim = tensors[TEXT_TOKEN_EMBEDDING].shape
     feedforward_dim = tensors[TEXT_FEEDFORWARD.format(layer=transformer_layer_names(num_layers)[0])].shape[0]
     projection = tensors.get(TEXT_PROJECTION)
-    shape: dict[str, Any] = dict(
+    return dict(
         embedding_dim=int(embedding_dim),
         num_layers=num_layers,
         feedforward_dim=int(feedforward_dim),
         vocabulary_size=int(vocabulary_size),
         max_sequence_length=int(tensors[TEXT_POSITION_EMBEDDING].shape[0]),
         projection_dim=int(projection.shape[0]) if projection is not None else None,
+    )
+
+
+def _text_config(shape: Mapping[str, Any], config_json: Mapping[str, Any]) -> CLIPTextConfig:
+    """Heads and activation from config.json, else from the preset of that shape."""
+    embedding_dim, num_layers, feedforward_dim = (
+        shape[k] for k in ("embedding_dim", "num_layers", "feedforward_dim")
     )
     if "num_attention_heads" in config_json:
         return CLIPTextConfig(
@@ -377,8 +379,12 @@ def load_clip_text_encoder(
         raise ValueError(f"unknown CLIP text layout {layout!r}; known: auto, {', '.join(TEXT_LAYOUTS)}")
     num_layers = count_layers(state_dict, key_layout)
     tensors = convert_clip_state_dict(state_dict, key_layout, transformer_layer_names(num_layers))
-    inferred = _text_config(tensors, num_layers, config_json or {})
-    config = check_config_shapes(config, inferred, key_layout.description) if config else inferred
+    shape = _text_shape(tensors, num_layers)
+    config = (
+        check_config_shapes(config, shape, key_layout.description)
+        if config
+        else _text_config(shape, config_json or {})
+    )
     if device is not None or dtype is not None:
         tensors = {key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}
     encoder = CLIPTextEncoder(config, device="meta")
