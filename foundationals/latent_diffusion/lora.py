@@ -47,6 +47,7 @@ __all__ = [
     "TuckerConv2dLora",
     "load_lora_state_dict",
     "lora_namespace",
+    "set_lora_progress",
     "text_encoder_lora_module_map",
     "unet_lora_module_map",
 ]
@@ -116,6 +117,28 @@ def model_family(unet: UNet) -> str:
     if unet.config.addition_embedding == "text_time":
         return "SDXL"
     return "SD2.x" if unet.config.context_dim == 1024 else "SD1.5"
+
+
+LORA_SCHEDULE_CONTEXT = "lora_schedule"  # {"progress": fraction of sampling done, 0..1} in a model's tree
+
+
+def set_lora_progress(model: fl.Chain, progress: float | None) -> None:
+    """Tell scheduled LoRAs in `model` how far sampling is (None: every LoRA on)."""
+    model.set_context(LORA_SCHEDULE_CONTEXT, {"progress": progress})
+
+
+class ScheduleGate(fl.ContextModule):
+    """Passes a LoRA's output while the tree's sampling progress is in [start, end), else zeros."""
+
+    def __init__(self, start: float, end: float) -> None:
+        super().__init__()
+        self.start, self.end = start, end
+
+    def forward(self, x: Tensor) -> Tensor:
+        parent = self.parent
+        context = parent.provider.get_context(LORA_SCHEDULE_CONTEXT) if parent is not None else None
+        progress = context.get("progress") if context else None
+        return x if progress is None or self.start <= progress < self.end else torch.zeros_like(x)
 
 
 # -- LoRA layers beyond fluxion's plain LinearLora / Conv2dLora ----------------------------------------
@@ -279,7 +302,9 @@ class DoraLora(Lora[fl.WeightedModule]):
         return self[1].weight * adapted / norm - weight  # type: ignore[union-attr]
 
     def forward(self, x: Tensor) -> Tensor:
-        return _apply_weight(x, self.delta_weight(), self._conv)
+        output = _apply_weight(x, self.delta_weight(), self._conv)
+        gate = self.find(ScheduleGate)
+        return gate(output) if gate is not None else output
 
 
 def _as_target_shape(tensor: Tensor, target: fl.WeightedModule, role: str) -> Tensor:
@@ -584,10 +609,23 @@ class SDLoraManager:
         if self.fused:
             self._refuse({id(entry.site): entry.site for entry in self._entries[name]}.values())
 
+    def set_schedule(self, name: str, start: float = 0.0, end: float = 1.0) -> None:
+        """Make a LoRA act only while sampling progress (see `set_lora_progress`) is in [start, end)."""
+        if self.fused:
+            raise ValueError("unfuse() before scheduling a LoRA: fused weights cannot switch per step")
+        for entry in self._entries[self._known(name)]:
+            gate = entry.lora.find(ScheduleGate)
+            if gate is not None:
+                entry.lora.remove(gate)
+            if (start, end) != (0.0, 1.0):
+                entry.lora.append(ScheduleGate(start, end))
+
     def fuse(self) -> None:
         """Merge every LoRA into its layer's weight (originals kept) and take the adapters out."""
         if self.fused:
             return
+        if any(entry.lora.find(ScheduleGate) for entries in self._entries.values() for entry in entries):
+            raise ValueError("scheduled LoRAs cannot be fused (their weights switch per step)")
         for site in self._sites.values():
             assert site.adapter is not None
             site.adapter.eject()

@@ -414,3 +414,25 @@ def test_sdxl_lora_on_sd15_model_names_both_and_leaves_the_model_unchanged():
     ):
         manager.add_loras("xl", sdxl, source="xl.safetensors")
     assert repr(unet) == tree and manager.names == []
+
+
+def test_scheduled_lora_acts_only_within_its_fraction_of_sampling():
+    from foundationals.latent_diffusion.lora import set_lora_progress
+
+    unet, text, manager = toy_model()
+    base = run_toy(unet, text)
+    load_all(manager)
+    full = run_toy(unet, text)
+    for name in manager.names:
+        manager.set_schedule(name, start=0.25, end=0.75)
+    with pytest.raises(ValueError, match="cannot be fused"):
+        manager.fuse()
+    for progress, expected in ((0.1, base), (0.5, full), (0.75, base), (None, full)):
+        set_lora_progress(unet, progress)
+        set_lora_progress(text, progress)
+        assert max_diff(run_toy(unet, text), expected) < 1e-6, progress
+    for name in manager.names:
+        manager.set_schedule(name)  # the whole run again: fusable
+    set_lora_progress(unet, 0.9)
+    manager.fuse()
+    assert max_diff(run_toy(unet, text), full) < 1e-5
