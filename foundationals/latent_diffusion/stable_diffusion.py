@@ -1,0 +1,347 @@
+"""Stable Diffusion 1.5 / SDXL pipelines: text-to-image, image-to-image and inpainting.
+
+One object holds the models (UNet, autoencoder, text encoder(s)); each pipeline encodes the
+prompts, draws the initial noise with ComfyUI's and diffusers' convention
+(`torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`), runs `sampling.denoise`
+and decodes. The sampler node calls the same functions, so both give identical results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..clip.prompt_encoding import encode_sd15_prompt, encode_sdxl_prompt
+from ..clip.prompt_weighting import EmbeddingLookup
+from ..clip.text_encoder import CLIPTextEncoder
+from .auto_encoder import LatentDiffusionAutoencoder
+from .sampling import Conditioning, InpaintingInputs, StepCallback, denoise, prepare_latents
+from .solvers import (
+    DDIM,
+    DDPM,
+    LCM,
+    DPMSolver,
+    DPMSolverSDE,
+    Euler,
+    EulerAncestral,
+    PredictionType,
+    SigmaSchedule,
+    Solver,
+    SolverParams,
+    TimestepSpacing,
+)
+from .unet import UNet
+
+SOLVERS: dict[str, type[Solver]] = {
+    "ddim": DDIM,
+    "ddpm": DDPM,
+    "dpmpp_2m": DPMSolver,
+    "dpmpp_2m_sde": DPMSolverSDE,
+    "euler": Euler,
+    "euler_ancestral": EulerAncestral,
+    "lcm": LCM,
+}
+"""Solver names as the sampler node lists them."""
+
+SCHEDULES: tuple[str, ...] = ("normal", "karras", "trailing", "linspace")
+"""`normal` is the models' own (leading) spacing; `karras` uses Karras sigmas where the solver has sigmas."""
+
+_SIGMA_SOLVERS = (DPMSolver, DPMSolverSDE, Euler, EulerAncestral)
+
+
+def make_solver(
+    name: str,
+    steps: int,
+    schedule: str = "normal",
+    denoise_strength: float = 1.0,
+    prediction_type: PredictionType = PredictionType.EPSILON,
+    device: torch.device | str = "cpu",
+) -> Solver:
+    """A solver by name, with the schedule's spacing, starting where `denoise_strength` says (1 = all steps)."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    solver_class = SOLVERS[name]
+    if schedule == "karras" and not issubclass(solver_class, _SIGMA_SOLVERS):
+        raise ValueError(
+            f"the karras schedule needs a sigma-based solver (dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral), not {name}"
+        )
+    spacing = {"trailing": TimestepSpacing.TRAILING, "linspace": TimestepSpacing.LINSPACE}.get(
+        schedule, TimestepSpacing.LEADING
+    )
+    params = SolverParams(
+        timesteps_spacing=spacing,
+        sigma_schedule=SigmaSchedule.KARRAS if schedule == "karras" else None,
+        prediction_type=prediction_type,
+    )
+    solver = solver_class(num_inference_steps=steps, params=params, device=device)
+    if denoise_strength < 1.0:
+        solver = solver.rebuild(first_inference_step=solver.first_step_from_strength(denoise_strength))
+    return solver
+
+
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning: original size, crop top-left and target size, in pixels."""
+
+    original_size: tuple[int, int] = (1024, 1024)
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] = (1024, 1024)
+
+    def time_ids(self) -> Tensor:
+        """(1, 6) as diffusers' `add_time_ids`: (height, width, top, left, target height, target width)."""
+        return torch.tensor(
+            [[*self.original_size, *self.crop_top_left, *self.target_size]], dtype=torch.float32
+        )
+
+
+@dataclass
+class StableDiffusion:
+    """The models of one checkpoint and the pipelines that use them."""
+
+    unet: UNet
+    autoencoder: LatentDiffusionAutoencoder
+    text_encoder: CLIPTextEncoder
+    text_encoder_2: CLIPTextEncoder | None = None
+    prediction_type: PredictionType = PredictionType.EPSILON
+    embeddings: EmbeddingLookup | None = field(default=None, repr=False)
+    embeddings_2: EmbeddingLookup | None = field(default=None, repr=False)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """9-channel UNets take the mask and the masked image's latents as extra input channels."""
+        return self.unet.config.in_channels == 9
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device  # type: ignore[return-value]
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.config.latent_channels
+
+    def encode_prompt(
+        self, prompt: str, clip_skip: int | None = None, size: SizeConditioning | None = None
+    ) -> Conditioning:
+        """Text conditioning of a ComfyUI-syntax prompt. `clip_skip` is the CLIP layer (-1 last; SDXL default -2)."""
+        if self.text_encoder_2 is None:
+            text = encode_sd15_prompt(
+                prompt, self.text_encoder, layer=clip_skip or -1, embeddings=self.embeddings
+            )
+            return Conditioning(text.embeddings)
+        text = encode_sdxl_prompt(
+            prompt,
+            self.text_encoder,
+            self.text_encoder_2,
+            layer=clip_skip or -2,
+            embeddings_l=self.embeddings,
+            embeddings_g=self.embeddings_2,
+        )
+        return Conditioning(text.embeddings, text.pooled, (size or SizeConditioning()).time_ids())
+
+    def zero_conditioning(self, like: Conditioning) -> Conditioning:
+        """All-zero conditioning: diffusers' SDXL negative for an empty negative prompt."""
+        return Conditioning(
+            torch.zeros_like(like.text_embedding),
+            None if like.pooled_text_embedding is None else torch.zeros_like(like.pooled_text_embedding),
+            like.time_ids,
+        )
+
+    def encode_image(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> scaled latents (posterior mean, or a sample with `generator`)."""
+        parameter = next(self.autoencoder.parameters())
+        pixels = (image * 2 - 1).to(device=parameter.device, dtype=parameter.dtype)
+        with torch.no_grad():
+            return self.autoencoder.encode(pixels, generator=generator).float()
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> (B, 3, H, W) in [0, 1]."""
+        parameter = next(self.autoencoder.parameters())
+        with torch.no_grad():
+            image = self.autoencoder.decode(latents.to(device=parameter.device, dtype=parameter.dtype))
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def sample(
+        self,
+        latents_shape: tuple[int, int, int, int],
+        positive: Conditioning,
+        negative: Conditioning | None,
+        solver: Solver,
+        guidance_scale: float,
+        seed: int,
+        image_latents: Tensor | None = None,
+        inpainting_mask: Tensor | None = None,
+        masked_image_latents: Tensor | None = None,
+        callback: StepCallback | None = None,
+        step_hook: Callable[[int], None] | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """The shared sampling path: noise from `seed`, img2img start, inpainting, guidance, solver steps.
+
+        One CPU generator seeded with `seed` draws the initial noise (`torch.randn(shape, generator)`,
+        ComfyUI's and diffusers' convention) and then any noise the solver needs, as diffusers does.
+        Pass `generator` to continue an existing stream (diffusers' img2img samples the VAE first).
+
+        `inpainting_mask` (B, 1, h, w) in latent size, 1 = repaint, needs `image_latents`. A 9-channel
+        model also needs `masked_image_latents` (the latents of the image with the masked area blanked);
+        other models keep the unmasked area on the source's trajectory each step.
+        """
+        device = self.device
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        if noise is None:
+            noise = torch.randn(latents_shape, generator=generator, dtype=torch.float32)
+        noise = noise.to(device)
+        inpainting: InpaintingInputs | None = None
+        if inpainting_mask is not None:
+            if image_latents is None and not self.is_inpainting_model:
+                raise ValueError("inpainting with a regular model needs the source image's latents")
+            mask = inpainting_mask.to(device=device, dtype=noise.dtype)
+            source = image_latents.to(device=device, dtype=noise.dtype) if image_latents is not None else None
+            masked = None
+            if self.is_inpainting_model:
+                if masked_image_latents is None:
+                    raise ValueError("a 9-channel inpainting model needs the masked image's latents")
+                masked = masked_image_latents.to(device=device, dtype=noise.dtype)
+            inpainting = InpaintingInputs(
+                mask=mask, image_latents=source, masked_image_latents=masked, noise=noise
+            )
+        elif self.is_inpainting_model:
+            raise ValueError("this is an inpainting model (9 input channels): give it an image and a mask")
+        start = image_latents.to(device=device, dtype=noise.dtype) if image_latents is not None else None
+        latents = prepare_latents(solver, noise, start, pure_noise_at_full_strength=inpainting is not None)
+        with torch.no_grad():
+            return denoise(
+                self.unet,
+                solver,
+                latents,
+                positive,
+                negative,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                inpainting=inpainting,
+                callback=callback,
+                step_hook=step_hook,
+            )
+
+    def text_to_image(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        width: int = 512,
+        height: int = 512,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        batch_size: int = 1,
+        solver: str = "ddim",
+        schedule: str = "normal",
+        callback: StepCallback | None = None,
+    ) -> Tensor:
+        """(B, 3, height, width) image in [0, 1]."""
+        positive, negative = self._prompts(prompt, negative_prompt, (height, width))
+        factor = self.autoencoder.config.downscale_factor
+        shape = (batch_size, self.latent_channels, height // factor, width // factor)
+        sampler = make_solver(
+            solver, steps, schedule, prediction_type=self.prediction_type, device=self.device
+        )
+        latents = self.sample(shape, positive, negative, sampler, guidance_scale, seed, callback=callback)
+        return self.decode_latents(latents)
+
+    def image_to_image(
+        self,
+        image: Tensor,
+        prompt: str,
+        negative_prompt: str = "",
+        strength: float = 0.75,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        solver: str = "ddim",
+        schedule: str = "normal",
+        callback: StepCallback | None = None,
+    ) -> Tensor:
+        """Re-draw `image` ((B, 3, H, W) in [0, 1]) with `strength` of noise (1 = ignore it)."""
+        height, width = image.shape[-2:]
+        positive, negative = self._prompts(prompt, negative_prompt, (height, width))
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = self.encode_image(image, generator=generator)  # a posterior sample, as diffusers' img2img
+        sampler = make_solver(solver, steps, schedule, strength, self.prediction_type, device=self.device)
+        result = self.sample(
+            tuple(latents.shape),  # type: ignore[arg-type]
+            positive,
+            negative,
+            sampler,
+            guidance_scale,
+            seed,
+            latents,
+            callback=callback,
+            generator=generator,
+        )
+        return self.decode_latents(result)
+
+    def inpaint(
+        self,
+        image: Tensor,
+        mask: Tensor,
+        prompt: str,
+        negative_prompt: str = "",
+        strength: float = 1.0,
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        solver: str = "ddim",
+        schedule: str = "normal",
+        callback: StepCallback | None = None,
+    ) -> Tensor:
+        """Repaint where `mask` ((B, 1, H, W), 1 = repaint) is set; 9-channel models or latent blending."""
+        height, width = image.shape[-2:]
+        positive, negative = self._prompts(prompt, negative_prompt, (height, width))
+        generator = torch.Generator("cpu").manual_seed(seed)
+        factor = self.autoencoder.config.downscale_factor
+        shape = (image.shape[0], self.latent_channels, height // factor, width // factor)
+        # diffusers' order of draws: source sample (when needed), initial noise, masked-image sample
+        needs_source = not self.is_inpainting_model or strength < 1.0
+        latents = self.encode_image(image, generator=generator) if needs_source else None
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        masked_image_latents = None
+        if self.is_inpainting_model:
+            keep = (mask < 0.5).to(image.dtype)
+            masked_image = image * keep + 0.5 * (
+                1 - keep
+            )  # masked pixels gray (0 in [-1, 1]), as diffusers and ComfyUI
+            masked_image_latents = self.encode_image(masked_image, generator=generator)
+        latent_mask = torch.nn.functional.interpolate(mask.float(), size=shape[-2:], mode="nearest")
+        sampler = make_solver(solver, steps, schedule, strength, self.prediction_type, device=self.device)
+        result = self.sample(
+            shape,
+            positive,
+            negative,
+            sampler,
+            guidance_scale,
+            seed,
+            latents,
+            inpainting_mask=latent_mask,
+            masked_image_latents=masked_image_latents,
+            callback=callback,
+            generator=generator,
+            noise=noise,
+        )
+        return self.decode_latents(result)
+
+    def _prompts(
+        self, prompt: str, negative_prompt: str, size: tuple[int, int]
+    ) -> tuple[Conditioning, Conditioning]:
+        size_conditioning = SizeConditioning(size, (0, 0), size)
+        positive = self.encode_prompt(prompt, size=size_conditioning)
+        negative = self.encode_prompt(negative_prompt, size=size_conditioning)
+        return positive, negative

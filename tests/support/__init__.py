@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny reference models (diffusers/transformers) and ours on the same weights."""
