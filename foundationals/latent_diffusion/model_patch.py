@@ -1,0 +1,85 @@
+"""Adapter stacks applied for one sampling run: patch, sample, undo.
+
+A model shared by several users (ComfyUI branches, cached loaders) is never adapted for good: each
+sampling run applies an ordered stack of `ModelPatch`es (LoRA, ControlNet, T2I-Adapter, IP-Adapter,
+reference-only, context values), samples, and undoes them in reverse order, also on errors and
+cancellation. Patches that act only on some steps (start/end windows) register a step hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .stable_diffusion import StableDiffusion
+
+Undo = Callable[[], None]
+StepHook = Callable[[int], None]
+
+
+@dataclass
+class SamplingRun:
+    """What patches may need to know about the run they are applied for."""
+
+    num_steps: int
+    first_step: int
+    latent_height: int
+    latent_width: int
+    batch_size: int
+    uses_guidance: bool
+    """With classifier-free guidance the UNet sees `[negative, positive]` as one batch of 2 * batch_size."""
+    step_hooks: list[StepHook] = field(default_factory=list)
+
+    def progress(self, step: int) -> float:
+        """Fraction of the whole schedule done before `step` (0 at the first step of txt2img)."""
+        return step / self.num_steps
+
+    def on_step(self, hook: StepHook) -> None:
+        """Call `hook(step)` before each UNet call of the run."""
+        self.step_hooks.append(hook)
+
+    def run_step_hooks(self, step: int) -> None:
+        for hook in self.step_hooks:
+            hook(step)
+
+
+class ModelPatch(Protocol):
+    """One entry of a model's adapter stack."""
+
+    @property
+    def label(self) -> str:
+        """A short description for the model inspector, e.g. "LoRA style.safetensors (unet 0.8, clip 1.0)"."""
+        ...
+
+    def apply(self, model: StableDiffusion, run: SamplingRun | None) -> Undo:
+        """Adapt `model` for this run and return the function that restores it exactly.
+
+        `run` is None when the patch is applied for text encoding only (a LoRA's text-encoder part).
+        """
+        ...
+
+
+@contextmanager
+def patched(model: StableDiffusion, patches: Sequence[ModelPatch], run: SamplingRun | None) -> Iterator[None]:
+    """Apply `patches` in order, yield, then undo them in reverse order whatever happens.
+
+    If a patch fails to apply, the ones already applied are undone before the error propagates, so a
+    failed call leaves the model as it was.
+    """
+    undos: list[Undo] = []
+    try:
+        for patch in patches:
+            undos.append(patch.apply(model, run))
+        yield
+    finally:
+        errors: list[BaseException] = []
+        for undo in reversed(undos):
+            try:
+                undo()
+            except BaseException as error:  # keep restoring the others, then report
+                errors.append(error)
+        if errors:
+            raise errors[0]
