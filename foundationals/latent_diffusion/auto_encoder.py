@@ -135,11 +135,11 @@ class LatentDiffusionAutoencoder(fl.Chain):
 
     def encode(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Image (B, 3, H, W) in [-1, 1] -> scaled latents; the posterior mean, or a sample with `generator`."""
-        return self._latents_from_moments(self.ensure_find(Encoder)(image), generator)
+        return self._latents_from_moments(self.ensure_find(Encoder)(self._as_weights(image)), generator)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents -> image in about [-1, 1]."""
-        return self.ensure_find(Decoder)(latents / self.scaling_factor)
+        return self.ensure_find(Decoder)(self._as_weights(latents) / self.scaling_factor)
 
     def tiled_encode(
         self,
@@ -152,15 +152,25 @@ class LatentDiffusionAutoencoder(fl.Chain):
         factor = self.config.downscale_factor
         if image.shape[-2] % factor or image.shape[-1] % factor:
             raise ValueError(f"image size {tuple(image.shape[-2:])} must be a multiple of {factor}")
-        moments = _blend_tiles(self.ensure_find(Encoder), image, tile_size, overlap, factor, 1)
+        moments = _blend_tiles(
+            self.ensure_find(Encoder), self._as_weights(image), tile_size, overlap, factor, 1
+        )
         return self._latents_from_moments(moments, generator)
 
     def tiled_decode(self, latents: Tensor, tile_size: int = 64, overlap: int = 16) -> Tensor:
         """`decode` in overlapping tiles (sizes in latent units), blended with linear feathering."""
         decoder = self.ensure_find(Decoder)
         return _blend_tiles(
-            decoder, latents / self.scaling_factor, tile_size, overlap, 1, self.config.downscale_factor
+            decoder,
+            self._as_weights(latents) / self.scaling_factor,
+            tile_size,
+            overlap,
+            1,
+            self.config.downscale_factor,
         )
+
+    def _as_weights(self, x: Tensor) -> Tensor:
+        return x.to(device=self.device, dtype=self.dtype)
 
     def _latents_from_moments(self, moments: Tensor, generator: torch.Generator | None) -> Tensor:
         mean, log_variance = moments.chunk(2, dim=1)

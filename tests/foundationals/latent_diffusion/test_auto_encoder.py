@@ -1,7 +1,7 @@
 """The autoencoder equals diffusers' AutoencoderKL on the same random weights; tiled encode/decode blend seamlessly.
 
-Measured max abs differences (fp32, CPU): tiny encode/decode 0 to 1e-6; full SD1.5 size ~1e-5 on outputs of
-magnitude ~1.
+Measured max abs differences (fp32, CPU): 0.0 for encode and decode, tiny and full SD1.5 size (128 px image;
+latents up to 0.16, pixels up to 1.7): the same operations run in the same order.
 """
 
 from __future__ import annotations
