@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from torch.nn import Module
+
 from ...fluxion import layers as fl
 from ..latent_diffusion.auto_encoder import AttentionBlock2d, Decoder, Encoder, LatentDiffusionAutoencoder
 from ..latent_diffusion.unet import CrossAttentionBlock2d, ResidualBlock, UNet
@@ -120,7 +122,7 @@ def diffusers_autoencoder_module_map(autoencoder: LatentDiffusionAutoencoder) ->
 
 
 def _add_autoencoder_level(
-    mapping: dict[str, str], ours: str, theirs: str, level: fl.Module, samplers: str
+    mapping: dict[str, str], ours: str, theirs: str, level: Module, samplers: str
 ) -> None:
     resnet = 0
     for name, child in level.named_children():
@@ -133,7 +135,7 @@ def _add_autoencoder_level(
             mapping[f"{ours}.{name}.Conv2d"] = f"{theirs}.{samplers}.0.conv"
 
 
-def _add_autoencoder_middle(mapping: dict[str, str], ours: str, theirs: str, middle: fl.Module) -> None:
+def _add_autoencoder_middle(mapping: dict[str, str], ours: str, theirs: str, middle: Module) -> None:
     resnet = 0
     for name, child in middle.named_children():
         if isinstance(child, AttentionBlock2d):

@@ -8,6 +8,8 @@ children. `ldm_unet_key_map(unet)` and `ldm_autoencoder_key_map(autoencoder)` re
 
 from __future__ import annotations
 
+from torch.nn import Module
+
 from ...fluxion import layers as fl
 from ..latent_diffusion.auto_encoder import AttentionBlock2d, Decoder, Encoder, LatentDiffusionAutoencoder
 from ..latent_diffusion.unet import CrossAttentionBlock2d, ResidualBlock, TransformerBlock, UNet
@@ -71,9 +73,7 @@ def spatial_transformer_table(block: CrossAttentionBlock2d) -> dict[str, str]:
     return table
 
 
-def add_block(
-    mapping: dict[str, str], ours: str, theirs: str, table: dict[str, str], block: fl.Module
-) -> None:
+def add_block(mapping: dict[str, str], ours: str, theirs: str, table: dict[str, str], block: Module) -> None:
     """Record `ours.x -> theirs.y` for every `x -> y` of `table` that exists in `block`."""
     present = {name for name, _ in block.named_modules()}
     for our_name, their_name in table.items():
@@ -174,7 +174,7 @@ def ldm_autoencoder_module_map(autoencoder: LatentDiffusionAutoencoder) -> dict[
 
 
 def _add_autoencoder_level(
-    mapping: dict[str, str], ours: str, theirs: str, level: fl.Module, sampler: str
+    mapping: dict[str, str], ours: str, theirs: str, level: Module, sampler: str
 ) -> None:
     residual_blocks = [
         (name, child) for name, child in level.named_children() if isinstance(child, ResidualBlock)
@@ -186,7 +186,7 @@ def _add_autoencoder_level(
             mapping[f"{ours}.{name}.Conv2d"] = f"{theirs}.{sampler}.conv"
 
 
-def _add_autoencoder_middle(mapping: dict[str, str], ours: str, theirs: str, middle: fl.Module) -> None:
+def _add_autoencoder_middle(mapping: dict[str, str], ours: str, theirs: str, middle: Module) -> None:
     for name, child in middle.named_children():
         if isinstance(child, AttentionBlock2d):
             add_block(mapping, f"{ours}.{name}", f"{theirs}.attn_1", AUTOENCODER_ATTENTION, child)
