@@ -227,10 +227,18 @@ def test_sd15_inpainting_single_file_is_detected(tmp_path):
 
 def test_sdxl_single_file_matches_diffusers(tmp_path):
     config = UNET_PRESETS["tiny_sdxl"]
-    reference, reference_vae = diffusers_unet(config), diffusers_autoencoder(0.13025)
+    reference, reference_vae, clip = (
+        diffusers_unet(config),
+        diffusers_autoencoder(0.13025),
+        tiny_clip_text_model(),
+    )
     path = tmp_path / "tiny-sdxl.safetensors"
-    save_file({**ldm_unet_tensors(reference, config), **ldm_autoencoder_tensors(reference_vae)}, str(path))
+    clip_l = {f"conditioner.embedders.0.transformer.{k}": v for k, v in clip.state_dict().items()}
+    save_file(
+        {**ldm_unet_tensors(reference, config), **ldm_autoencoder_tensors(reference_vae), **clip_l}, str(path)
+    )
     checkpoint = load_single_file(path)
+    assert list(checkpoint.text_encoders) == ["clip_l"]  # SGM layout: handed to foundationals.clip
     assert checkpoint.family == "sdxl_base" and checkpoint.unet.config == config
     assert compare_unet(reference, checkpoint.unet, config) < TOLERANCE
     assert checkpoint.autoencoder is not None and checkpoint.autoencoder.scaling_factor == 0.13025
