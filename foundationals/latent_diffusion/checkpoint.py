@@ -116,7 +116,12 @@ class TensorFile:
 
 def _torch_state_dict(path: Path) -> dict[str, Tensor]:
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # legacy (pre-zip) pickles cannot be memory-mapped
+            if "mmap" not in str(error):
+                raise
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(
             f"{path}: not a torch checkpoint loadable with weights_only=True ({error})"
@@ -189,12 +194,14 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], source: str = "chec
 
 def _with_heads(config: UNetConfig, addition_dim: int | None) -> UNetConfig:
     """Fill in what shapes cannot tell (heads, time-id width) from a preset of the same shape, else SD's."""
-    shape_fields = [
-        f.name
-        for f in fields(UNetConfig)
-        if f.name not in ("in_channels", "num_attention_heads", "attention_head_dim", "pooled_text_dim")
-        and f.name not in ("time_id_embedding_dim",)
-    ]
+    unseen = (
+        "in_channels",
+        "num_attention_heads",
+        "attention_head_dim",
+        "pooled_text_dim",
+        "time_id_embedding_dim",
+    )
+    shape_fields = [f.name for f in fields(UNetConfig) if f.name not in unseen]
     for preset in UNET_PRESETS.values():
         if all(getattr(preset, name) == getattr(config, name) for name in shape_fields) and (
             addition_dim is None or preset.addition_embedding_dim == addition_dim
