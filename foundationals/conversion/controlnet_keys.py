@@ -1,0 +1,196 @@
+"""Key maps between ControlNet files and our `ControlNet`, and the architecture read from a file's keys.
+
+Two layouts users have:
+- lllyasviel (ControlNet 1.0/1.1 single files, with or without a `control_model.` prefix): `time_embed.*`,
+  `input_blocks.*`, `middle_block.*` as in the LDM UNet, `input_hint_block.{0,2,4,...}` (the hint encoder's
+  convolutions, SiLU between), `zero_convs.N.0`, `middle_block_out.0`, SDXL `label_emb.0.*`;
+- diffusers `ControlNetModel`: `conv_in`, `time_embedding.*`, `down_blocks.*`, `mid_block.*`,
+  `controlnet_cond_embedding.{conv_in,blocks.N,conv_out}`, `controlnet_down_blocks.N`,
+  `controlnet_mid_block`, SDXL `add_embedding.*`.
+
+The maps are built from a (meta) model like the UNet's: `{their key: our key}` for every tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from ...fluxion import layers as fl
+from ..latent_diffusion.controlnet import (
+    ConditionEncoder,
+    ControlNet,
+    ControlOutputs,
+    HintEmbedding,
+    ZeroConvolution,
+)
+from ..latent_diffusion.unet import CrossAttentionBlock2d, ResidualBlock
+from . import diffusers_keys, ldm_keys
+from .ldm_keys import add_block, expand_module_map, spatial_transformer_table
+
+LLLYASVIEL_PREFIX = "control_model."
+
+
+def _hint_convolutions(controlnet: ControlNet) -> list[str]:
+    """Our module paths of the hint encoder's convolutions, in order."""
+    encoder = controlnet.ensure_find(ConditionEncoder)
+    first_name, first = next(iter(controlnet.DownBlocks.named_children()))
+    holder = next(name for name, child in first.named_children() if isinstance(child, HintEmbedding))
+    prefix = f"DownBlocks.{first_name}.{holder}.ConditionEncoder"
+    return [f"{prefix}.{name}" for name, child in encoder.named_children() if isinstance(child, fl.Conv2d)]
+
+
+def _outputs(controlnet: ControlNet) -> list[tuple[str, int | None]]:
+    """(our conv path, skip index or None for the middle block's) of the output convolutions."""
+    outputs = controlnet.ensure_find(ControlOutputs)
+    result: list[tuple[str, int | None]] = []
+    for name, child in outputs.named_children():
+        if isinstance(child, ZeroConvolution):
+            result.append((f"ControlOutputs.{name}.Conv2d", child.index))
+        else:
+            result.append((f"ControlOutputs.{name}", None))
+    return result
+
+
+def lllyasviel_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
+    """Our module paths -> lllyasviel module paths (without the `control_model.` prefix)."""
+    mapping = {
+        "TimestepEncoder.RangeEncoder.Linear_1": "time_embed.0",
+        "TimestepEncoder.RangeEncoder.Linear_2": "time_embed.2",
+    }
+    if controlnet.config.unet.addition_embedding == "text_time":
+        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "label_emb.0.0"
+        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "label_emb.0.2"
+    for index, (block_name, block) in enumerate(controlnet.DownBlocks.named_children()):
+        for position, (name, child) in enumerate(ldm_keys._unet_block_children(block)):  # type: ignore[arg-type]
+            ldm_keys._add_unet_child(
+                mapping, f"DownBlocks.{block_name}.{name}", f"input_blocks.{index}.{position}", child
+            )
+    for position, (name, child) in enumerate(controlnet.MiddleBlock.named_children()):
+        ldm_keys._add_unet_child(mapping, f"MiddleBlock.{name}", f"middle_block.{position}", child)
+    for index, ours in enumerate(_hint_convolutions(controlnet)):
+        mapping[ours] = f"input_hint_block.{2 * index}"
+    for ours, skip in _outputs(controlnet):
+        mapping[ours] = "middle_block_out.0" if skip is None else f"zero_convs.{skip}.0"
+    return mapping
+
+
+def diffusers_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
+    """Our module paths -> diffusers `ControlNetModel` module paths."""
+    config = controlnet.config.unet
+    mapping = {
+        "TimestepEncoder.RangeEncoder.Linear_1": "time_embedding.linear_1",
+        "TimestepEncoder.RangeEncoder.Linear_2": "time_embedding.linear_2",
+    }
+    if config.addition_embedding == "text_time":
+        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "add_embedding.linear_1"
+        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "add_embedding.linear_2"
+    for index, (block_name, block) in enumerate(controlnet.DownBlocks.named_children()):
+        if index == 0:
+            mapping[f"DownBlocks.{block_name}.Conv2d"] = "conv_in"
+            continue
+        level, layer = divmod(index - 1, config.layers_per_block + 1)
+        for name, child in block.named_children():
+            diffusers_keys._add_unet_child(
+                mapping,
+                f"DownBlocks.{block_name}.{name}",
+                f"down_blocks.{level}",
+                layer,
+                child,
+                "downsamplers",
+            )
+    resnet = 0
+    for name, child in controlnet.MiddleBlock.named_children():
+        if isinstance(child, ResidualBlock):
+            add_block(
+                mapping,
+                f"MiddleBlock.{name}",
+                f"mid_block.resnets.{resnet}",
+                diffusers_keys.UNET_RESIDUAL_BLOCK,
+                child,
+            )
+            resnet += 1
+        elif isinstance(child, CrossAttentionBlock2d):
+            add_block(
+                mapping,
+                f"MiddleBlock.{name}",
+                "mid_block.attentions.0",
+                spatial_transformer_table(child),
+                child,
+            )
+    convolutions = _hint_convolutions(controlnet)
+    mapping[convolutions[0]] = "controlnet_cond_embedding.conv_in"
+    for index, ours in enumerate(convolutions[1:-1]):
+        mapping[ours] = f"controlnet_cond_embedding.blocks.{index}"
+    mapping[convolutions[-1]] = "controlnet_cond_embedding.conv_out"
+    for ours, skip in _outputs(controlnet):
+        mapping[ours] = "controlnet_mid_block" if skip is None else f"controlnet_down_blocks.{skip}"
+    return mapping
+
+
+def lllyasviel_controlnet_key_map(controlnet: ControlNet) -> dict[str, str]:
+    """`{lllyasviel key without prefix: our key}` for every tensor of `controlnet`."""
+    return expand_module_map(controlnet, lllyasviel_controlnet_module_map(controlnet))
+
+
+def diffusers_controlnet_key_map(controlnet: ControlNet) -> dict[str, str]:
+    """`{diffusers ControlNetModel key: our key}` for every tensor of `controlnet`."""
+    return expand_module_map(controlnet, diffusers_controlnet_module_map(controlnet))
+
+
+# -- architecture from keys and shapes ----------------------------------------------------------------------------
+
+
+def _count(keys: Iterable[str], pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({match.group(1) for key in keys if (match := regex.match(key))})
+
+
+def hint_channels_from_shapes(
+    shapes: Mapping[str, tuple[int, ...]], layout: str
+) -> tuple[int, tuple[int, ...]]:
+    """(conditioning channels, hint encoder widths) from the hint encoder's convolution shapes."""
+    if layout == "lllyasviel":
+        indices = sorted(
+            {int(m.group(1)) for k in shapes if (m := re.match(r"input_hint_block\.(\d+)\.weight", k))}
+        )
+        convs = [shapes[f"input_hint_block.{i}.weight"] for i in indices]
+    else:
+        blocks = _count(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+        convs = [
+            shapes["controlnet_cond_embedding.conv_in.weight"],
+            *(shapes[f"controlnet_cond_embedding.blocks.{i}.weight"] for i in range(blocks)),
+            shapes["controlnet_cond_embedding.conv_out.weight"],
+        ]
+    widths = [convs[0][0]] + [conv[0] for conv in convs[2:-1:2]]
+    return convs[0][1], tuple(widths)
+
+
+def ldm_shapes_from_diffusers(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The LDM key shapes a diffusers-layout ControlNet's UNet part would have (enough to infer its config)."""
+    keys = list(shapes)
+    levels = _count(keys, r"down_blocks\.(\d+)\.")
+    per_level = _count(keys, r"down_blocks\.0\.resnets\.(\d+)\.")
+    result: dict[str, tuple[int, ...]] = {"input_blocks.0.0.weight": shapes["conv_in.weight"]}
+    index = 1
+    for level in range(levels):
+        for layer in range(per_level):
+            result[f"input_blocks.{index}.0.out_layers.3.weight"] = shapes[
+                f"down_blocks.{level}.resnets.{layer}.conv2.weight"
+            ]
+            prefix = f"down_blocks.{level}.attentions.{layer}."
+            for key, shape in shapes.items():
+                if key.startswith(prefix):
+                    result[f"input_blocks.{index}.1." + key[len(prefix) :]] = shape
+            index += 1
+        if f"down_blocks.{level}.downsamplers.0.conv.weight" in shapes:
+            result[f"input_blocks.{index}.0.op.weight"] = shapes[
+                f"down_blocks.{level}.downsamplers.0.conv.weight"
+            ]
+            index += 1
+    for key, shape in shapes.items():
+        if key.startswith("mid_block.attentions.0."):
+            result["middle_block.1." + key[len("mid_block.attentions.0.") :]] = shape
+    if "add_embedding.linear_1.weight" in shapes:
+        result["label_emb.0.0.weight"] = shapes["add_embedding.linear_1.weight"]
+    return result

@@ -1,0 +1,598 @@
+"""ControlNet: a trainable copy of the UNet's encoder that turns a hint image into residuals for the UNet.
+
+The model (`ControlNet`) is declared like the UNet it copies: the same `TimestepEncoder`, `DownBlocks`
+(with the hint encoder, the "input hint block", added after the first convolution) and `MiddleBlock`,
+then one zero-initialised 1x1 convolution per skip connection and one for the middle block
+(`ControlOutputs`). It is a tree of its own, with its own contexts ("diffusion", "cross_attention_block",
+"sdxl" as the UNet, "controlnet" {"condition"} for the hint), so `controlnet(latents)` returns the
+residuals, equal to diffusers' `ControlNetModel` (before scaling).
+
+In a UNet it runs through `ControlNetAdapter`, which wraps the UNet's `DownBlocks`: its
+`ControlNetBranch` reads the latents (its input) and the UNet's timestep and text from the UNet's
+contexts, runs the ControlNet, scales and masks the residuals, and publishes them in the UNet's context
+"unet" (`control_residuals`, the seam `ResidualAccumulator`/`ControlResidual` read). Any number of
+ControlNets (and T2I-Adapters) stack; each one's residuals are kept apart in `control_sources` and
+summed in order, so nothing accumulates across UNet calls.
+
+`ControlNetPatch` is the `ModelPatch` that does this for one sampling run, with a start/end window
+(diffusers' `controlnet_keep` rule), an optional mask and A1111's control modes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch import device as Device
+from torch import dtype as DType
+
+from ...fluxion import layers as fl
+from ...fluxion.adapters.adapter import Adapter
+from ..model_files import ModelFileError
+from .model_config import SD15_UNET, UNetConfig
+from .model_patch import SamplingRun, Undo
+from .unet import DownBlocks, MiddleBlock, TimestepEncoder, UNet, _skip_channels
+
+if TYPE_CHECKING:
+    from .stable_diffusion import StableDiffusion
+
+CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
+"""balanced: plain; prompt: A1111 "My prompt is more important" (residual i x 0.825**(last - i));
+controlnet: A1111 "ControlNet is more important" (only the conditional half of a CFG batch gets control);
+guess: diffusers' guess mode (conditional half only, residual i x logspace(-1, 0)[i])."""
+SOFT_INJECTION_BASE = 0.825
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """A ControlNet: the UNet encoder it copies, and its hint encoder (channels per stage; stride 2 between)."""
+
+    unet: UNetConfig = SD15_UNET
+    conditioning_channels: int = 3
+    hint_channels: tuple[int, ...] = (16, 32, 96, 256)
+
+    @property
+    def downscale_factor(self) -> int:
+        """Hint pixels per latent along each side."""
+        return 2 ** (len(self.hint_channels) - 1)
+
+
+SD15_CONTROLNET = ControlNetConfig()
+
+
+class ConditionEncoder(fl.Chain):
+    """The "input hint block": 3x3 convolutions with SiLU, stride 2 between widths, zero conv to the UNet width."""
+
+    def __init__(
+        self,
+        out_channels: int,
+        conditioning_channels: int = 3,
+        channels: Sequence[int] = (16, 32, 96, 256),
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        layers: list[fl.Module] = [
+            fl.Conv2d(conditioning_channels, channels[0], 3, padding=1, device=device, dtype=dtype),
+            fl.SiLU(),
+        ]
+        for width, next_width in zip(channels, channels[1:]):
+            layers += [
+                fl.Conv2d(width, width, 3, padding=1, device=device, dtype=dtype),
+                fl.SiLU(),
+                fl.Conv2d(width, next_width, 3, stride=2, padding=1, device=device, dtype=dtype),
+                fl.SiLU(),
+            ]
+        layers.append(fl.Conv2d(channels[-1], out_channels, 3, padding=1, device=device, dtype=dtype))
+        super().__init__(*layers)
+
+
+class HintEmbedding(fl.Residual):
+    """Adds the encoded hint (context "controlnet" {"condition"}) to the first convolution's output."""
+
+    def __init__(
+        self, config: ControlNetConfig, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        super().__init__(
+            fl.UseContext("controlnet", "condition"),
+            ConditionEncoder(
+                config.unet.block_channels[0],
+                config.conditioning_channels,
+                config.hint_channels,
+                device,
+                dtype,
+            ),
+        )
+
+
+class ZeroConvolution(fl.Chain):
+    """The 1x1 convolution (zero at initialisation) reading skip connection `index` of the ControlNet's encoder."""
+
+    def __init__(
+        self, index: int, channels: int, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        self.index = index
+        super().__init__(
+            fl.UseContext("unet", "residuals").compose(itemgetter(index)),
+            fl.Conv2d(channels, channels, 1, device=device, dtype=dtype),
+        )
+
+
+class ControlOutputs(fl.Parallel):
+    """One residual per skip connection (zero convs) and, last, the middle block's (its 1x1 conv)."""
+
+    def __init__(
+        self, config: UNetConfig, device: Device | str | None = None, dtype: DType | None = None
+    ) -> None:
+        skips = [
+            ZeroConvolution(index, channels, device, dtype)
+            for index, channels in enumerate(_skip_channels(config))
+        ]
+        width = config.block_channels[-1]
+        super().__init__(*skips, fl.Conv2d(width, width, 1, device=device, dtype=dtype))
+
+
+class ControlNet(fl.Chain):
+    """Hint + latents + timestep + text -> one residual per UNet skip connection, then the middle block's."""
+
+    def __init__(
+        self,
+        config: ControlNetConfig = SD15_CONTROLNET,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        self.config = config
+        self.residual_count = len(_skip_channels(config.unet)) + 1
+        down_blocks = DownBlocks(config.unet, device, dtype)
+        first: fl.Chain = down_blocks[0]  # type: ignore[assignment]
+        first.insert(1, HintEmbedding(config, device, dtype))
+        for downsample in down_blocks.layers(fl.Downsample):
+            if downsample.register_shape:  # no decoder here: nothing reads the sizes back
+                downsample.pop(0)
+        super().__init__(
+            TimestepEncoder(config.unet, device, dtype),
+            down_blocks,
+            MiddleBlock(config.unet, device, dtype),
+            ControlOutputs(config.unet, device, dtype),
+        )
+
+    def init_context(self) -> dict[str, dict[str, Any]]:
+        skips = self.residual_count - 1
+        return {
+            "unet": {"residuals": [None] * skips, "control_residuals": [0.0] * (skips + 1)},
+            "diffusion": {},
+            "cross_attention_block": {},
+            "range_adapter": {},
+            "sdxl": {},
+            "controlnet": {},
+        }
+
+    def set_timestep(self, timestep: Tensor | float | int) -> None:
+        """The diffusion timestep(s): a number, or one per batch item."""
+        self.set_context("diffusion", {"timestep": torch.as_tensor(timestep)})
+
+    def set_clip_text_embedding(self, embedding: Tensor) -> None:
+        """The text encoder's hidden states (B, tokens, context_dim)."""
+        self.set_context("cross_attention_block", {"clip_text_embedding": embedding})
+
+    def set_hint(self, hint: Tensor) -> None:
+        """The control image (B, conditioning_channels, H, W) in [0, 1], H and W `downscale_factor` x the latents'."""
+        self.set_context("controlnet", {"condition": hint})
+
+    def set_sdxl_conditioning(self, pooled_text_embedding: Tensor, time_ids: Tensor) -> None:
+        """SDXL ControlNets: the pooled text embedding and the 6 size/crop time ids."""
+        self.set_context("sdxl", {"pooled_text_embedding": pooled_text_embedding, "time_ids": time_ids})
+
+
+# -- hints, masks, schedules (shared with the T2I-Adapter) ------------------------------------------------------
+
+
+def prepare_hint(image: Tensor, height: int, width: int) -> Tensor:
+    """ComfyUI IMAGE (B,H,W,C in [0, 1]) -> (B,C,height,width): center crop to the aspect ratio, nearest-exact resize.
+
+    The same as ComfyUI's `common_upscale(hint, width, height, "nearest-exact", "center")`.
+    """
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4:
+        raise ValueError(f"a hint image must be (B, H, W, C), got shape {tuple(image.shape)}")
+    pixels = image.movedim(-1, 1)
+    old_height, old_width = pixels.shape[-2:]
+    old_aspect, new_aspect = old_width / old_height, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
+    pixels = pixels.narrow(-2, y, old_height - 2 * y).narrow(-1, x, old_width - 2 * x)
+    if pixels.shape[-2:] == (height, width):
+        return pixels.contiguous()
+    return F.interpolate(pixels, size=(height, width), mode="nearest-exact")
+
+
+def broadcast_batch(tensor: Tensor, batch_size: int) -> Tensor:
+    """Repeat a batch cyclically to `batch_size` items (ComfyUI's broadcast of hints and masks)."""
+    if tensor.shape[0] == batch_size:
+        return tensor
+    repeats = math.ceil(batch_size / tensor.shape[0])
+    return tensor.repeat(repeats, *([1] * (tensor.dim() - 1)))[:batch_size]
+
+
+def mask_for(mask: Tensor, size: tuple[int, int], batch_size: int) -> Tensor:
+    """A MASK ((H,W), (B,H,W) or (B,1,H,W)) as (batch_size, 1, *size): area-resized, batch broadcast."""
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    resized = F.interpolate(mask.float(), size=size, mode="area") if mask.shape[-2:] != size else mask
+    return broadcast_batch(resized, batch_size)
+
+
+def is_step_active(step: int, num_steps: int, start: float, end: float) -> bool:
+    """diffusers' `controlnet_keep`: step i of N is controlled unless `i/N < start` or `(i+1)/N > end`."""
+    return not (step / num_steps < start or (step + 1) / num_steps > end)
+
+
+class ControlMismatchError(ValueError):
+    """A ControlNet or T2I-Adapter built for another model family (or shape) than the UNet it is applied to."""
+
+
+def unet_family(config: UNetConfig) -> str:
+    """SD1.5, SD2.x or SDXL, from a UNet config (the name error messages use)."""
+    if config.addition_embedding == "text_time":
+        return "SDXL"
+    return "SD2.x" if config.context_dim == 1024 else "SD1.5"
+
+
+def check_controlnet_fits(config: ControlNetConfig, unet: UNetConfig, what: str = "this ControlNet") -> None:
+    """Raise `ControlMismatchError` unless the ControlNet's residuals fit the UNet's skips and text."""
+    theirs, ours = config.unet, unet
+    if (theirs.context_dim, theirs.addition_embedding) != (ours.context_dim, ours.addition_embedding):
+        raise ControlMismatchError(
+            f"{what} is for {unet_family(theirs)} (context dim {theirs.context_dim}); "
+            f"the model is {unet_family(ours)} (context dim {ours.context_dim})"
+        )
+    if (theirs.block_channels, theirs.layers_per_block) != (ours.block_channels, ours.layers_per_block):
+        raise ControlMismatchError(
+            f"{what} has UNet levels {theirs.block_channels} x {theirs.layers_per_block} layers; "
+            f"the model has {ours.block_channels} x {ours.layers_per_block}"
+        )
+
+
+# -- the adapter -------------------------------------------------------------------------------------------------
+
+
+def publish_control(unet_context: dict[str, Any], source: object, residuals: list[Tensor] | None) -> None:
+    """Set one source's residuals (None: inactive) and recompute `control_residuals` as base + every source, in order."""
+    sources: dict[object, list[Tensor] | None] = unet_context["control_sources"]
+    sources[source] = residuals
+    total: list[Tensor | float] = list(unet_context["control_base"])
+    for contribution in sources.values():
+        if contribution is not None:
+            total = [a + b for a, b in zip(total, contribution)]
+    unet_context["control_residuals"] = total
+
+
+def register_control_source(unet_context: dict[str, Any], source: object) -> None:
+    """Make room for a source in the UNet's context "unet" (the first one remembers the base residuals)."""
+    if "control_sources" not in unet_context:
+        unet_context["control_sources"] = {}
+        unet_context["control_base"] = unet_context["control_residuals"]
+    unet_context["control_sources"][source] = None
+
+
+def unregister_control_source(unet_context: dict[str, Any], source: object) -> None:
+    """Remove a source; the last one out restores the base residuals exactly."""
+    sources = unet_context.get("control_sources", {})
+    sources.pop(source, None)
+    if sources:
+        publish_control(unet_context, next(iter(sources)), sources[next(iter(sources))])
+    elif "control_base" in unet_context:
+        unet_context["control_residuals"] = unet_context.pop("control_base")
+        unet_context.pop("control_sources", None)
+
+
+class ControlNetBranch(fl.ContextModule):
+    """Runs a ControlNet on the UNet's latents and conditioning and publishes its scaled, masked residuals."""
+
+    def __init__(
+        self,
+        controlnet: ControlNet,
+        hint: Tensor,
+        strength: float = 1.0,
+        mask: Tensor | None = None,
+        mode: str = "balanced",
+        uses_guidance: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in CONTROL_MODES:
+            raise ValueError(f"unknown control mode {mode!r}; choose one of {', '.join(CONTROL_MODES)}")
+        self._controlnet = [controlnet]  # its own tree: not a child, so it keeps its own contexts
+        self._hint = hint
+        self._mask = mask
+        self._prepared: dict[tuple[int, ...], Tensor] = {}
+        self.strength = strength
+        self.mode = mode
+        self.uses_guidance = uses_guidance
+        self.active = True
+
+    @property
+    def controlnet(self) -> ControlNet:
+        return self._controlnet[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        context = self.use_context("unet")
+        publish_control(context, self, self.residuals(x) if self.active and self.strength != 0 else None)
+        return x
+
+    def residuals(self, x: Tensor) -> list[Tensor]:
+        """The scaled (and masked) residuals for latents `x` with the UNet's current conditioning."""
+        controlnet = self.controlnet
+        text = self.use_context("cross_attention_block")["clip_text_embedding"]
+        sdxl = self.use_context("sdxl")
+        conditional_only = self.mode in ("controlnet", "guess") and self.uses_guidance
+        pooled, time_ids = sdxl.get("pooled_text_embedding"), sdxl.get("time_ids")
+        if conditional_only:
+            x, text = x.chunk(2)[1], text.chunk(2)[1]
+            pooled = None if pooled is None else pooled.chunk(2)[1]
+            time_ids = None if time_ids is None else time_ids.chunk(2)[1]
+        parameter = next(controlnet.parameters())
+        device, dtype = parameter.device, parameter.dtype
+        controlnet.set_timestep(self.use_context("diffusion")["timestep"])
+        controlnet.set_clip_text_embedding(text.to(device=device, dtype=dtype))
+        if controlnet.config.unet.addition_embedding == "text_time":
+            if pooled is None or time_ids is None:
+                raise ValueError("an SDXL ControlNet needs the UNet's pooled text embedding and time ids")
+            controlnet.set_sdxl_conditioning(pooled.to(device=device, dtype=dtype), time_ids.to(device))
+        controlnet.set_hint(
+            self._batched(self._hint, x, doubled=not conditional_only).to(device=device, dtype=dtype)
+        )
+        outputs = [output.to(x.dtype) for output in controlnet(x.to(device=device, dtype=dtype))]
+        outputs = self._scaled(outputs)
+        if self._mask is not None:
+            mask = self._batched(self._mask, x, doubled=not conditional_only, is_mask=True)
+            outputs = [o * mask_for(mask, tuple(o.shape[-2:]), o.shape[0]).to(o) for o in outputs]  # type: ignore[arg-type]
+        if conditional_only:
+            outputs = [torch.cat([torch.zeros_like(o), o]) for o in outputs]
+        return outputs
+
+    def _scaled(self, outputs: list[Tensor]) -> list[Tensor]:
+        count = len(outputs)
+        if self.mode == "guess":
+            scales = torch.logspace(-1, 0, count, device=outputs[0].device) * self.strength
+            return [output * scale for output, scale in zip(outputs, scales)]
+        if self.mode == "prompt":
+            return [
+                o * (SOFT_INJECTION_BASE ** (count - 1 - i) * self.strength) for i, o in enumerate(outputs)
+            ]
+        return [output * self.strength for output in outputs]
+
+    def _batched(self, source: Tensor, x: Tensor, doubled: bool, is_mask: bool = False) -> Tensor:
+        """The hint (or mask) for latents `x`: resized once per shape, batch broadcast, repeated for both CFG halves."""
+        guided = self.uses_guidance and doubled
+        batch = x.shape[0] // 2 if guided else x.shape[0]
+        key = (int(is_mask), *x.shape[-2:], batch, int(guided))
+        if key not in self._prepared:
+            if is_mask:
+                prepared = broadcast_batch(source if source.dim() > 2 else source[None], batch)
+            else:
+                factor = self.controlnet.config.downscale_factor
+                hint = prepare_hint(source, x.shape[-2] * factor, x.shape[-1] * factor)
+                prepared = broadcast_batch(hint, batch)
+            self._prepared[key] = torch.cat([prepared, prepared]) if guided else prepared
+        return self._prepared[key]
+
+    def description_parts(self) -> list[str]:
+        return [f"controlnet={unet_family(self.controlnet.config.unet)}", *super().description_parts()]
+
+
+class ControlNetAdapter(fl.Chain, Adapter[DownBlocks]):
+    """Wraps the UNet's `DownBlocks`: the ControlNet branch runs first, on the same latents."""
+
+    def __init__(self, target: DownBlocks, branch: ControlNetBranch) -> None:
+        with self.setup_adapter(target):
+            super().__init__(branch, target)
+
+    @property
+    def branch(self) -> ControlNetBranch:
+        return self.ensure_find(ControlNetBranch)
+
+    def inject(self, parent: fl.Chain | None = None) -> ControlNetAdapter:
+        super().inject(parent)
+        register_control_source(self.use_context("unet"), self[0])
+        return self
+
+    def eject(self) -> None:
+        unregister_control_source(self.use_context("unet"), self[0])
+        super().eject()
+
+
+# -- the model patch ---------------------------------------------------------------------------------------------
+
+
+class ControlNetPatch:
+    """A ControlNet for one sampling run: hint, strength, start/end fraction of the steps, mask and mode."""
+
+    def __init__(
+        self,
+        controlnet: ControlNet,
+        hint: Tensor,
+        strength: float = 1.0,
+        start: float = 0.0,
+        end: float = 1.0,
+        mask: Tensor | None = None,
+        mode: str = "balanced",
+        name: str = "ControlNet",
+    ) -> None:
+        if mode not in CONTROL_MODES:
+            raise ValueError(f"unknown control mode {mode!r}; choose one of {', '.join(CONTROL_MODES)}")
+        if not 0.0 <= start <= end <= 1.0:
+            raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
+        self.controlnet, self.hint, self.strength = controlnet, hint, strength
+        self.start, self.end, self.mask, self.mode, self.name = start, end, mask, mode, name
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.strength:g}, steps {self.start:g}-{self.end:g}, {self.mode})"
+
+    def apply(self, model: StableDiffusion, run: SamplingRun | None) -> Undo:
+        """Inject into `model.unet`; the undo ejects it and restores the UNet's contexts exactly."""
+        unet: UNet = model.unet
+        check_controlnet_fits(self.controlnet.config, unet.config)
+        if run is None:
+            return lambda: None
+        parameter = next(unet.parameters())
+        self.controlnet.to(device=parameter.device, dtype=parameter.dtype)
+        branch = ControlNetBranch(
+            self.controlnet, self.hint, self.strength, self.mask, self.mode, uses_guidance=run.uses_guidance
+        )
+        adapter = ControlNetAdapter(unet.ensure_find(DownBlocks), branch).inject()
+
+        def on_step(step: int) -> None:
+            branch.active = is_step_active(step, run.num_steps, self.start, self.end)
+
+        run.on_step(on_step)
+
+        def undo() -> None:
+            if on_step in run.step_hooks:
+                run.step_hooks.remove(on_step)
+            adapter.eject()
+
+        return undo
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+
+DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+)
+CONTROLNET_EXPECTED = (
+    "a ControlNet (lllyasviel keys input_hint_block.*, zero_convs.*, optionally under control_model., "
+    "or diffusers keys controlnet_cond_embedding.*, controlnet_down_blocks.*)"
+)
+
+
+def describe_model_kind(keys: Sequence[str]) -> str:
+    """What a file that is not the expected adapter looks like, from its keys."""
+
+    def has(*fragments: str) -> bool:
+        return any(fragment in key for key in keys for fragment in fragments)
+
+    if has("lora_down", "lora_up", ".lora.", "lora_A", "lora_B", "hada_w", "lokr_w") or any(
+        key.startswith("lora_") for key in keys
+    ):
+        return "a LoRA"
+    if has("input_hint_block", "controlnet_cond_embedding"):
+        return "a ControlNet"
+    if has("adapter.body.", "body.0.") and has("conv_in.weight", "in_conv", "block1"):
+        return "a T2I-Adapter"
+    if has("ip_adapter", "image_proj."):
+        return "an IP-Adapter"
+    if any(key.startswith("model.diffusion_model.") for key in keys):
+        return "a Stable Diffusion checkpoint"
+    if has("up_blocks.") and has("down_blocks."):
+        return "a diffusers UNet or autoencoder"
+    return "an unknown model"
+
+
+def controlnet_layout(keys: Sequence[str]) -> tuple[str, str] | None:
+    """("lllyasviel" or "diffusers", key prefix) of a ControlNet file's keys, or None if it is not one."""
+    if any(key.startswith("control_model.input_hint_block.") for key in keys):
+        return "lllyasviel", "control_model."
+    if "input_hint_block.0.weight" in keys:
+        return "lllyasviel", ""
+    if "controlnet_cond_embedding.conv_in.weight" in keys:
+        return "diffusers", ""
+    return None
+
+
+def load_controlnet(
+    path: str | Path,
+    device: Device | str = "cpu",
+    dtype: DType = torch.float32,
+    base: UNetConfig | None = None,
+) -> ControlNet:
+    """A ControlNet file (lllyasviel or diffusers layout; architecture from its shapes), checked against `base`."""
+    from ..conversion.controlnet_keys import (
+        diffusers_controlnet_key_map,
+        hint_channels_from_shapes,
+        ldm_shapes_from_diffusers,
+        lllyasviel_controlnet_key_map,
+    )
+    from ..model_files import describe_keys, read_header, read_state_dict
+    from .checkpoint import CheckpointError, infer_unet_config
+
+    path = Path(path)
+    if path.is_dir():  # a diffusers ControlNet folder: its weights file (the config is read from the shapes)
+        weights = [path / name for name in DIFFUSERS_WEIGHT_NAMES if (path / name).is_file()]
+        path = weights[0] if weights else path
+    header = read_header(path, what="ControlNet")
+    keys = list(header)
+    layout = controlnet_layout(keys)
+    if layout is None:
+        found = f"this is {describe_model_kind(keys)}, not a ControlNet ({describe_keys(keys)})"
+        raise ModelFileError(path, "ControlNet", found, CONTROLNET_EXPECTED)
+    kind, prefix = layout
+    shapes = {key[len(prefix) :]: spec.shape for key, spec in header.items() if key.startswith(prefix)}
+    ldm_shapes = shapes if kind == "lllyasviel" else ldm_shapes_from_diffusers(shapes)
+    try:
+        in_channels = ldm_shapes["input_blocks.0.0.weight"][1]
+        unet_config = infer_unet_config({**ldm_shapes, "out.2.weight": (in_channels,)}, str(path))
+        conditioning_channels, hint_channels = hint_channels_from_shapes(shapes, kind)
+    except (KeyError, IndexError, CheckpointError) as error:
+        found = f"an incomplete {kind}-layout ControlNet ({error})"
+        raise ModelFileError(path, "ControlNet", found, CONTROLNET_EXPECTED) from error
+    config = ControlNetConfig(unet_config, conditioning_channels, hint_channels)
+    if base is not None:
+        try:
+            check_controlnet_fits(config, base)
+        except ControlMismatchError as error:
+            raise ModelFileError(
+                path, "ControlNet", str(error), f"a ControlNet for {unet_family(base)}"
+            ) from error
+        heads = {
+            "num_attention_heads": base.num_attention_heads,
+            "attention_head_dim": base.attention_head_dim,
+        }
+        config = ControlNetConfig(unet_config.with_changes(**heads), conditioning_channels, hint_channels)
+    controlnet = ControlNet(config, device="meta")
+    key_map = (lllyasviel_controlnet_key_map if kind == "lllyasviel" else diffusers_controlnet_key_map)(
+        controlnet
+    )
+    missing = sorted(set(key_map) - set(shapes))
+    unmapped = sorted(set(shapes) - set(key_map))
+    if missing or unmapped:
+        found = f"{kind}-layout keys that do not fit the inferred architecture: " + "; ".join(
+            part
+            for part in (
+                f"{len(missing)} missing ({', '.join(prefix + k for k in missing[:5])})" if missing else "",
+                f"{len(unmapped)} unmapped ({', '.join(prefix + k for k in unmapped[:5])})"
+                if unmapped
+                else "",
+            )
+            if part
+        )
+        raise ModelFileError(path, "ControlNet", found, CONTROLNET_EXPECTED)
+    tensors = read_state_dict(
+        path, what="ControlNet", device=device, dtype=dtype, keys=[prefix + k for k in key_map]
+    )
+    expected = {key: value.shape for key, value in controlnet.state_dict().items()}
+    state: dict[str, Tensor] = {}
+    for theirs, ours in key_map.items():
+        tensor = tensors[prefix + theirs]
+        if tensor.shape != expected[ours]:
+            if tensor.numel() != expected[ours].numel():
+                found = f"{prefix + theirs} has shape {tuple(tensor.shape)}"
+                raise ModelFileError(path, "ControlNet", found, f"shape {tuple(expected[ours])}")
+            tensor = tensor.reshape(expected[ours])  # attention projections stored as 1x1 convolutions
+        state[ours] = tensor
+    controlnet.load_state_dict(state, strict=True, assign=True)
+    return controlnet
