@@ -32,6 +32,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from ...fluxion import layers as fl
+from ..clip.config import CLIPTextConfig
 from ..conversion.diffusers_keys import diffusers_autoencoder_key_map, diffusers_unet_key_map
 from ..conversion.ldm_keys import (
     LDM_AUTOENCODER_PREFIX,
@@ -327,8 +328,13 @@ def load_single_file(
     dtype: DType = torch.float32,
     text_encoders: bool = True,
     unet_config: UNetConfig | None = None,
+    text_encoder_configs: Mapping[str, CLIPTextConfig] | None = None,
 ) -> StableDiffusionCheckpoint:
-    """An original (LDM/SGM layout) single-file checkpoint: UNet, autoencoder and, when asked, text encoders."""
+    """An original (LDM/SGM layout) single-file checkpoint: UNet, autoencoder and, when asked, text encoders.
+
+    `text_encoder_configs` ("clip_l", "clip_g") are for encoders whose heads and activation no preset of
+    their shape gives (tiny test models); the real CLIP-L and OpenCLIP bigG are recognised by their shapes.
+    """
     file = TensorFile(path)
     source = str(file.path)
     keys = file.keys()
@@ -371,12 +377,18 @@ def load_single_file(
         checkpoint.autoencoder = autoencoder
 
     if text_encoders and any(key.startswith(TEXT_ENCODER_PREFIXES) for key in keys):
-        checkpoint.text_encoders = _load_single_file_text_encoders(file, family, device, dtype)
+        checkpoint.text_encoders = _load_single_file_text_encoders(
+            file, family, device, dtype, text_encoder_configs or {}
+        )
     return checkpoint
 
 
 def _load_single_file_text_encoders(
-    file: TensorFile, family: str, device: Device | str, dtype: DType
+    file: TensorFile,
+    family: str,
+    device: Device | str,
+    dtype: DType,
+    configs: Mapping[str, CLIPTextConfig],
 ) -> dict[str, fl.Chain]:
     """The text encoders under `cond_stage_model.*` / `conditioner.embedders.*`, loaded by foundationals.clip."""
     from ..clip.text_encoder import load_clip_text_encoder
@@ -394,7 +406,9 @@ def _load_single_file_text_encoders(
         claimed.update(owned)
         if owned:
             state_dict = {key: file.tensor(key) for key in owned}
-            encoders[name] = load_clip_text_encoder(state_dict, layout, device=device, dtype=dtype)
+            encoders[name] = load_clip_text_encoder(
+                state_dict, layout, config=configs.get(name), device=device, dtype=dtype
+            )
     unclaimed = [key for key in file.keys() if key.startswith(TEXT_ENCODER_PREFIXES) and key not in claimed]
     if unclaimed:
         raise CheckpointError(
@@ -542,11 +556,12 @@ def load_checkpoint(
     device: Device | str = "cpu",
     dtype: DType = torch.float32,
     text_encoders: bool = True,
+    text_encoder_configs: Mapping[str, CLIPTextConfig] | None = None,
 ) -> StableDiffusionCheckpoint:
-    """A single file or a diffusers folder, whichever `path` is."""
+    """A single file or a diffusers folder, whichever `path` is (`text_encoder_configs`: single files only)."""
     path = Path(path)
     if path.is_dir():
         return load_diffusers_folder(path, device, dtype, text_encoders)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder")
-    return load_single_file(path, device, dtype, text_encoders)
+    return load_single_file(path, device, dtype, text_encoders, text_encoder_configs=text_encoder_configs)

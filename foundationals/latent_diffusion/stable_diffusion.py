@@ -8,16 +8,19 @@ and decodes. The sampler node calls the same functions, so both give identical r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..clip.config import CLIPTextConfig
 from ..clip.prompt_encoding import encode_sd15_prompt, encode_sdxl_prompt
 from ..clip.prompt_weighting import EmbeddingLookup
 from ..clip.text_encoder import CLIPTextEncoder
 from .auto_encoder import LatentDiffusionAutoencoder
+from .checkpoint import CheckpointError, load_checkpoint
 from .sampling import Conditioning, InpaintingInputs, StepCallback, denoise, prepare_latents
 from .solvers import (
     DDIM,
@@ -92,6 +95,11 @@ class SizeConditioning:
     crop_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] = (1024, 1024)
 
+    @classmethod
+    def for_image(cls, height: int, width: int) -> SizeConditioning:
+        """diffusers' default for a (height, width) output: original = target = that size, no crop."""
+        return cls((height, width), (0, 0), (height, width))
+
     def time_ids(self) -> Tensor:
         """(1, 6) as diffusers' `add_time_ids`: (height, width, top, left, target height, target width)."""
         return torch.tensor(
@@ -110,6 +118,35 @@ class StableDiffusion:
     prediction_type: PredictionType = PredictionType.EPSILON
     embeddings: EmbeddingLookup | None = field(default=None, repr=False)
     embeddings_2: EmbeddingLookup | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        text_encoder_configs: Mapping[str, CLIPTextConfig] | None = None,
+    ) -> StableDiffusion:
+        """The models of an SD1.5 or SDXL single file or diffusers folder (see `checkpoint.load_checkpoint`)."""
+        checkpoint = load_checkpoint(path, device, dtype, text_encoder_configs=text_encoder_configs)
+        sdxl = checkpoint.family.startswith("sdxl")
+        needed = ("clip_l", "clip_g") if sdxl else ("clip_l",)
+        missing = [name for name in needed if name not in checkpoint.text_encoders]
+        if checkpoint.autoencoder is None or missing:
+            parts = (["the autoencoder"] if checkpoint.autoencoder is None else []) + [
+                f"the {name} text encoder" for name in missing
+            ]
+            raise CheckpointError(
+                f"{checkpoint.source}: this {checkpoint.family} checkpoint lacks {' and '.join(parts)}; "
+                "a full pipeline needs them (load them separately, or use a complete checkpoint)"
+            )
+        encoders = checkpoint.text_encoders
+        return cls(
+            unet=checkpoint.unet,
+            autoencoder=checkpoint.autoencoder,
+            text_encoder=encoders["clip_l"],  # type: ignore[arg-type]
+            text_encoder_2=encoders["clip_g"] if sdxl else None,  # type: ignore[arg-type]
+        )
 
     @property
     def is_sdxl(self) -> bool:
@@ -147,26 +184,42 @@ class StableDiffusion:
         )
         return Conditioning(text.embeddings, text.pooled, (size or SizeConditioning()).time_ids())
 
-    def zero_conditioning(self, like: Conditioning) -> Conditioning:
-        """All-zero conditioning: diffusers' SDXL negative for an empty negative prompt."""
+    def zero_conditioning(self, like: Conditioning, size: SizeConditioning | None = None) -> Conditioning:
+        """All-zero text and pooled embeddings shaped as `like`, with `size`'s time ids (else `like`'s).
+
+        diffusers' SDXL negative for an empty negative prompt (`force_zeros_for_empty_prompt`).
+        """
         return Conditioning(
             torch.zeros_like(like.text_embedding),
             None if like.pooled_text_embedding is None else torch.zeros_like(like.pooled_text_embedding),
-            like.time_ids,
+            like.time_ids if size is None else size.time_ids(),
         )
 
     def encode_image(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> scaled latents (posterior mean, or a sample with `generator`)."""
-        parameter = next(self.autoencoder.parameters())
-        pixels = (image * 2 - 1).to(device=parameter.device, dtype=parameter.dtype)
+        """(B, 3, H, W) in [0, 1] -> scaled latents (posterior mean, or a sample with `generator`).
+
+        An fp16 autoencoder whose result overflows (SDXL's does) runs again in fp32, the generator rewound
+        so that the sample comes from the same place in its stream.
+        """
+        state = generator.get_state() if generator is not None else None
         with torch.no_grad():
-            return self.autoencoder.encode(pixels, generator=generator).float()
+            latents = self.autoencoder.encode(image * 2 - 1, generator=generator)
+            if _overflowed(self.autoencoder, latents):
+                if generator is not None and state is not None:
+                    generator.set_state(state)
+                latents = _float32_copy(self.autoencoder).encode(image.float() * 2 - 1, generator=generator)
+        return latents.float()
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Scaled latents -> (B, 3, H, W) in [0, 1]."""
-        parameter = next(self.autoencoder.parameters())
+        """Scaled latents -> (B, 3, H, W) in [0, 1].
+
+        SDXL's autoencoder overflows in fp16: when an fp16 decode gives NaN or inf, it is decoded again by
+        an fp32 copy of the autoencoder (the shared model is left as it is), as diffusers' `force_upcast`.
+        """
         with torch.no_grad():
-            image = self.autoencoder.decode(latents.to(device=parameter.device, dtype=parameter.dtype))
+            image = self.autoencoder.decode(latents)
+            if _overflowed(self.autoencoder, image):
+                image = _float32_copy(self.autoencoder).decode(latents.float())
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def sample(
@@ -246,9 +299,19 @@ class StableDiffusion:
         solver: str = "ddim",
         schedule: str = "normal",
         callback: StepCallback | None = None,
+        size: SizeConditioning | None = None,
+        negative_size: SizeConditioning | None = None,
+        zero_empty_negative: bool = True,
     ) -> Tensor:
-        """(B, 3, height, width) image in [0, 1]."""
-        positive, negative = self._prompts(prompt, negative_prompt, (height, width))
+        """(B, 3, height, width) image in [0, 1]. SDXL options: see `encode_prompts`."""
+        positive, negative = self.encode_prompts(
+            prompt,
+            negative_prompt,
+            size or SizeConditioning.for_image(height, width),
+            negative_size,
+            zero_empty_negative,
+            guidance_scale,
+        )
         factor = self.autoencoder.config.downscale_factor
         shape = (batch_size, self.latent_channels, height // factor, width // factor)
         sampler = make_solver(
@@ -269,10 +332,20 @@ class StableDiffusion:
         solver: str = "ddim",
         schedule: str = "normal",
         callback: StepCallback | None = None,
+        size: SizeConditioning | None = None,
+        negative_size: SizeConditioning | None = None,
+        zero_empty_negative: bool = True,
     ) -> Tensor:
         """Re-draw `image` ((B, 3, H, W) in [0, 1]) with `strength` of noise (1 = ignore it)."""
         height, width = image.shape[-2:]
-        positive, negative = self._prompts(prompt, negative_prompt, (height, width))
+        positive, negative = self.encode_prompts(
+            prompt,
+            negative_prompt,
+            size or SizeConditioning.for_image(height, width),
+            negative_size,
+            zero_empty_negative,
+            guidance_scale,
+        )
         generator = torch.Generator("cpu").manual_seed(seed)
         latents = self.encode_image(image, generator=generator)  # a posterior sample, as diffusers' img2img
         sampler = make_solver(solver, steps, schedule, strength, self.prediction_type, device=self.device)
@@ -302,10 +375,20 @@ class StableDiffusion:
         solver: str = "ddim",
         schedule: str = "normal",
         callback: StepCallback | None = None,
+        size: SizeConditioning | None = None,
+        negative_size: SizeConditioning | None = None,
+        zero_empty_negative: bool = True,
     ) -> Tensor:
         """Repaint where `mask` ((B, 1, H, W), 1 = repaint) is set; 9-channel models or latent blending."""
         height, width = image.shape[-2:]
-        positive, negative = self._prompts(prompt, negative_prompt, (height, width))
+        positive, negative = self.encode_prompts(
+            prompt,
+            negative_prompt,
+            size or SizeConditioning.for_image(height, width),
+            negative_size,
+            zero_empty_negative,
+            guidance_scale,
+        )
         generator = torch.Generator("cpu").manual_seed(seed)
         factor = self.autoencoder.config.downscale_factor
         shape = (image.shape[0], self.latent_channels, height // factor, width // factor)
@@ -316,10 +399,10 @@ class StableDiffusion:
         masked_image_latents = None
         if self.is_inpainting_model:
             keep = (mask < 0.5).to(image.dtype)
-            masked_image = image * keep + 0.5 * (
-                1 - keep
-            )  # masked pixels gray (0 in [-1, 1]), as diffusers and ComfyUI
+            masked_image = image * keep + 0.5 * (1 - keep)  # masked pixels gray (0 in [-1, 1]), as diffusers
             masked_image_latents = self.encode_image(masked_image, generator=generator)
+        else:  # diffusers samples the masked image's latents even for a model that ignores them
+            torch.randn(shape, generator=generator, dtype=self.autoencoder.dtype)
         latent_mask = torch.nn.functional.interpolate(mask.float(), size=shape[-2:], mode="nearest")
         sampler = make_solver(solver, steps, schedule, strength, self.prediction_type, device=self.device)
         result = self.sample(
@@ -338,10 +421,38 @@ class StableDiffusion:
         )
         return self.decode_latents(result)
 
-    def _prompts(
-        self, prompt: str, negative_prompt: str, size: tuple[int, int]
-    ) -> tuple[Conditioning, Conditioning]:
-        size_conditioning = SizeConditioning(size, (0, 0), size)
-        positive = self.encode_prompt(prompt, size=size_conditioning)
-        negative = self.encode_prompt(negative_prompt, size=size_conditioning)
-        return positive, negative
+    def encode_prompts(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        size: SizeConditioning,
+        negative_size: SizeConditioning | None = None,
+        zero_empty_negative: bool = True,
+        guidance_scale: float = 7.5,
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """Positive and negative conditioning as diffusers' pipelines compute them (no negative without guidance).
+
+        SDXL: `size` gives the time ids, `negative_size` the negative's (default: the same); with
+        `zero_empty_negative` (diffusers' `force_zeros_for_empty_prompt`, on for SDXL base) an empty
+        negative prompt is all zeros instead of the encoded empty text. SD1.5 ignores these options.
+        """
+        positive = self.encode_prompt(prompt, size=size)
+        if guidance_scale <= 1.0:
+            return positive, None
+        negative_size = negative_size or size
+        if self.is_sdxl and zero_empty_negative and negative_prompt == "":
+            return positive, self.zero_conditioning(positive, negative_size)
+        return positive, self.encode_prompt(negative_prompt, size=negative_size)
+
+
+def _overflowed(autoencoder: LatentDiffusionAutoencoder, result: Tensor) -> bool:
+    """Whether an fp16 autoencoder's result holds NaN or inf (fp16 tops out at 65504)."""
+    return autoencoder.dtype == torch.float16 and not bool(result.isfinite().all())
+
+
+def _float32_copy(autoencoder: LatentDiffusionAutoencoder) -> LatentDiffusionAutoencoder:
+    """A float32 autoencoder on the same device with the same weights, built on meta: no random init."""
+    copy = LatentDiffusionAutoencoder(autoencoder.config, device="meta")
+    weights = {key: value.float() for key, value in autoencoder.state_dict().items()}
+    copy.load_state_dict(weights, assign=True)
+    return copy
