@@ -113,3 +113,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+from . import demo  # noqa: E402,F401  (registers the demo subcommand)

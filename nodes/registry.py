@@ -1,11 +1,28 @@
 """The pack's node registry: what ComfyUI loads (through the root `__init__.py`).
 
-Model nodes add themselves here: `NODE_CLASS_MAPPINGS["FluxionXxx"] = FluxionXxx` and a display
-name in `NODE_DISPLAY_NAME_MAPPINGS`. Every node id carries the "Fluxion" prefix so it cannot
-collide with ComfyUI's own nodes or another pack's (see `contract.check_node_contract`).
+Each feature module declares its own `NODE_CLASS_MAPPINGS` / `NODE_DISPLAY_NAME_MAPPINGS`; they are
+merged here. Every node id carries the "Fluxion" prefix so it cannot collide with ComfyUI's own nodes
+or another pack's (see `contract.check_node_contract`). Node ids and the order of their inputs never
+change once released: saved workflows store widget values by position.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
+from . import checkpoint_nodes, latent_nodes, lora_nodes, model_nodes, sampler_nodes, text_nodes
+
+FEATURE_MODULES: tuple[ModuleType, ...] = (
+    checkpoint_nodes,
+    text_nodes,
+    latent_nodes,
+    sampler_nodes,
+    lora_nodes,
+    model_nodes,
+)
+
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+for _module in FEATURE_MODULES:
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)

@@ -385,3 +385,29 @@ def read_diffusers_component(folder: str | Path) -> tuple[dict[str, Tensor], dic
     raise FileNotFoundError(
         f"{folder}: no weights found (expected one of {', '.join(WEIGHT_FILES)}); it holds {present or 'nothing'}"
     )
+
+
+def export_clip_state_dict(
+    tensors: Mapping[str, Tensor], layout: KeyLayout, layer_names: Sequence[str]
+) -> dict[str, Tensor]:
+    """Our encoder's tensors under `layout`'s keys: the inverse of `convert_clip_state_dict`.
+
+    Split q/k/v are fused back and (in, out) projections transposed back, so a file written with this
+    loads with `convert_clip_state_dict` into the same tensors.
+    """
+    entries: dict[str, OurKeys] = {layout.root + key: ours for key, ours in layout.keys.items()}
+    for index, layer in enumerate(layer_names):
+        base = f"{layout.root}{layout.layers_prefix}{index}."
+        for key, ours in layout.layer_keys.items():
+            entries[base + key] = (
+                tuple(o.format(layer=layer) for o in ours)
+                if isinstance(ours, tuple)
+                else ours.format(layer=layer)
+            )
+    if layout.projection_key in tensors:
+        entries[layout.prefix + layout.projection] = layout.projection_key
+    exported: dict[str, Tensor] = {}
+    for key, ours in entries.items():
+        tensor = torch.cat([tensors[o] for o in ours]) if isinstance(ours, tuple) else tensors[ours]
+        exported[key] = tensor.t().contiguous() if key in layout.transposed else tensor
+    return exported

@@ -129,9 +129,12 @@ class AutoencoderConfig:
 SD15_AUTOENCODER = AutoencoderConfig()
 SDXL_AUTOENCODER = AutoencoderConfig(scaling_factor=0.13025)
 TINY_AUTOENCODER = AutoencoderConfig(block_channels=(32, 32, 64), layers_per_block=1)
+# Tiny, but downscaling by 8 like the real ones (ComfyUI's latent nodes assume 8): the demo's checkpoints.
+TINY_8X_AUTOENCODER = AutoencoderConfig(block_channels=(32, 32, 32, 32), layers_per_block=1)
 
 AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     "sd15": SD15_AUTOENCODER,
     "sdxl": SDXL_AUTOENCODER,
+    "tiny_8x": TINY_8X_AUTOENCODER,
     "tiny": TINY_AUTOENCODER,
 }

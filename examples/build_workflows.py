@@ -1,0 +1,183 @@
+"""Write the example workflows, API format and its editor (UI) twin: `python examples/build_workflows.py`.
+
+The prompts below are the source of truth; the JSON files in examples/workflows/ are generated from them
+(a test checks they are up to date). File names of models match common real ones, so the workflows run
+as they are on a ComfyUI that has them, and on the tiny models `python -m nodes demo` writes.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make the repository importable from anywhere
+from nodes.runner import all_node_classes  # noqa: E402
+from nodes.workflow_export import api_to_ui  # noqa: E402
+
+SD15 = "v1-5-pruned-emaonly.safetensors"
+FOLDER = Path(__file__).resolve().parent / "workflows"
+
+
+def sd15_base(positive: str, negative: str = "blurry, low quality") -> dict:
+    return {
+        "1": {"class_type": "FluxionCheckpointLoader", "inputs": {"ckpt_name": SD15}},
+        "2": {
+            "class_type": "FluxionTextEncode",
+            "inputs": {
+                "clip": ["1", 1],
+                "text": positive,
+                "clip_skip": 1,
+                "width": 1024,
+                "height": 1024,
+                "crop_w": 0,
+                "crop_h": 0,
+                "target_width": 1024,
+                "target_height": 1024,
+            },
+        },
+        "3": {
+            "class_type": "FluxionTextEncode",
+            "inputs": {
+                "clip": ["1", 1],
+                "text": negative,
+                "clip_skip": 1,
+                "width": 1024,
+                "height": 1024,
+                "crop_w": 0,
+                "crop_h": 0,
+                "target_width": 1024,
+                "target_height": 1024,
+            },
+        },
+    }
+
+
+def sampler(model: list, latent: list, seed: int = 42, steps: int = 8, denoise: float = 1.0) -> dict:
+    return {
+        "class_type": "FluxionSampler",
+        "inputs": {
+            "model": model,
+            "positive": ["2", 0],
+            "negative": ["3", 0],
+            "latent_image": latent,
+            "seed": seed,
+            "steps": steps,
+            "cfg": 7.0,
+            "solver": "dpmpp_2m",
+            "schedule": "karras",
+            "denoise": denoise,
+        },
+    }
+
+
+def decode_and_save(samples: list, prefix: str, first_id: int) -> dict:
+    return {
+        str(first_id): {
+            "class_type": "FluxionVAEDecode",
+            "inputs": {"vae": ["1", 2], "samples": samples, "tiled": False},
+        },
+        str(first_id + 1): {
+            "class_type": "SaveImage",
+            "inputs": {"images": [str(first_id), 0], "filename_prefix": prefix},
+        },
+    }
+
+
+def txt2img() -> dict:
+    return {
+        **sd15_base("a lighthouse on a cliff at sunset, oil painting, (dramatic sky:1.2)"),
+        "4": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "5": sampler(["1", 0], ["4", 0]),
+        **decode_and_save(["5", 0], "fluxion_txt2img", 6),
+    }
+
+
+def img2img() -> dict:
+    return {
+        **sd15_base("a watercolor painting of a landscape"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {"class_type": "FluxionVAEEncode", "inputs": {"vae": ["1", 2], "pixels": ["4", 0]}},
+        "6": sampler(["1", 0], ["5", 0], denoise=0.6),
+        **decode_and_save(["6", 0], "fluxion_img2img", 7),
+    }
+
+
+def inpaint() -> dict:
+    return {
+        **sd15_base("a round window"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example_inpaint.png"}},
+        "5": {
+            "class_type": "FluxionVAEEncode",
+            "inputs": {"vae": ["1", 2], "pixels": ["4", 0], "mask": ["4", 1]},
+        },
+        "6": sampler(["1", 0], ["5", 0]),
+        **decode_and_save(["6", 0], "fluxion_inpaint", 7),
+    }
+
+
+def lora() -> dict:
+    prompt = sd15_base("a castle in the clouds, fluxion style")
+    prompt["2"]["inputs"]["clip"] = ["4", 1]
+    prompt["3"]["inputs"]["clip"] = ["4", 1]
+    return {
+        **prompt,
+        "4": {
+            "class_type": "FluxionLoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": "fluxion_demo_lora.safetensors",
+                "strength_model": 0.8,
+                "strength_clip": 1.0,
+                "fuse": True,
+            },
+        },
+        "5": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": sampler(["4", 0], ["5", 0]),
+        **decode_and_save(["6", 0], "fluxion_lora", 7),
+    }
+
+
+def inspect_and_context() -> dict:
+    return {
+        **sd15_base("a quiet harbour at dawn"),
+        "4": {
+            "class_type": "FluxionSetContext",
+            "inputs": {
+                "model": ["1", 0],
+                "context": "fluxion_demo",
+                "key": "note",
+                "value": '"any JSON value"',
+            },
+        },
+        "5": {"class_type": "FluxionInspectModel", "inputs": {"model": ["4", 0]}},
+        "6": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 2}},
+        "7": sampler(["4", 0], ["6", 0], steps=4),
+        **decode_and_save(["7", 0], "fluxion_context", 8),
+    }
+
+
+WORKFLOWS = {
+    "sd15_txt2img": txt2img,
+    "sd15_img2img": img2img,
+    "sd15_inpaint": inpaint,
+    "sd15_lora": lora,
+    "sd15_inspect_and_set_context": inspect_and_context,
+}
+
+
+def build() -> dict[Path, str]:
+    """File path -> JSON text of every example, both formats."""
+    classes = all_node_classes()
+    files = {}
+    for name, make in WORKFLOWS.items():
+        prompt = make()
+        files[FOLDER / f"{name}.api.json"] = json.dumps(prompt, indent=2) + "\n"
+        files[FOLDER / f"{name}.json"] = json.dumps(api_to_ui(prompt, classes), indent=2) + "\n"
+    return files
+
+
+if __name__ == "__main__":
+    FOLDER.mkdir(exist_ok=True)
+    for path, text in build().items():
+        path.write_text(text, encoding="utf-8")
+        print(path)

@@ -1,0 +1,57 @@
+"""Write a `StableDiffusion` as an original single file (LDM/SGM layout), the format users share.
+
+The inverse of `checkpoint.load_single_file`: UNet under `model.diffusion_model.*`, autoencoder under
+`first_stage_model.*`, CLIP-L under `cond_stage_model.transformer.*` (SD1.5) or
+`conditioner.embedders.0.transformer.*` and OpenCLIP bigG under `conditioner.embedders.1.model.*` (SDXL).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from ..clip.text_encoder import CLIPTextEncoder, transformer_layer_names
+from ..conversion.clip_keys import TEXT_LAYOUTS, export_clip_state_dict
+from ..conversion.ldm_keys import (
+    LDM_AUTOENCODER_PREFIX,
+    LDM_UNET_PREFIX,
+    ldm_autoencoder_key_map,
+    ldm_unet_key_map,
+)
+from ..model_files import describe_keys
+from .stable_diffusion import StableDiffusion
+
+
+def _text_encoder_tensors(encoder: CLIPTextEncoder, layout: str) -> dict[str, Tensor]:
+    return export_clip_state_dict(
+        encoder.state_dict(), TEXT_LAYOUTS[layout], transformer_layer_names(encoder.config.num_layers)
+    )
+
+
+def single_file_state_dict(model: StableDiffusion) -> dict[str, Tensor]:
+    """Every tensor of `model` under its original single-file key."""
+    unet_state, autoencoder_state = model.unet.state_dict(), model.autoencoder.state_dict()
+    tensors = {
+        LDM_UNET_PREFIX + theirs: unet_state[ours] for theirs, ours in ldm_unet_key_map(model.unet).items()
+    }
+    tensors.update(
+        {
+            LDM_AUTOENCODER_PREFIX + theirs: autoencoder_state[ours]
+            for theirs, ours in ldm_autoencoder_key_map(model.autoencoder).items()
+        }
+    )
+    if model.text_encoder_2 is None:
+        tensors.update(_text_encoder_tensors(model.text_encoder, "sd15"))
+    else:
+        tensors.update(_text_encoder_tensors(model.text_encoder, "sdxl_clip_l"))
+        tensors.update(_text_encoder_tensors(model.text_encoder_2, "sdxl_clip_g"))
+    return tensors
+
+
+def save_single_file(model: StableDiffusion, path: str | Path) -> None:
+    """Write `model` as an original-layout `.safetensors` checkpoint."""
+    from ...fluxion.utils import save_to_safetensors
+
+    tensors = single_file_state_dict(model)
+    save_to_safetensors(path, tensors, metadata={"format": "pt", "fluxion_keys": describe_keys(tensors)})

@@ -1,0 +1,145 @@
+"""`python -m nodes demo`: run every example workflow headless on tiny weights made on the spot.
+
+The demo writes tiny random models in the real file layouts (an original single-file SD1.5 checkpoint,
+a kohya LoRA, ...) under the names the examples use, plus an input image, into a temporary models
+folder, then runs each API-format workflow of `examples/workflows/` and prints where its images went.
+Nothing is downloaded. The images are noise-like (random weights), but every node runs for real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..fluxion.utils import save_to_safetensors
+from ..foundationals.clip.config import text_preset
+from ..foundationals.clip.text_encoder import CLIPTextEncoder
+from ..foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
+from ..foundationals.latent_diffusion.checkpoint_export import save_single_file
+from ..foundationals.latent_diffusion.lora import text_encoder_lora_module_map, unet_lora_module_map
+from ..foundationals.latent_diffusion.model_config import TINY_8X_AUTOENCODER, TINY_UNET
+from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
+from ..foundationals.latent_diffusion.unet import UNet
+from . import host
+from .cli import register_command
+from .runner import NodeFailedError, Runner, all_node_classes
+from .workflow import WorkflowError, load_workflow
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "workflows"
+SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+DEMO_LORA = "fluxion_demo_lora.safetensors"
+INPUT_IMAGE = "example.png"
+INPAINT_IMAGE = "example_inpaint.png"
+
+
+def tiny_sd15(seed: int = 0) -> StableDiffusion:
+    """A tiny SD1.5-shaped model with random weights (downscaling by 8 like the real one)."""
+    torch.manual_seed(seed)
+    model = StableDiffusion(
+        UNet(TINY_UNET), LatentDiffusionAutoencoder(TINY_8X_AUTOENCODER), CLIPTextEncoder(text_preset("tiny"))
+    )
+    with torch.no_grad():  # default inits leave zero layers: make every weight matter
+        for name, parameter in [*model.unet.named_parameters(), *model.autoencoder.named_parameters()]:
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.05)
+            elif not name.endswith("weight"):
+                parameter.normal_(0.0, 0.02)
+    return model
+
+
+def kohya_lora(model: StableDiffusion, rank: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A kohya-format LoRA on the attention projections of `model`'s UNet and text encoder."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    places: list[tuple[str, torch.nn.Module, str]] = [
+        ("lora_unet_", model.unet, module) for module in unet_lora_module_map(model.unet) if ".attn" in module
+    ]
+    places += [
+        ("lora_te_", model.text_encoder, m)
+        for m in text_encoder_lora_module_map(model.text_encoder)
+        if "self_attn" in m
+    ]
+    maps = {
+        id(model.unet): unet_lora_module_map(model.unet),
+        id(model.text_encoder): text_encoder_lora_module_map(model.text_encoder),
+    }
+    for prefix, root, module in places:
+        layer = root.get_submodule(maps[id(root)][module])
+        out_features, in_features = layer.weight.shape[:2]
+        name = prefix + module.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    return tensors
+
+
+def write_demo_files(models_dir: Path, input_dir: Path) -> None:
+    """Tiny models under the file names the examples use, and the input image."""
+    (models_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (models_dir / "loras").mkdir(parents=True, exist_ok=True)
+    input_dir.mkdir(parents=True, exist_ok=True)
+    model = tiny_sd15()
+    save_single_file(model, models_dir / "checkpoints" / SD15_CHECKPOINT)
+    save_to_safetensors(models_dir / "loras" / DEMO_LORA, kohya_lora(model), metadata={"ss_network_dim": "4"})
+    y, x = np.mgrid[0:64, 0:64]
+    picture = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    Image.fromarray(picture, mode="RGB").save(input_dir / INPUT_IMAGE)
+    alpha = np.full((64, 64), 255, dtype=np.uint8)
+    alpha[16:48, 16:48] = 0  # LoadImage's mask is 1 - alpha: the transparent square is repainted
+    Image.fromarray(np.dstack([picture, alpha]), mode="RGBA").save(input_dir / INPAINT_IMAGE)
+
+
+def example_workflows() -> list[Path]:
+    """The API-format twins of the example workflows."""
+    return sorted(EXAMPLES.glob("*.api.json"))
+
+
+def run_examples(output: Path, report: Callable[[str], None] = print) -> list[Path]:
+    """Write the demo files into a temporary folder, run every example, return the images written."""
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="fluxion-demo-") as temporary:
+        models_dir, input_dir = Path(temporary) / "models", Path(temporary) / "input"
+        write_demo_files(models_dir, input_dir)
+        host.set_models_dir(models_dir)
+        host.set_input_directory(input_dir)
+        host.set_output_directory(output)
+        host.set_temp_directory(output / "temp")
+        runner = Runner()
+        for path in example_workflows():
+            result = runner.run_workflow(load_workflow(path, all_node_classes()))
+            for ui in result.ui.values():
+                for image in ui.get("images", []):
+                    folder = (
+                        host.output_directory() if image.get("type") == "output" else host.temp_directory()
+                    )
+                    location = folder / image.get("subfolder", "") / image["filename"]
+                    written.append(location)
+                    report(f"{path.name}: {location}")
+    return written
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output", type=Path, default=Path("output"), help="where images are saved (default: ./output)"
+    )
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """Run the examples on tiny generated weights."""
+    try:
+        images = run_examples(args.output)
+    except (WorkflowError, NodeFailedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{len(images)} images written to {args.output}")
+    return 0
+
+
+register_command("demo", "run every example workflow on tiny generated weights", _configure, demo_command)

@@ -1,0 +1,182 @@
+"""Latents: empty ones for text-to-image, and the autoencoder between ComfyUI IMAGEs and LATENTs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .wires import VAE, VaeWire
+
+MAX_RESOLUTION = 16384
+LATENT_FACTOR = 8  # SD1.5 and SDXL autoencoders downscale by 8
+
+
+def images_to_tensor(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, 3, H, W), alpha dropped, grey expanded."""
+    if images.dim() != 4:
+        raise ValueError(f"expected an IMAGE batch (B, H, W, C), got shape {tuple(images.shape)}")
+    channels = images.shape[-1]
+    pixels = images[..., :3] if channels >= 3 else images[..., :1].expand(*images.shape[:-1], 3)
+    return pixels.permute(0, 3, 1, 2).float()
+
+
+def tensor_to_images(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> ComfyUI IMAGE (B, H, W, 3) on the CPU."""
+    return pixels.permute(0, 2, 3, 1).float().cpu().contiguous()
+
+
+def crop_to_multiple(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Center-crop an IMAGE so height and width are multiples of `factor` (ComfyUI's VAE Encode crops too)."""
+    height, width = images.shape[1] // factor * factor, images.shape[2] // factor * factor
+    if height == 0 or width == 0:
+        raise ValueError(
+            f"image of {images.shape[2]}x{images.shape[1]} is smaller than {factor}x{factor} pixels"
+        )
+    top, left = (images.shape[1] - height) // 2, (images.shape[2] - width) // 2
+    return images[:, top : top + height, left : left + width]
+
+
+def mask_to_latent(mask: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    """ComfyUI MASK (B, H, W) or (H, W) -> (batch, 1, height, width) resized to the latents, values in [0, 1]."""
+    mask = mask.float()
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
+    if mask.shape[0] != batch:
+        mask = mask.repeat(-(-batch // mask.shape[0]), 1, 1, 1)[:batch]
+    return mask.clamp(0, 1)
+
+
+class FluxionEmptyLatent:
+    """Blank latents to start text-to-image from."""
+
+    DESCRIPTION = "Empty latents of the given size (a multiple of 8), the starting point of text-to-image."
+    CATEGORY = "fluxion/latent"
+    FUNCTION = "generate"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Zero latents (B, 4, height/8, width/8), like ComfyUI's Empty Latent Image.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        size = {"min": 16, "max": MAX_RESOLUTION, "step": 8}
+        return {
+            "required": {
+                "width": ("INT", dict(size, default=512, tooltip="Image width in pixels (multiple of 8).")),
+                "height": ("INT", dict(size, default=512, tooltip="Image height in pixels (multiple of 8).")),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+            }
+        }
+
+    def generate(self, width: int, height: int, batch_size: int) -> tuple[dict[str, Any]]:
+        latents = torch.zeros(batch_size, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
+        return ({"samples": latents},)
+
+
+class FluxionVAEEncode:
+    """IMAGE -> LATENT, optionally with an inpainting mask."""
+
+    DESCRIPTION = (
+        "Encodes images into latents for image-to-image. With a mask, the latents carry it (white = repaint) "
+        "for inpainting: regular models keep the unmasked area, 9-channel inpainting models get the masked image."
+    )
+    CATEGORY = "fluxion/latent"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The images' latents (and the inpainting mask when given).",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "vae": (VAE, {"tooltip": "Autoencoder from Fluxion Load Checkpoint."}),
+                "pixels": ("IMAGE", {"tooltip": "Images to encode; cropped to a multiple of 8 pixels."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Inpainting mask: 1 (white) where the sampler repaints."}),
+            },
+        }
+
+    def encode(
+        self, vae: VaeWire, pixels: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[dict[str, Any]]:
+        model = vae.model
+        factor = model.autoencoder.config.downscale_factor
+        images = crop_to_multiple(pixels, factor)
+        if not torch.isfinite(images).all():
+            raise ValueError("the image contains NaN or infinite values")
+        image = images_to_tensor(images).clamp(0, 1)
+        latents = model.encode_image(image).cpu()
+        result: dict[str, Any] = {"samples": latents}
+        if mask is not None:
+            top, left = (pixels.shape[1] - images.shape[1]) // 2, (pixels.shape[2] - images.shape[2]) // 2
+            mask = mask if mask.dim() == 3 else mask[None]
+            if mask.shape[-2:] == pixels.shape[1:3]:
+                mask = mask[:, top : top + images.shape[1], left : left + images.shape[2]]
+            pixel_mask = mask_to_latent(mask, image.shape[0], image.shape[2], image.shape[3])
+            result["noise_mask"] = pixel_mask[:, 0].cpu()
+            if model.is_inpainting_model:
+                keep = (pixel_mask < 0.5).to(image.dtype)
+                result["fluxion_masked_image_latents"] = model.encode_image(
+                    image * keep + 0.5 * (1 - keep)
+                ).cpu()
+        return (result,)
+
+
+class FluxionVAEDecode:
+    """LATENT -> IMAGE."""
+
+    DESCRIPTION = "Decodes latents into images. Tiled decoding keeps memory flat for large images."
+    CATEGORY = "fluxion/latent"
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The decoded images, for Save Image / Preview Image.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "vae": (VAE, {"tooltip": "Autoencoder from Fluxion Load Checkpoint."}),
+                "samples": ("LATENT", {"tooltip": "Latents from the sampler (or any LATENT)."}),
+                "tiled": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Decode in overlapping tiles (large images, little memory).",
+                    },
+                ),
+            }
+        }
+
+    def decode(self, vae: VaeWire, samples: dict[str, Any], tiled: bool = False) -> tuple[torch.Tensor]:
+        latents = samples["samples"]
+        if not torch.isfinite(latents).all():
+            raise ValueError("the latents contain NaN or infinite values")
+        model = vae.model
+        if tiled:
+            parameter = next(model.autoencoder.parameters())
+            with torch.no_grad():
+                pixels = model.autoencoder.tiled_decode(
+                    latents.to(device=parameter.device, dtype=parameter.dtype)
+                )
+            image = (pixels.float() / 2 + 0.5).clamp(0, 1)
+        else:
+            image = model.decode_latents(latents)
+        return (tensor_to_images(image),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "FluxionEmptyLatent": FluxionEmptyLatent,
+    "FluxionVAEEncode": FluxionVAEEncode,
+    "FluxionVAEDecode": FluxionVAEDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FluxionEmptyLatent": "Fluxion Empty Latent",
+    "FluxionVAEEncode": "Fluxion VAE Encode",
+    "FluxionVAEDecode": "Fluxion VAE Decode",
+}

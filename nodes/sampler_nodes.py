@@ -1,0 +1,221 @@
+"""The sampler: applies the model's adapter stack, denoises, and restores the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..foundationals.latent_diffusion.model_patch import SamplingRun, patched
+from ..foundationals.latent_diffusion.sampling import Conditioning
+from ..foundationals.latent_diffusion.stable_diffusion import SCHEDULES, SOLVERS, make_solver
+from .host import ProgressReporter, is_hosted, throw_if_interrupted
+from .latent_nodes import mask_to_latent
+from .wires import CONDITIONING, MODEL, ModelWire
+
+# Approximate linear maps from SD latents to RGB, for step previews only.
+_PREVIEW_FACTORS = {
+    False: (
+        (0.3512, 0.2297, 0.3227),
+        (0.3250, 0.4974, 0.2350),
+        (-0.2829, 0.1762, 0.2721),
+        (-0.2120, -0.2616, -0.7177),
+    ),
+    True: (
+        (0.3651, 0.4232, 0.4341),
+        (-0.2533, -0.0042, 0.1068),
+        (0.1076, 0.1111, -0.0362),
+        (-0.3165, -0.2492, -0.2188),
+    ),
+}
+
+
+def latent_preview(latents: torch.Tensor, sdxl: bool) -> Image.Image:
+    """A rough RGB picture of the first latent of the batch (no decoder run)."""
+    factors = torch.tensor(_PREVIEW_FACTORS[sdxl], dtype=torch.float32)
+    rgb = torch.einsum("chw,cr->hwr", latents[0, :4].float().cpu(), factors)
+    array = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def sample_latents(
+    model: ModelWire,
+    positive: Conditioning,
+    negative: Conditioning,
+    latent: dict[str, Any],
+    seed: int,
+    steps: int,
+    cfg: float,
+    solver: str,
+    schedule: str,
+    denoise: float,
+    progress: ProgressReporter | None = None,
+) -> torch.Tensor:
+    """What the sampler node computes, for callers without a node (tests compare it with the pipelines)."""
+    sd = model.model
+    latents = latent["samples"]
+    if latents.dim() != 4 or latents.shape[1] != sd.latent_channels:
+        raise ValueError(
+            f"latents of shape {tuple(latents.shape)} do not fit this model (expected (B, {sd.latent_channels}, h, w))"
+        )
+    if not torch.isfinite(latents).all():
+        raise ValueError("the latents contain NaN or infinite values")
+    batch, _, height, width = latents.shape
+    mask = latent.get("noise_mask")
+    latent_mask = mask_to_latent(mask, batch, height, width) if mask is not None else None
+    if latent_mask is not None and not latent_mask.any():
+        latent_mask = None  # nothing to repaint: behave as plain image-to-image
+    masked_image_latents = latent.get("fluxion_masked_image_latents")
+    if sd.is_inpainting_model and latent_mask is None:
+        raise ValueError(
+            "this is an inpainting model (9 input channels): encode the image with a mask (Fluxion VAE Encode's mask input)"
+        )
+    if sd.is_inpainting_model and masked_image_latents is None:
+        raise ValueError(
+            "the inpainting model needs latents encoded by Fluxion VAE Encode from this model, with a mask"
+        )
+    sampler = make_solver(solver, steps, schedule, denoise, sd.prediction_type, device=sd.device)
+    # Full-strength text-to-image starts from pure noise, as diffusers' txt2img pipeline does.
+    image_latents = None if (denoise >= 1.0 and latent_mask is None) else latents
+    if sd.is_inpainting_model and denoise >= 1.0:
+        image_latents = None
+    run = SamplingRun(
+        num_steps=steps,
+        first_step=sampler.first_inference_step,
+        latent_height=height,
+        latent_width=width,
+        batch_size=batch,
+        uses_guidance=cfg > 1.0,
+    )
+
+    def on_step(done: int, total: int, current: torch.Tensor) -> None:
+        throw_if_interrupted()
+        if progress is not None:
+            progress.total = total  # img2img runs fewer steps than the schedule has
+            progress.update_absolute(done, preview=latent_preview(current, sd.is_sdxl) if is_hosted() else None)
+
+    throw_if_interrupted()
+    with patched(sd, model.patches, run):
+        return sd.sample(
+            tuple(latents.shape),  # type: ignore[arg-type]
+            positive,
+            negative,
+            sampler,
+            cfg,
+            seed,
+            image_latents,
+            inpainting_mask=latent_mask,
+            masked_image_latents=masked_image_latents,
+            callback=on_step,
+            step_hook=run.run_step_hooks,
+        ).cpu()
+
+
+class FluxionSampler:
+    """Denoise latents with a solver, classifier-free guidance and the model's adapter stack."""
+
+    DESCRIPTION = (
+        "Samples latents: applies the adapters wired onto the model (LoRA, ControlNet, IP-Adapter, context "
+        "values...), runs the solver and restores the model afterwards, also when cancelled. The initial noise is "
+        "torch.randn(shape, generator=Generator('cpu').manual_seed(seed)), as ComfyUI and diffusers draw it."
+    )
+    CATEGORY = "fluxion/sampling"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latents, for Fluxion VAE Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The model and its adapter stack."}),
+                "positive": (CONDITIONING, {"tooltip": "What the image should show (Fluxion Text Encode)."}),
+                "negative": (CONDITIONING, {"tooltip": "What the image should avoid (Fluxion Text Encode)."}),
+                "latent_image": (
+                    "LATENT",
+                    {
+                        "tooltip": "Empty latents (text-to-image) or encoded images (image-to-image, inpainting)."
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFFFFFFFFFF,
+                        "control_after_generate": True,
+                        "tooltip": "Seed of the initial noise.",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {"default": 20, "min": 1, "max": 1000, "tooltip": "Number of solver steps."},
+                ),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 7.5,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "Classifier-free guidance scale; 1 or less disables guidance (one UNet pass per step).",
+                    },
+                ),
+                "solver": (
+                    list(SOLVERS),
+                    {
+                        "default": "dpmpp_2m",
+                        "tooltip": "The solver (sampler) moving the latents from noise to image.",
+                    },
+                ),
+                "schedule": (
+                    list(SCHEDULES),
+                    {
+                        "default": "karras",
+                        "tooltip": "Timestep schedule: normal (leading), karras (sigma-based solvers), trailing, linspace.",
+                    },
+                ),
+                "denoise": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "How much of the schedule to run: 1 redraws everything, lower keeps more of the input latents.",
+                    },
+                ),
+            }
+        }
+
+    def sample(
+        self,
+        model: ModelWire,
+        positive: Conditioning,
+        negative: Conditioning,
+        latent_image: dict[str, Any],
+        seed: int,
+        steps: int,
+        cfg: float,
+        solver: str,
+        schedule: str,
+        denoise: float,
+    ) -> tuple[dict[str, Any]]:
+        with ProgressReporter(steps, "Fluxion sampling") as progress:
+            latents = sample_latents(
+                model, positive, negative, latent_image, seed, steps, cfg, solver, schedule, denoise, progress
+            )
+        result = {
+            key: value
+            for key, value in latent_image.items()
+            if key not in ("noise_mask", "fluxion_masked_image_latents")
+        }
+        result["samples"] = latents
+        return (result,)
+
+
+NODE_CLASS_MAPPINGS = {"FluxionSampler": FluxionSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxionSampler": "Fluxion Sampler"}
