@@ -1,7 +1,7 @@
 """T2I-Adapter: models, file layouts, the patch and stacking with ControlNet, against diffusers.
 
 Measured max abs differences (torch 2.13 CPU, fp32, tiny random weights): T2IAdapter features (full,
-light, full_xl) 0 to 5e-7 (tolerance 1e-5); StableDiffusionAdapterPipeline images (single: 8e-6 measured; MultiAdapter),
+light, full_xl) within tolerance 1e-5; StableDiffusionAdapterPipeline images (single: 8e-6 measured; MultiAdapter),
 within tolerance 1e-4; one UNet call with a ControlNet and a T2I-Adapter stacked, and an SDXL UNet
 with a full_adapter_xl (features inside the down blocks and after the middle block): tolerance 2e-5.
 """
