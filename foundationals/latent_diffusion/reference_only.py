@@ -1,0 +1,274 @@
+"""Reference-only control (SD1.5 and SDXL): the generation attends to a reference image's own features.
+
+As diffusers' community `stable_diffusion_reference` pipeline (`reference_attn=True`) and sd-webui-controlnet's
+"reference_only": before each UNet call, the reference latents, noised to the current timestep, run through
+the same UNet (same text, no control residuals); every self-attention block (attn1) stores its normalized
+input tokens. In the generation's call, an enabled block attends over `[its own tokens, the reference's]`
+as keys/values (the same to_k/to_v). With guidance, the unconditional half is blended:
+`style_fidelity x plain self-attention + (1 - style_fidelity) x reference attention`; the conditional half
+keeps the reference attention.
+
+`strength` is the pipelines' `attention_auto_machine_weight`: self-attention blocks are ranked by width
+(widest first, diffusers' module order among equals) and block i of N uses the reference when
+`strength > i / N` (0: none, 1: all). AdaIN on group norms (`reference_adain`) is not implemented.
+
+The reference is noised as the scheduler's `add_noise` then `scale_model_input` would give, for any solver:
+`sqrt(abar_t) x0 + sqrt(1 - abar_t) noise` on SD's scaled-linear schedule (abar interpolated linearly at
+fractional timesteps), with fresh noise each call from the patch's own generator (`seed`), so the sampler's
+random stream is untouched (diffusers draws it from the pipeline's generator instead).
+"""
+
+from __future__ import annotations
+
+from itertools import count
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ...fluxion import layers as fl
+from ...fluxion.adapters.adapter import Adapter
+from .ip_adapter import cross_attention_blocks
+from .model_patch import SamplingRun, Undo
+from .unet import SelfAttentionBlock, UNet
+
+if TYPE_CHECKING:
+    from .stable_diffusion import StableDiffusion
+
+OFF, WRITE, READ = "off", "write", "read"
+_IDS = count()
+
+
+def scaled_linear_alphas_cumprod(
+    beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000
+) -> Tensor:
+    """Stable Diffusion's training schedule: cumulative products of `1 - beta`, betas linear in sqrt."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class ReferenceAttention(fl.Chain, Adapter[fl.Module]):
+    """A self-attention that stores its input in the reference pass and attends over it too in the generation."""
+
+    def __init__(self, target: fl.Module, context: str, enabled: bool = True) -> None:
+        self.context = context
+        self.enabled = enabled
+        self._bank: list[Tensor] = []
+        with self.setup_adapter(target):
+            super().__init__(target)
+
+    def _self_attention(self) -> fl.SelfAttention:
+        attention = self.target
+        while not isinstance(attention, fl.SelfAttention):
+            attention = attention.target  # type: ignore[attr-defined]
+        return attention
+
+    def attend(self, query: Tensor, memory: Tensor) -> Tensor:
+        """The target's projections and attention with `query` tokens over `memory` tokens."""
+        result: Any = (query, memory, memory)
+        for layer in list(self._self_attention())[1:]:  # skip the (x, x, x) duplication
+            result = layer(*result) if isinstance(result, tuple) else layer(result)
+        return result
+
+    def forward(self, x: Tensor) -> Tensor:
+        plain = self[0]
+        state = self.use_context(self.context)
+        if not self.enabled or state["mode"] == OFF:
+            return plain(x)
+        if state["mode"] == WRITE:
+            self._bank = [x]
+            return plain(x)
+        if not self._bank:
+            raise ValueError(
+                "reference-only: no reference tokens stored for this block (the reference pass did not run)"
+            )
+        reference = self._bank.pop()
+        if reference.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"reference batch {reference.shape[0]} does not match the UNet batch {x.shape[0]}"
+            )
+        output = self.attend(x, torch.cat([x, reference], dim=1))
+        fidelity = state["style_fidelity"]
+        if state["uses_guidance"] and fidelity > 0:
+            unconditional = x.shape[0] // 2
+            conditional_style = output.clone()
+            conditional_style[:unconditional] = plain(x[:unconditional])
+            output = fidelity * conditional_style + (1.0 - fidelity) * output
+        return output
+
+
+class ReferencePass(fl.ContextModule):
+    """First layer of the UNet while reference-only is on: runs the UNet on the noised reference, then passes x on."""
+
+    def __init__(self, context: str, reference_latents: Tensor, seed: int = 0) -> None:
+        super().__init__()
+        self.context = context
+        self.reference_latents = reference_latents
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+        self.alphas_cumprod = scaled_linear_alphas_cumprod()
+
+    def describe(self) -> str:
+        return f"ReferencePass(context={self.context}, reference={tuple(self.reference_latents.shape)})"
+
+    def noised_reference(self, timestep: Tensor, batch: int) -> Tensor:
+        """The reference latents at `timestep`'s noise level, as the UNet's input (one per batch item)."""
+        latents = self.reference_latents
+        if latents.shape[0] not in (1, batch):
+            raise ValueError(f"{latents.shape[0]} reference latents for a UNet batch of {batch}")
+        latents = latents.expand(batch, *latents.shape[1:])
+        t = float(timestep.reshape(-1)[0].clamp(0, len(self.alphas_cumprod) - 1))
+        low = int(t)
+        high = min(low + 1, len(self.alphas_cumprod) - 1)
+        alpha = float(
+            self.alphas_cumprod[low] + (t - low) * (self.alphas_cumprod[high] - self.alphas_cumprod[low])
+        )
+        noise = torch.randn(latents.shape, generator=self.generator, dtype=torch.float32)
+        noise = noise.to(device=latents.device, dtype=latents.dtype)
+        return alpha**0.5 * latents + (1 - alpha) ** 0.5 * noise
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self.use_context(self.context)
+        if state["mode"] != READ:
+            return x
+        unet = self.ensure_parent
+        unet_state = unet.use_context("unet")
+        control = unet_state["control_residuals"]
+        reference = self.noised_reference(unet.use_context("diffusion")["timestep"], x.shape[0])
+        state["mode"] = WRITE
+        unet_state["control_residuals"] = [0.0] * len(control)
+        try:
+            unet(reference.to(device=x.device, dtype=x.dtype))
+        finally:
+            state["mode"] = READ
+            unet_state["control_residuals"] = control
+        return x
+
+
+def self_attention_blocks_by_width(unet: UNet) -> list[SelfAttentionBlock]:
+    """Self-attention blocks widest first (diffusers' module order among equal widths): the strength ranking."""
+    blocks: list[SelfAttentionBlock] = cross_attention_blocks(unet, SelfAttentionBlock)
+    return sorted(blocks, key=lambda block: -block.ensure_find(fl.LayerNorm).normalized_shape[0])
+
+
+class ReferenceOnly:
+    """Reference-only control injected in a UNet: `set_active`, then `eject()` restores the UNet."""
+
+    def __init__(
+        self,
+        unet: UNet,
+        reference_latents: Tensor,
+        strength: float = 1.0,
+        style_fidelity: float = 0.5,
+        uses_guidance: bool = False,
+        seed: int = 0,
+    ) -> None:
+        channels = unet.config.out_channels
+        if (
+            unet.config.in_channels != channels
+            or reference_latents.dim() != 4
+            or reference_latents.shape[1] != channels
+        ):
+            raise ValueError(
+                f"reference-only needs (B, {channels}, h, w) reference latents and a UNet taking {channels} "
+                f"channels; got latents {tuple(reference_latents.shape)} for a UNet of {unet.config.in_channels} "
+                "input channels (inpainting UNets are not supported)"
+            )
+        self.unet = unet
+        self.context = f"reference_only_{next(_IDS)}"
+        blocks = self_attention_blocks_by_width(unet)
+        self.attentions = [
+            ReferenceAttention(list(block)[1], self.context, enabled=strength > index / len(blocks))
+            for index, block in enumerate(blocks)
+        ]
+        parameter = next(unet.parameters())
+        self.reference_pass = ReferencePass(
+            self.context, reference_latents.to(device=parameter.device, dtype=parameter.dtype), seed
+        )
+        unet.set_context(
+            self.context, {"mode": OFF, "style_fidelity": style_fidelity, "uses_guidance": uses_guidance}
+        )
+        injected: list[ReferenceAttention] = []
+        try:
+            for attention, block in zip(self.attentions, blocks):
+                attention.inject(block)
+                injected.append(attention)
+            if any(attention.enabled for attention in self.attentions):
+                unet.insert(0, self.reference_pass)
+        except BaseException:
+            for attention in reversed(injected):
+                attention.eject()
+            unet.provider.contexts.pop(self.context, None)
+            raise
+
+    def set_active(self, active: bool) -> None:
+        """Use the reference on the next UNet calls, or act as the plain UNet."""
+        self.unet.use_context(self.context)["mode"] = READ if active else OFF
+
+    def eject(self) -> None:
+        """Take everything out and forget the context."""
+        if self.reference_pass in self.unet:
+            self.unet.remove(self.reference_pass)
+        for attention in reversed(self.attentions):
+            if attention.parent is not None:
+                attention.eject()
+        self.unet.provider.contexts.pop(self.context, None)
+
+
+class ReferenceOnlyPatch:
+    """A `ModelPatch`: reference-only control from the reference image's latents (`model.encode_image(image)`).
+
+    Acts on steps whose progress `step / num_steps` lies in `[start, end)` (end 1: up to the last step).
+    """
+
+    def __init__(
+        self,
+        reference_latents: Tensor,
+        strength: float = 1.0,
+        style_fidelity: float = 0.5,
+        start: float = 0.0,
+        end: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= start <= end <= 1.0:
+            raise ValueError(
+                f"reference-only start/end must satisfy 0 <= start <= end <= 1, got {start}, {end}"
+            )
+        if not 0.0 <= style_fidelity <= 1.0:
+            raise ValueError(f"style_fidelity must be within 0..1, got {style_fidelity}")
+        self.reference_latents = reference_latents
+        self.strength = strength
+        self.style_fidelity = style_fidelity
+        self.start = start
+        self.end = end
+        self.seed = seed
+
+    @property
+    def label(self) -> str:
+        return f"reference-only (strength {self.strength:g}, style fidelity {self.style_fidelity:g})"
+
+    def apply(self, model: StableDiffusion, run: SamplingRun | None) -> Undo:
+        """Inject into `model.unet` for this run; the undo restores it exactly."""
+        if run is None:
+            return lambda: None
+        control = ReferenceOnly(
+            model.unet,
+            self.reference_latents,
+            self.strength,
+            self.style_fidelity,
+            run.uses_guidance,
+            self.seed,
+        )
+
+        def on_step(step: int) -> None:
+            progress = run.progress(step)
+            control.set_active(self.start <= progress and (progress < self.end or self.end >= 1.0))
+
+        on_step(run.first_step)
+        run.on_step(on_step)
+
+        def undo() -> None:
+            if on_step in run.step_hooks:
+                run.step_hooks.remove(on_step)
+            control.eject()
+
+        return undo

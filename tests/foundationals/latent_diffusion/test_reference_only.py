@@ -1,0 +1,154 @@
+"""Reference-only control: exact no-ops, a hand-computed attention case, the identity property, exact undo."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fluxion.layers as fl
+from foundationals.latent_diffusion.model_config import UNET_PRESETS
+from foundationals.latent_diffusion.reference_only import (
+    ReferenceAttention,
+    ReferenceOnly,
+    ReferenceOnlyPatch,
+    self_attention_blocks_by_width,
+)
+from foundationals.latent_diffusion.unet import SelfAttentionBlock, UNet
+from tests.foundationals.latent_diffusion.test_unet import conditioning, reference_and_ours
+from tests.support.tiny_ip_adapter import sample_with_patches
+from tests.support.tiny_sd import (
+    diffusers_autoencoder,
+    diffusers_unet,
+    ours_from_diffusers,
+    transformers_text_encoder,
+)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return ours_from_diffusers(diffusers_unet(), diffusers_autoencoder(), transformers_text_encoder())
+
+
+@pytest.fixture(scope="module")
+def reference_latents(sd):
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return sd.encode_image(image)
+
+
+def trajectory(sd, patches, steps=4):
+    latents: list[torch.Tensor] = []
+    sample_with_patches(
+        sd, patches, steps=steps, decode=False, callback=lambda d, t, x: latents.append(x.clone())
+    )
+    return latents
+
+
+def test_strength_zero_equals_no_adapter_exactly(sd, reference_latents):
+    plain = trajectory(sd, [])
+    zero = trajectory(sd, [ReferenceOnlyPatch(reference_latents, strength=0.0)])
+    assert all(torch.equal(a, b) for a, b in zip(zero, plain))
+    full = trajectory(sd, [ReferenceOnlyPatch(reference_latents, strength=1.0)])
+    assert (full[-1] - plain[-1]).abs().max().item() > 1e-3
+
+
+def test_outside_the_window_the_trajectory_equals_no_adapter(sd, reference_latents):
+    plain = trajectory(sd, [], steps=4)
+    late = trajectory(sd, [ReferenceOnlyPatch(reference_latents, start=0.5)], steps=4)
+    assert torch.equal(late[0], plain[0]) and torch.equal(late[1], plain[1])
+    assert (late[2] - plain[2]).abs().max().item() > 1e-4
+
+
+def test_undo_restores_the_unet_exactly(sd, reference_latents):
+    before, contexts = repr(sd.unet), sorted(sd.unet.provider.contexts)
+    plain = trajectory(sd, [])
+    trajectory(sd, [ReferenceOnlyPatch(reference_latents, style_fidelity=0.3)])
+    assert repr(sd.unet) == before and sorted(sd.unet.provider.contexts) == contexts
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(sd, []), plain))
+
+
+def test_strength_enables_the_widest_blocks_first():
+    unet = UNet(UNET_PRESETS["tiny"], device="meta")
+    blocks = self_attention_blocks_by_width(unet)
+    widths = [block.ensure_find(fl.LayerNorm).normalized_shape[0] for block in blocks]
+    assert widths == sorted(widths, reverse=True) and len(blocks) == 11
+    control = ReferenceOnly(unet, torch.zeros(1, 4, 8, 8, device="meta"), strength=0.5)
+    enabled = [attention.enabled for attention in control.attentions]
+    assert enabled == [index / 11 < 0.5 for index in range(11)]  # 6 of 11: the 64-wide blocks
+    control.eject()
+
+
+def hand_attention(query_tokens, memory_tokens):
+    """Single head, identity projections: softmax(q m^T / sqrt(d)) m, row by row in plain Python."""
+    rows = []
+    for q in query_tokens.tolist():
+        scores = [sum(a * b for a, b in zip(q, m)) / math.sqrt(len(q)) for m in memory_tokens.tolist()]
+        top = max(scores)
+        weights = [math.exp(s - top) for s in scores]
+        total = sum(weights)
+        rows.append(
+            [sum(w * m[j] for w, m in zip(weights, memory_tokens.tolist())) / total for j in range(len(q))]
+        )
+    return torch.tensor(rows)
+
+
+def test_reference_attention_by_hand():
+    attention = fl.SelfAttention(2, num_heads=1, use_bias=False)
+    with torch.no_grad():
+        for linear in attention.layers(fl.Linear):
+            linear.weight.copy_(torch.eye(2))
+            if linear.bias is not None:
+                linear.bias.zero_()
+    root = fl.Chain(attention)
+    root.set_context("reference", {"mode": "write", "style_fidelity": 0.25, "uses_guidance": True})
+    adapter = ReferenceAttention(attention, "reference").inject(root)
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[0.5, 0.5], [1.0, -1.0]]])
+    reference = torch.tensor([[[3.0, 1.0]], [[-1.0, 2.0]]])
+    adapter(reference)  # write: stores the reference tokens
+    root.use_context("reference")["mode"] = "read"
+    output = adapter(x)
+    with_reference = [hand_attention(x[i], torch.cat([x[i], reference[i]])) for i in range(2)]
+    plain = hand_attention(x[0], x[0])
+    # batch item 0 is the unconditional half: 0.25 plain + 0.75 with the reference; item 1 keeps the reference
+    assert torch.allclose(output[0], 0.25 * plain + 0.75 * with_reference[0], atol=1e-6)
+    assert torch.allclose(output[1], with_reference[1], atol=1e-6)
+    adapter.eject()
+    assert list(root) == [attention]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_sdxl"])
+def test_a_reference_identical_to_the_generation_changes_nothing(preset):
+    """Keys/values [x; x] give the same attention as [x]: the UNet output is unchanged (SD1.5 and SDXL)."""
+    config = UNET_PRESETS[preset]
+    _, unet = reference_and_ours(config)
+    with torch.no_grad():  # sharper self-attention than the shared random weights, so references matter
+        for block in unet.layers(SelfAttentionBlock):
+            for linear in block.layers(fl.Linear):
+                linear.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(6))
+    inputs = conditioning(config, 2, 16, 16)
+    unet.set_timestep(inputs["timestep"])
+    unet.set_clip_text_embedding(inputs["text"])
+    if "pooled" in inputs:
+        unet.set_pooled_text_embedding(inputs["pooled"])
+        unet.set_time_ids(inputs["time_ids"])
+    with torch.no_grad():
+        plain = unet(inputs["x"])
+        control = ReferenceOnly(unet, inputs["x"][:1], strength=1.0, style_fidelity=0.0)
+        control.reference_pass.noised_reference = lambda timestep, batch: inputs["x"]
+        control.set_active(True)
+        same = unet(inputs["x"])
+        other = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(5)) * 3
+        control.reference_pass.noised_reference = lambda timestep, batch: other
+        different = unet(inputs["x"])
+        control.eject()
+    assert (same - plain).abs().max().item() < 1e-5  # measured ~1e-7
+    assert (different - plain).abs().max().item() > 1e-4  # measured 6e-4 (tiny)
+
+
+def test_inpainting_unets_are_refused_and_left_unchanged():
+    unet = UNet(UNET_PRESETS["tiny"].with_changes(in_channels=9), device="meta")
+    before = repr(unet)
+    with pytest.raises(ValueError, match="inpainting UNets are not supported"):
+        ReferenceOnly(unet, torch.zeros(1, 4, 8, 8, device="meta"))
+    assert repr(unet) == before
