@@ -137,6 +137,37 @@ def lora() -> dict:
     }
 
 
+def controlnet_canny() -> dict:
+    return {
+        **sd15_base("a glass house in a forest, photograph"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "FluxionCanny",
+            "inputs": {"image": ["4", 0], "low_threshold": 0.2, "high_threshold": 0.6},
+        },
+        "6": {
+            "class_type": "FluxionControlLoader",
+            "inputs": {"control_name": "control_v11p_sd15_canny.safetensors"},
+        },
+        "7": {
+            "class_type": "FluxionApplyControl",
+            "inputs": {
+                "model": ["1", 0],
+                "control": ["6", 0],
+                "image": ["5", 0],
+                "strength": 0.9,
+                "start_percent": 0.0,
+                "end_percent": 0.8,
+                "mode": "balanced",
+            },
+        },
+        "8": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "9": sampler(["7", 0], ["8", 0]),
+        **decode_and_save(["9", 0], "fluxion_controlnet", 10),
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+
+
 def inspect_and_context() -> dict:
     return {
         **sd15_base("a quiet harbour at dawn"),
@@ -161,6 +192,7 @@ WORKFLOWS = {
     "sd15_img2img": img2img,
     "sd15_inpaint": inpaint,
     "sd15_lora": lora,
+    "sd15_controlnet_canny": controlnet_canny,
     "sd15_inspect_and_set_context": inspect_and_context,
 }
 

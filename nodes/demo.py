@@ -21,8 +21,10 @@ from PIL import Image
 from ..fluxion.utils import save_to_safetensors
 from ..foundationals.clip.config import text_preset
 from ..foundationals.clip.text_encoder import CLIPTextEncoder
+from ..foundationals.conversion.controlnet_keys import lllyasviel_controlnet_key_map
 from ..foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from ..foundationals.latent_diffusion.checkpoint_export import save_single_file
+from ..foundationals.latent_diffusion.controlnet import ControlNet, ControlNetConfig
 from ..foundationals.latent_diffusion.lora import text_encoder_lora_module_map, unet_lora_module_map
 from ..foundationals.latent_diffusion.model_config import TINY_8X_AUTOENCODER, TINY_UNET
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
@@ -35,6 +37,7 @@ from .workflow import WorkflowError, load_workflow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "workflows"
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 DEMO_LORA = "fluxion_demo_lora.safetensors"
+DEMO_CONTROLNET = "control_v11p_sd15_canny.safetensors"
 INPUT_IMAGE = "example.png"
 INPAINT_IMAGE = "example_inpaint.png"
 
@@ -80,14 +83,30 @@ def kohya_lora(model: StableDiffusion, rank: int = 4, seed: int = 1) -> dict[str
     return tensors
 
 
+def lllyasviel_controlnet(seed: int = 2) -> dict[str, torch.Tensor]:
+    """A tiny ControlNet for the tiny SD1.5 model, in the lllyasviel 1.1 single-file layout."""
+    torch.manual_seed(seed)
+    controlnet = ControlNet(ControlNetConfig(TINY_UNET))
+    with torch.no_grad():  # zero convolutions start at zero: give them weights so the control shows
+        for parameter in controlnet.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.05)
+    state = controlnet.state_dict()
+    return {
+        "control_model." + theirs: state[ours]
+        for theirs, ours in lllyasviel_controlnet_key_map(controlnet).items()
+    }
+
+
 def write_demo_files(models_dir: Path, input_dir: Path) -> None:
     """Tiny models under the file names the examples use, and the input image."""
-    (models_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (models_dir / "loras").mkdir(parents=True, exist_ok=True)
+    for folder in ("checkpoints", "loras", "controlnet"):
+        (models_dir / folder).mkdir(parents=True, exist_ok=True)
     input_dir.mkdir(parents=True, exist_ok=True)
     model = tiny_sd15()
     save_single_file(model, models_dir / "checkpoints" / SD15_CHECKPOINT)
     save_to_safetensors(models_dir / "loras" / DEMO_LORA, kohya_lora(model), metadata={"ss_network_dim": "4"})
+    save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROLNET, lllyasviel_controlnet())
     y, x = np.mgrid[0:64, 0:64]
     picture = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
     Image.fromarray(picture, mode="RGB").save(input_dir / INPUT_IMAGE)

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import checkpoint_nodes, latent_nodes, lora_nodes, model_nodes, sampler_nodes, text_nodes
+from . import (
+    checkpoint_nodes,
+    control_nodes,
+    latent_nodes,
+    lora_nodes,
+    model_nodes,
+    sampler_nodes,
+    text_nodes,
+)
 
 FEATURE_MODULES: tuple[ModuleType, ...] = (
     checkpoint_nodes,
@@ -18,6 +26,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     latent_nodes,
     sampler_nodes,
     lora_nodes,
+    control_nodes,
     model_nodes,
 )
 
