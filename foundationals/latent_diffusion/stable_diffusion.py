@@ -4,6 +4,11 @@ One object holds the models (UNet, autoencoder, text encoder(s)); each pipeline 
 prompts, draws the initial noise with ComfyUI's and diffusers' convention
 (`torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`), runs `sampling.denoise`
 and decodes. The sampler node calls the same functions, so both give identical results.
+
+SDXL follows diffusers' `StableDiffusionXL*Pipeline`s: time ids from `SizeConditioning` (default: the
+output size, no crop; the negative's the same unless given), an empty negative prompt as all zeros
+(`force_zeros_for_empty_prompt`, optional), and an fp16 autoencoder that overflows retried in fp32.
+`StableDiffusion.from_checkpoint` builds either family from a single file or a diffusers folder.
 """
 
 from __future__ import annotations
