@@ -168,6 +168,60 @@ def controlnet_canny() -> dict:
     }
 
 
+def ip_adapter() -> dict:
+    return {
+        **sd15_base("a portrait in the style of the reference, best quality"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "FluxionIPAdapterLoader",
+            "inputs": {"ipadapter_name": "ip-adapter_sd15.safetensors"},
+        },
+        "6": {
+            "class_type": "FluxionCLIPVisionLoader",
+            "inputs": {"clip_name": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"},
+        },
+        "7": {
+            "class_type": "FluxionApplyIPAdapter",
+            "inputs": {
+                "model": ["1", 0],
+                "ipadapter": ["5", 0],
+                "clip_vision": ["6", 0],
+                "image": ["4", 0],
+                "weight": 0.8,
+                "combine": "concat",
+                "image_weights": "",
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
+        "8": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "9": sampler(["7", 0], ["8", 0]),
+        **decode_and_save(["9", 0], "fluxion_ip_adapter", 10),
+    }
+
+
+def reference_only() -> dict:
+    return {
+        **sd15_base("a landscape in the same style"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "FluxionReferenceOnly",
+            "inputs": {
+                "model": ["1", 0],
+                "vae": ["1", 2],
+                "image": ["4", 0],
+                "strength": 1.0,
+                "style_fidelity": 0.5,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
+        "6": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": sampler(["5", 0], ["6", 0]),
+        **decode_and_save(["7", 0], "fluxion_reference_only", 8),
+    }
+
+
 def inspect_and_context() -> dict:
     return {
         **sd15_base("a quiet harbour at dawn"),
@@ -193,6 +247,8 @@ WORKFLOWS = {
     "sd15_inpaint": inpaint,
     "sd15_lora": lora,
     "sd15_controlnet_canny": controlnet_canny,
+    "sd15_ip_adapter": ip_adapter,
+    "sd15_reference_only": reference_only,
     "sd15_inspect_and_set_context": inspect_and_context,
 }
 

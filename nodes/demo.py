@@ -18,13 +18,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..fluxion import layers as fl
 from ..fluxion.utils import save_to_safetensors
-from ..foundationals.clip.config import text_preset
-from ..foundationals.clip.text_encoder import CLIPTextEncoder
+from ..foundationals.clip.config import image_preset, text_preset
+from ..foundationals.clip.image_encoder import CLIPImageEncoder
+from ..foundationals.clip.text_encoder import CLIPTextEncoder, transformer_layer_names
+from ..foundationals.conversion.clip_keys import IMAGE_LAYOUTS, export_clip_state_dict
 from ..foundationals.conversion.controlnet_keys import lllyasviel_controlnet_key_map
 from ..foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from ..foundationals.latent_diffusion.checkpoint_export import save_single_file
 from ..foundationals.latent_diffusion.controlnet import ControlNet, ControlNetConfig
+from ..foundationals.latent_diffusion.ip_adapter import cross_attention_blocks
 from ..foundationals.latent_diffusion.lora import text_encoder_lora_module_map, unet_lora_module_map
 from ..foundationals.latent_diffusion.model_config import TINY_8X_AUTOENCODER, TINY_UNET
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
@@ -38,6 +42,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "workflows"
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 DEMO_LORA = "fluxion_demo_lora.safetensors"
 DEMO_CONTROLNET = "control_v11p_sd15_canny.safetensors"
+DEMO_IP_ADAPTER = "ip-adapter_sd15.safetensors"
+DEMO_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 INPUT_IMAGE = "example.png"
 INPAINT_IMAGE = "example_inpaint.png"
 
@@ -98,15 +104,46 @@ def lllyasviel_controlnet(seed: int = 2) -> dict[str, torch.Tensor]:
     }
 
 
+def tiny_image_encoder_file(seed: int = 3) -> dict[str, torch.Tensor]:
+    """A tiny CLIP vision encoder with projection, in the transformers layout."""
+    torch.manual_seed(seed)
+    encoder = CLIPImageEncoder(image_preset("tiny"))
+    names = transformer_layer_names(encoder.config.num_layers)
+    return export_clip_state_dict(encoder.state_dict(), IMAGE_LAYOUTS["transformers"], names)
+
+
+def tencent_ip_adapter(model: StableDiffusion, tokens: int = 4, seed: int = 4) -> dict[str, torch.Tensor]:
+    """A base IP-Adapter for `model` in the tencent-ailab layout (flat safetensors names)."""
+    generator = torch.Generator().manual_seed(seed)
+    context = model.unet.config.context_dim
+    embedding = image_preset("tiny").projection_dim
+    assert embedding is not None
+    tensors = {
+        "image_proj.proj.weight": torch.randn(tokens * context, embedding, generator=generator) * 0.2,
+        "image_proj.proj.bias": torch.zeros(tokens * context),
+        "image_proj.norm.weight": torch.ones(context),
+        "image_proj.norm.bias": torch.zeros(context),
+    }
+    for index, block in enumerate(cross_attention_blocks(model.unet)):
+        width = block.ensure_find(fl.Attention).inner_dim
+        for name in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{2 * index + 1}.{name}.weight"] = (
+                torch.randn(width, context, generator=generator) * 0.2
+            )
+    return tensors
+
+
 def write_demo_files(models_dir: Path, input_dir: Path) -> None:
     """Tiny models under the file names the examples use, and the input image."""
-    for folder in ("checkpoints", "loras", "controlnet"):
+    for folder in ("checkpoints", "loras", "controlnet", "ipadapter", "clip_vision"):
         (models_dir / folder).mkdir(parents=True, exist_ok=True)
     input_dir.mkdir(parents=True, exist_ok=True)
     model = tiny_sd15()
     save_single_file(model, models_dir / "checkpoints" / SD15_CHECKPOINT)
     save_to_safetensors(models_dir / "loras" / DEMO_LORA, kohya_lora(model), metadata={"ss_network_dim": "4"})
     save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROLNET, lllyasviel_controlnet())
+    save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER, tencent_ip_adapter(model))
+    save_to_safetensors(models_dir / "clip_vision" / DEMO_CLIP_VISION, tiny_image_encoder_file())
     y, x = np.mgrid[0:64, 0:64]
     picture = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
     Image.fromarray(picture, mode="RGB").save(input_dir / INPUT_IMAGE)

@@ -13,6 +13,7 @@ from types import ModuleType
 from . import (
     checkpoint_nodes,
     control_nodes,
+    image_prompt_nodes,
     latent_nodes,
     lora_nodes,
     model_nodes,
@@ -27,6 +28,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     sampler_nodes,
     lora_nodes,
     control_nodes,
+    image_prompt_nodes,
     model_nodes,
 )
 
