@@ -241,6 +241,51 @@ def inspect_and_context() -> dict:
     }
 
 
+SDXL = "sd_xl_base_1.0.safetensors"
+
+
+def sdxl_base(positive: str, negative: str, size: int) -> dict:
+    conditioning = {
+        "clip_skip": 1,
+        "width": size,
+        "height": size,
+        "crop_w": 0,
+        "crop_h": 0,
+        "target_width": size,
+        "target_height": size,
+    }
+    return {
+        "1": {"class_type": "FluxionCheckpointLoader", "inputs": {"ckpt_name": SDXL}},
+        "2": {
+            "class_type": "FluxionTextEncode",
+            "inputs": {"clip": ["1", 1], "text": positive, **conditioning},
+        },
+        "3": {
+            "class_type": "FluxionTextEncode",
+            "inputs": {"clip": ["1", 1], "text": negative, **conditioning},
+        },
+    }
+
+
+def sdxl_txt2img() -> dict:
+    return {
+        **sdxl_base("an astronaut riding a horse on mars, cinematic", "lowres, watermark", 1024),
+        "4": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "5": sampler(["1", 0], ["4", 0], steps=4),
+        **decode_and_save(["5", 0], "fluxion_sdxl_txt2img", 6),
+    }
+
+
+def sdxl_img2img() -> dict:
+    return {
+        **sdxl_base("a detailed oil painting", "lowres", 1024),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {"class_type": "FluxionVAEEncode", "inputs": {"vae": ["1", 2], "pixels": ["4", 0]}},
+        "6": sampler(["1", 0], ["5", 0], steps=6, denoise=0.5),
+        **decode_and_save(["6", 0], "fluxion_sdxl_img2img", 7),
+    }
+
+
 WORKFLOWS = {
     "sd15_txt2img": txt2img,
     "sd15_img2img": img2img,
@@ -250,6 +295,8 @@ WORKFLOWS = {
     "sd15_ip_adapter": ip_adapter,
     "sd15_reference_only": reference_only,
     "sd15_inspect_and_set_context": inspect_and_context,
+    "sdxl_txt2img": sdxl_txt2img,
+    "sdxl_img2img": sdxl_img2img,
 }
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from ..foundationals.clip.textual_inversion import EmbeddingLibrary
-from ..foundationals.latent_diffusion.checkpoint import load_checkpoint
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 from .host import list_model_files, model_file_path, model_search_paths
 from .wires import CLIP, MODEL, VAE, CheckpointCache, ClipWire, ModelWire, VaeWire
@@ -17,22 +16,13 @@ def load_stable_diffusion(
     path: Path, device: torch.device, unet_dtype: torch.dtype, vae_dtype: torch.dtype
 ) -> StableDiffusion:
     """A checkpoint file or diffusers folder as a `StableDiffusion`, with the embeddings folder attached."""
-    checkpoint = load_checkpoint(path, device=device, dtype=unet_dtype)
-    if checkpoint.autoencoder is None or "clip_l" not in checkpoint.text_encoders:
-        raise ValueError(
-            f"{path.name}: the checkpoint has no autoencoder or no text encoder; a full SD checkpoint was expected"
-        )
-    autoencoder = checkpoint.autoencoder.to(dtype=vae_dtype)
-    text_encoder_2 = checkpoint.text_encoders.get("clip_g")
+    model = StableDiffusion.from_checkpoint(path, device=device, dtype=unet_dtype)
+    model.autoencoder.to(dtype=vae_dtype)
     folders = model_search_paths("embeddings")
-    return StableDiffusion(
-        unet=checkpoint.unet,
-        autoencoder=autoencoder,
-        text_encoder=checkpoint.text_encoders["clip_l"],  # type: ignore[arg-type]
-        text_encoder_2=text_encoder_2,  # type: ignore[arg-type]
-        embeddings=EmbeddingLibrary(folders, 768),
-        embeddings_2=EmbeddingLibrary(folders, 1280) if text_encoder_2 is not None else None,
-    )
+    model.embeddings = EmbeddingLibrary(folders, model.text_encoder.config.embedding_dim)
+    if model.text_encoder_2 is not None:
+        model.embeddings_2 = EmbeddingLibrary(folders, model.text_encoder_2.config.embedding_dim)
+    return model
 
 
 _CACHE = CheckpointCache(load_stable_diffusion)

@@ -114,3 +114,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 from . import demo  # noqa: E402,F401  (registers the demo subcommand)
+from . import train_command  # noqa: E402,F401  (registers the train subcommand)

@@ -30,7 +30,7 @@ from ..foundationals.latent_diffusion.checkpoint_export import save_single_file
 from ..foundationals.latent_diffusion.controlnet import ControlNet, ControlNetConfig
 from ..foundationals.latent_diffusion.ip_adapter import cross_attention_blocks
 from ..foundationals.latent_diffusion.lora import text_encoder_lora_module_map, unet_lora_module_map
-from ..foundationals.latent_diffusion.model_config import TINY_8X_AUTOENCODER, TINY_UNET
+from ..foundationals.latent_diffusion.model_config import TINY_8X_AUTOENCODER, TINY_SDXL_UNET, TINY_UNET
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 from ..foundationals.latent_diffusion.unet import UNet
 from . import host
@@ -40,6 +40,7 @@ from .workflow import WorkflowError, load_workflow
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "workflows"
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 DEMO_LORA = "fluxion_demo_lora.safetensors"
 DEMO_CONTROLNET = "control_v11p_sd15_canny.safetensors"
 DEMO_IP_ADAPTER = "ip-adapter_sd15.safetensors"
@@ -54,12 +55,29 @@ def tiny_sd15(seed: int = 0) -> StableDiffusion:
     model = StableDiffusion(
         UNet(TINY_UNET), LatentDiffusionAutoencoder(TINY_8X_AUTOENCODER), CLIPTextEncoder(text_preset("tiny"))
     )
+    _redraw(model)
+    return model
+
+
+def _redraw(model: StableDiffusion) -> None:
     with torch.no_grad():  # default inits leave zero layers: make every weight matter
         for name, parameter in [*model.unet.named_parameters(), *model.autoencoder.named_parameters()]:
             if parameter.dim() > 1:
                 parameter.normal_(0.0, 0.05)
             elif not name.endswith("weight"):
                 parameter.normal_(0.0, 0.02)
+
+
+def tiny_sdxl(seed: int = 5) -> StableDiffusion:
+    """A tiny SDXL-shaped model with random weights (two text encoders, size conditioning)."""
+    torch.manual_seed(seed)
+    model = StableDiffusion(
+        UNet(TINY_SDXL_UNET),
+        LatentDiffusionAutoencoder(TINY_8X_AUTOENCODER.with_changes(scaling_factor=0.13025)),
+        CLIPTextEncoder(text_preset("tiny")),
+        CLIPTextEncoder(text_preset("tiny_bigg")),
+    )
+    _redraw(model)
     return model
 
 
@@ -140,6 +158,7 @@ def write_demo_files(models_dir: Path, input_dir: Path) -> None:
     input_dir.mkdir(parents=True, exist_ok=True)
     model = tiny_sd15()
     save_single_file(model, models_dir / "checkpoints" / SD15_CHECKPOINT)
+    save_single_file(tiny_sdxl(), models_dir / "checkpoints" / SDXL_CHECKPOINT)
     save_to_safetensors(models_dir / "loras" / DEMO_LORA, kohya_lora(model), metadata={"ss_network_dim": "4"})
     save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROLNET, lllyasviel_controlnet())
     save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER, tencent_ip_adapter(model))

@@ -19,6 +19,7 @@ from . import (
     model_nodes,
     sampler_nodes,
     text_nodes,
+    training_nodes,
 )
 
 FEATURE_MODULES: tuple[ModuleType, ...] = (
@@ -30,6 +31,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     control_nodes,
     image_prompt_nodes,
     model_nodes,
+    training_nodes,
 )
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}

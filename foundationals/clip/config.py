@@ -80,6 +80,10 @@ TEXT_PRESETS: dict[str, CLIPTextConfig] = {
     ),
     # For tests: real vocabulary and sequence length (works with the real tokenizer), tiny transformer.
     "tiny": CLIPTextConfig(embedding_dim=32, num_layers=3, num_heads=4, feedforward_dim=37),
+    # Tiny second SDXL encoder (bigG-like: gelu, projection): with "tiny", a 48-wide SDXL context.
+    "tiny_bigg": CLIPTextConfig(
+        embedding_dim=16, num_layers=3, num_heads=2, feedforward_dim=24, activation="gelu", projection_dim=40
+    ),
 }
 
 IMAGE_PRESETS: dict[str, CLIPImageConfig] = {
