@@ -31,7 +31,7 @@ from torch import Tensor
 from transformers import CLIPTextConfig as TransformersTextConfig
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from foundationals.clip.config import CLIPTextConfig
+from foundationals.clip.config import CLIPTextConfig, text_preset
 from foundationals.clip.text_encoder import load_clip_text_encoder
 from foundationals.conversion.diffusers_keys import diffusers_autoencoder_key_map, diffusers_unet_key_map
 from foundationals.conversion.ldm_keys import ldm_autoencoder_key_map, ldm_unet_key_map
@@ -47,11 +47,10 @@ from foundationals.latent_diffusion.unet import UNet
 from tests.support.tiny_sd import write_clip_vocabulary
 
 TINY_SDXL_AUTOENCODER = TINY_AUTOENCODER.with_changes(scaling_factor=0.13025)
-# Our configs of the two text encoders: what a single file cannot say (heads, activation) for tiny widths.
-TINY_CLIP_L = CLIPTextConfig(embedding_dim=32, num_layers=3, num_heads=4, feedforward_dim=37)
-TINY_BIGG = CLIPTextConfig(
-    embedding_dim=16, num_layers=3, num_heads=2, feedforward_dim=24, activation="gelu", projection_dim=40
-)
+# The two text encoders: CLIP-L-like (quick_gelu) and bigG-like (gelu, text projection); presets, so that a
+# single file of them loads by shape alone.
+TINY_CLIP_L = text_preset("tiny")
+TINY_BIGG = text_preset("tiny_bigg")
 TINY_SDXL_TEXT_CONFIGS: dict[str, CLIPTextConfig] = {"clip_l": TINY_CLIP_L, "clip_g": TINY_BIGG}
 # SDXL base's scheduler config (diffusers' stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json).
 SDXL_SCHEDULER: dict[str, Any] = dict(

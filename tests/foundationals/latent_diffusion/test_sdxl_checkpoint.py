@@ -87,7 +87,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_sdxl_single_file_pipeline_equals_diffusers(sdxl):
     parts, path, expected = sdxl
-    sd = StableDiffusion.from_checkpoint(path, text_encoder_configs=TINY_SDXL_TEXT_CONFIGS)
+    sd = StableDiffusion.from_checkpoint(path)  # the text encoders' heads and activations from their presets
     assert sd.is_sdxl and not sd.is_inpainting_model
     assert sd.unet.config == TINY_SDXL_UNET
     assert sd.autoencoder.scaling_factor == 0.13025
@@ -104,16 +104,16 @@ def test_sdxl_diffusers_folder_pipeline_equals_diffusers(sdxl, tmp_path):
     assert max_diff(text_to_image(sd), expected) <= TOLERANCE
 
 
-def test_sdxl_single_file_in_fp16_loads_in_the_asked_dtype(sdxl, tmp_path):
+def test_sdxl_single_file_in_fp16_loads_in_the_asked_dtype_with_given_text_configs(sdxl, tmp_path):
     parts, _, _ = sdxl
     path = tmp_path / "tiny-sdxl-fp16.safetensors"
     save_file({key: value.half() for key, value in sdxl_single_file_tensors(parts).items()}, str(path))
     sd = StableDiffusion.from_checkpoint(
         path, dtype=torch.float16, text_encoder_configs=TINY_SDXL_TEXT_CONFIGS
     )
-    assert {p.dtype for model in (sd.unet, sd.autoencoder, sd.text_encoder) for p in model.parameters()} == {
-        torch.float16
-    }
+    models = (sd.unet, sd.autoencoder, sd.text_encoder, sd.text_encoder_2)
+    assert {p.dtype for model in models if model is not None for p in model.parameters()} == {torch.float16}
+    assert sd.text_encoder_2 is not None and sd.text_encoder_2.config == TINY_SDXL_TEXT_CONFIGS["clip_g"]
 
 
 def test_sdxl_file_without_text_encoders_is_refused_by_from_checkpoint(sdxl, tmp_path):

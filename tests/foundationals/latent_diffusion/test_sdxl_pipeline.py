@@ -12,6 +12,7 @@ prompts 1.0e-5. Tolerance: 1e-4. The fp16 overflow fallback equals an fp32 run e
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -350,7 +351,7 @@ def test_fp16_decode_that_overflows_is_redone_in_fp32(components):
     with torch.no_grad():
         assert not half.decode(latents).isfinite().all()  # the overflow is real
         expected = (twin.decode(latents) / 2 + 0.5).clamp(0, 1)
-    fp16 = type(sd)(sd.unet, half, sd.text_encoder, sd.text_encoder_2)
+    fp16 = replace(sd, autoencoder=half)
     decoded = fp16.decode_latents(latents)
     assert decoded.isfinite().all() and decoded.std() > 0.01
     assert torch.equal(decoded, expected)
@@ -364,9 +365,9 @@ def test_fp16_decode_that_overflows_is_redone_in_fp32(components):
 
 def test_fp16_decode_without_overflow_stays_fp16(components):
     _, sd = components
-    half, twin = fp16_autoencoder_that_overflows(1.0)
+    half, _ = fp16_autoencoder_that_overflows(1.0)
     latents = torch.randn(1, 4, 8, 8, generator=generator(1))
-    fp16 = type(sd)(sd.unet, half, sd.text_encoder, sd.text_encoder_2)
+    fp16 = replace(sd, autoencoder=half)
     with torch.no_grad():
         expected = (half.decode(latents).float() / 2 + 0.5).clamp(0, 1)
     assert torch.equal(fp16.decode_latents(latents), expected)
