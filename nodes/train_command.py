@@ -54,10 +54,16 @@ def run_training(config: LoraTrainingConfig) -> Path:
         data.caption_prefix,
     )
     device = _device(config)
-    dtype = PRECISIONS.get(config.training.mixed_precision, torch.float32) if device.type == "cuda" else torch.float32
+    dtype = (
+        PRECISIONS.get(config.training.mixed_precision, torch.float32)
+        if device.type == "cuda"
+        else torch.float32
+    )
     model = StableDiffusion.from_checkpoint(checkpoint, device=device, dtype=dtype)
     model.autoencoder.to(dtype=torch.float32)
-    prediction = None if config.model.prediction_type == "auto" else PredictionType(config.model.prediction_type)
+    prediction = (
+        None if config.model.prediction_type == "auto" else PredictionType(config.model.prediction_type)
+    )
     print(f"training on {len(examples)} images from {data.folder} ({device}, {config.training.steps} steps)")
     with host.ProgressReporter(config.training.steps, "train") as bar:
 
@@ -89,7 +95,9 @@ def run_training(config: LoraTrainingConfig) -> Path:
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="training config (TOML), e.g. examples/training/finetune-lora.toml")
+    parser.add_argument(
+        "config", type=Path, help="training config (TOML), e.g. examples/training/finetune-lora.toml"
+    )
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -56,8 +56,14 @@ class FluxionTrainLora:
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The checkpoint to train on (from Fluxion Load Checkpoint)."}),
-                "clip": (CLIP, {"tooltip": "Its text encoders (same checkpoint), which encode the captions."}),
-                "images": ("IMAGE", {"tooltip": "Training images; resized and center-cropped to the resolution."}),
+                "clip": (
+                    CLIP,
+                    {"tooltip": "Its text encoders (same checkpoint), which encode the captions."},
+                ),
+                "images": (
+                    "IMAGE",
+                    {"tooltip": "Training images; resized and center-cropped to the resolution."},
+                ),
                 "captions": (
                     "STRING",
                     {
@@ -66,15 +72,29 @@ class FluxionTrainLora:
                         "tooltip": "One caption per image, one per line; or a single line used for every image.",
                     },
                 ),
-                "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (size of the update)."}),
+                "rank": (
+                    "INT",
+                    {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (size of the update)."},
+                ),
                 "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Optimizer steps."}),
                 "learning_rate": (
                     "FLOAT",
-                    {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "tooltip": "AdamW learning rate."},
+                    {
+                        "default": 1e-4,
+                        "min": 1e-7,
+                        "max": 1.0,
+                        "step": 1e-5,
+                        "tooltip": "AdamW learning rate.",
+                    },
                 ),
                 "seed": (
                     "INT",
-                    {"default": 0, "min": 0, "max": 2**32 - 1, "tooltip": "Seeds LoRA init, order, timesteps, noise."},
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 2**32 - 1,
+                        "tooltip": "Seeds LoRA init, order, timesteps, noise.",
+                    },
                 ),
                 "lora_name": (
                     "STRING",
@@ -84,11 +104,22 @@ class FluxionTrainLora:
             "optional": {
                 "alpha": (
                     "FLOAT",
-                    {"default": 0.0, "min": 0.0, "max": 1024.0, "tooltip": "LoRA alpha (scale alpha/rank); 0 = rank."},
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1024.0,
+                        "tooltip": "LoRA alpha (scale alpha/rank); 0 = rank.",
+                    },
                 ),
                 "resolution": (
                     "INT",
-                    {"default": 512, "min": 64, "max": 2048, "step": 64, "tooltip": "Training size (pixels per side)."},
+                    {
+                        "default": 512,
+                        "min": 64,
+                        "max": 2048,
+                        "step": 64,
+                        "tooltip": "Training size (pixels per side).",
+                    },
                 ),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per step."}),
                 "train_text_encoder": (
