@@ -155,4 +155,5 @@ class SelfAttention2d(SelfAttention):
 
 
 def _tokens_to_image(tokens: Tensor, image: Tensor) -> Tensor:
-    return tokens.transpose(1, 2).reshape(image.shape)
+    # contiguous NCHW, as convolutions that follow expect (a strided view makes them reorder weights)
+    return tokens.transpose(1, 2).reshape(image.shape).contiguous()

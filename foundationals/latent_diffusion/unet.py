@@ -237,7 +237,9 @@ class TransformerBlock(fl.Chain):
 
 
 def _tokens_to_image(tokens: Tensor, image: Tensor) -> Tensor:
-    return tokens.transpose(1, 2).reshape(image.shape)
+    # contiguous NCHW: a strided view here would send every later convolution down oneDNN's
+    # channels-last path, which reorders its weights on each call
+    return tokens.transpose(1, 2).reshape(image.shape).contiguous()
 
 
 class CrossAttentionBlock2d(fl.Residual):
