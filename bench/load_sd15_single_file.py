@@ -15,6 +15,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -46,8 +50,8 @@ print(json.dumps({{"seconds": seconds, "peak_kib": peak, "baseline_kib": baselin
 """
 
 
-def write_random_sd15(path: Path) -> int:
-    """A random full-size SD1.5 file in the LDM layout (fp16); returns its tensor bytes."""
+def write_random_sd15(path: Path, dtype: torch.dtype | None = None) -> int:
+    """A random full-size SD1.5 file in the LDM layout (fp16 unless `dtype`); returns its tensor bytes."""
     import torch
     from safetensors.torch import save_file
 
@@ -59,7 +63,7 @@ def write_random_sd15(path: Path) -> int:
     generator = torch.Generator().manual_seed(0)
 
     def random(shape: tuple[int, ...]) -> torch.Tensor:
-        return (torch.randn(shape, generator=generator) * 0.02).half()
+        return (torch.randn(shape, generator=generator) * 0.02).to(dtype or torch.float16)
 
     tensors: dict[str, torch.Tensor] = {}
     for model, key_map, prefix in (
