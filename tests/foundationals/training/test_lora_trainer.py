@@ -90,7 +90,8 @@ def test_loss_decreases_over_fifty_seeded_steps(fifty_steps):
     losses, _ = fifty_steps[0]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert len(losses) == 50
-    assert last < 0.85 * first, (first, last)  # measured: 1.16 -> 0.83
+    # measured: 10-step means 1.27, 1.24, 1.19, 1.06, 0.99
+    assert last < 0.85 * first, (first, last)
 
 
 def test_two_runs_with_one_seed_give_identical_losses_and_weights(fifty_steps):
