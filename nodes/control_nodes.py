@@ -11,6 +11,7 @@ import torch
 from ..foundationals.latent_diffusion.canny import canny
 from ..foundationals.latent_diffusion.controlnet import (
     CONTROL_MODES,
+    ControlMismatchError,
     ControlNet,
     ControlNetPatch,
     load_controlnet,
@@ -163,7 +164,10 @@ class FluxionApplyControl:
             patch = ControlNetPatch(
                 control.model, image, strength, start_percent, end_percent, mask, mode, name=name
             )
-        patch.apply(model.model, None)()  # checks that it fits this model now, before any sampling
+        try:  # checks that it fits this model now, before any sampling
+            patch.apply(model.model, None)()
+        except ControlMismatchError as error:
+            raise ControlMismatchError(f"{name} does not fit the model {model.name}: {error}") from error
         return (model.with_patch(patch),)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..foundationals.clip.image_encoder import CLIPImageEncoder, load_clip_image_encoder
+from ..foundationals.latent_diffusion.controlnet import unet_family
 from ..foundationals.latent_diffusion.ip_adapter import IPAdapter, IPAdapterPatch, load_ip_adapter
 from ..foundationals.latent_diffusion.reference_only import ReferenceOnlyPatch
 from ..foundationals.model_files import read_state_dict
@@ -188,7 +189,19 @@ class FluxionApplyIPAdapter:
     ) -> tuple[ModelWire]:
         adapter, encoder = ipadapter.model, clip_vision.model
         assert isinstance(adapter, IPAdapter) and isinstance(encoder, CLIPImageEncoder)
-        adapter.check_unet(model.model.unet)
+        try:
+            adapter.check_unet(model.model.unet)
+        except ValueError as error:
+            family = unet_family(model.model.unet.config)
+            raise ValueError(
+                f"IP-Adapter {ipadapter.name} does not fit the model {model.name} ({family}): {error}"
+            ) from error
+        try:
+            adapter.check_image_encoder(encoder)
+        except ValueError as error:
+            raise ValueError(
+                f"IP-Adapter {ipadapter.name} does not fit the CLIP vision encoder {clip_vision.name}: {error}"
+            ) from error
         with torch.no_grad():
             patch = IPAdapterPatch.from_images(
                 adapter,

@@ -12,6 +12,12 @@ MAX_RESOLUTION = 16384
 LATENT_FACTOR = 8  # SD1.5 and SDXL autoencoders downscale by 8
 
 
+def require_finite(tensor: torch.Tensor, what: str) -> None:
+    """Refuse NaN or infinite values, which would silently turn every output to NaN."""
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+
+
 def images_to_tensor(images: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, 3, H, W), alpha dropped, grey expanded."""
     if images.dim() != 4:

@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from ..foundationals.conversion.lora_keys import LoraFile, normalize_lora
-from ..foundationals.latent_diffusion.lora import SDLoraManager
+from ..foundationals.latent_diffusion.controlnet import describe_model_kind
+from ..foundationals.latent_diffusion.lora import LoraMismatchError, SDLoraManager, model_family
 from ..foundationals.latent_diffusion.model_patch import SamplingRun, Undo
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
-from ..foundationals.model_files import read_metadata, read_state_dict
+from ..foundationals.model_files import ModelFileError, describe_keys, read_metadata, read_state_dict
 from .host import list_model_files, model_file_path
 from .wires import CLIP, MODEL, ClipWire, ModelWire
 
 UNET = "unet"
+NOT_LORAS = ("a ControlNet", "a T2I-Adapter", "an IP-Adapter", "a Stable Diffusion checkpoint")
+LORA_EXPECTED = (
+    "a LoRA (kohya/A1111 lora_unet_*/lora_te*_* keys, diffusers/peft *.lora_A/lora_B or *.lora.down/up keys)"
+)
+_CONTEXT_FAMILIES = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
+
+
+def check_lora_family(lora_name: str, lora: LoraFile, model: ModelWire) -> None:
+    """Refuse a LoRA made for another base model, even when some of its layers would happen to fit.
+
+    Evidence: what the file says (lora_te2_ keys, added embeddings, a real model's context width) and the
+    input width of its cross-attention key/value LoRAs, which is the text context width of its base model.
+    """
+    sd = model.model
+    family, context = model_family(sd.unet), sd.unet.config.context_dim
+    hint = lora.family_hint
+    if hint is not None and hint.split()[0] != family:
+        raise LoraMismatchError(f"LoRA {lora_name!r} targets {hint}; the model {model.name} is {family}")
+    for weights in lora.weights:
+        down = weights.tensors.get("down")
+        if weights.component != UNET or down is None or not re.search(r"attn2\.to_[kv]$", weights.module):
+            continue
+        width = int(down.shape[1])
+        if width != context:
+            base = _CONTEXT_FAMILIES.get(width, "another base model")
+            raise LoraMismatchError(
+                f"LoRA {lora_name!r} targets {base} (its cross-attention LoRAs take a {width}-wide text context, "
+                f"e.g. {weights.source or weights.module}); the model {model.name} is {family} "
+                f"(a {context}-wide text context)"
+            )
 
 
 @dataclass(frozen=True)
@@ -117,9 +149,14 @@ class FluxionLoraLoader:
     ) -> tuple[ModelWire, ClipWire, str]:
         path = model_file_path("loras", lora_name)
         state_dict = read_state_dict(path, what="LoRA")
+        kind = describe_model_kind(list(state_dict))
+        if kind in NOT_LORAS:
+            found = f"this is {kind}, not a LoRA ({describe_keys(list(state_dict))})"
+            raise ModelFileError(path, "LoRA", found, LORA_EXPECTED)
         sd = model.model
         probe = SDLoraManager.for_models(sd.unet, sd.text_encoder, sd.text_encoder_2)
         lora = normalize_lora(state_dict, probe.namespace, read_metadata(path, what="LoRA"))
+        check_lora_family(lora_name, lora, model)
         try:  # a dry run: raises (naming the file and the family it targets) when nothing fits
             report = probe.add_loras(lora_name, lora, source=lora_name)
         finally:

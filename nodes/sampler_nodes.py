@@ -7,11 +7,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..foundationals.latent_diffusion.controlnet import unet_family
 from ..foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from ..foundationals.latent_diffusion.sampling import Conditioning
 from ..foundationals.latent_diffusion.stable_diffusion import SCHEDULES, SOLVERS, make_solver
 from .host import ProgressReporter, is_hosted, throw_if_interrupted
-from .latent_nodes import mask_to_latent
+from .latent_nodes import mask_to_latent, require_finite
 from .wires import CONDITIONING, MODEL, ModelWire
 
 # Approximate linear maps from SD latents to RGB, for step previews only.
@@ -39,6 +40,22 @@ def latent_preview(latents: torch.Tensor, sdxl: bool) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
+def check_conditioning(model: ModelWire, conditioning: Conditioning, which: str) -> None:
+    """Refuse conditioning made by another family's text encoder(s) before anything runs."""
+    sd = model.model
+    family = unet_family(sd.unet.config)
+    context = sd.unet.config.context_dim
+    width = int(conditioning.text_embedding.shape[-1])
+    sdxl_like = conditioning.pooled_text_embedding is not None
+    if width != context or sdxl_like != sd.is_sdxl:
+        made_by = "SDXL-style (pooled text and size)" if sdxl_like else "SD1.5-style"
+        raise ValueError(
+            f"the {which} conditioning ({made_by}, {width}-wide) was not made for the model {model.name} "
+            f"({family}, {context}-wide text context): encode the prompt with this model's clip output "
+            "(Fluxion Text Encode)"
+        )
+
+
 def sample_latents(
     model: ModelWire,
     positive: Conditioning,
@@ -62,18 +79,24 @@ def sample_latents(
     if not torch.isfinite(latents).all():
         raise ValueError("the latents contain NaN or infinite values")
     batch, _, height, width = latents.shape
+    check_conditioning(model, positive, "positive")
+    check_conditioning(model, negative, "negative")
     mask = latent.get("noise_mask")
+    if mask is not None:
+        require_finite(mask, "the latents' noise mask")
     latent_mask = mask_to_latent(mask, batch, height, width) if mask is not None else None
-    if latent_mask is not None and not latent_mask.any():
+    if latent_mask is not None and not latent_mask.any() and not sd.is_inpainting_model:
         latent_mask = None  # nothing to repaint: behave as plain image-to-image
     masked_image_latents = latent.get("fluxion_masked_image_latents")
     if sd.is_inpainting_model and latent_mask is None:
         raise ValueError(
-            "this is an inpainting model (9 input channels): encode the image with a mask (Fluxion VAE Encode's mask input)"
+            f"{model.name} is an inpainting model (9 input channels): encode the image with a mask "
+            "(Fluxion VAE Encode's mask input)"
         )
     if sd.is_inpainting_model and masked_image_latents is None:
         raise ValueError(
-            "the inpainting model needs latents encoded by Fluxion VAE Encode from this model, with a mask"
+            f"{model.name} is an inpainting model: it needs latents encoded by Fluxion VAE Encode from this "
+            "model's VAE, with a mask"
         )
     sampler = make_solver(solver, steps, schedule, denoise, sd.prediction_type, device=sd.device)
     # Full-strength text-to-image starts from pure noise, as diffusers' txt2img pipeline does.
@@ -93,7 +116,9 @@ def sample_latents(
         throw_if_interrupted()
         if progress is not None:
             progress.total = total  # img2img runs fewer steps than the schedule has
-            progress.update_absolute(done, preview=latent_preview(current, sd.is_sdxl) if is_hosted() else None)
+            progress.update_absolute(
+                done, preview=latent_preview(current, sd.is_sdxl) if is_hosted() else None
+            )
 
     throw_if_interrupted()
     with patched(sd, model.patches, run):
