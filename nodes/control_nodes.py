@@ -20,6 +20,7 @@ from ..foundationals.latent_diffusion.model_patch import ModelPatch
 from ..foundationals.latent_diffusion.t2i_adapter import T2IAdapter, T2IAdapterPatch, load_t2i_adapter
 from ..foundationals.model_files import read_header
 from .host import list_model_files, model_file_path, register_memory_release
+from .latent_nodes import require_finite
 from .wires import MODEL, ModelWire
 
 CONTROL = "FLUXION_CONTROL"
@@ -156,6 +157,9 @@ class FluxionApplyControl:
     ) -> tuple[ModelWire]:
         patch: ModelPatch
         name = f"{control.kind} {control.name}"
+        require_finite(image, "the hint image")
+        if mask is not None:
+            require_finite(mask, "the mask")
         if isinstance(control.model, T2IAdapter):
             if mask is not None or mode != "balanced":
                 raise ValueError("masks and control modes apply to ControlNets; this is a T2I-Adapter")

@@ -13,7 +13,7 @@ from ..foundationals.latent_diffusion.ip_adapter import IPAdapter, IPAdapterPatc
 from ..foundationals.latent_diffusion.reference_only import ReferenceOnlyPatch
 from ..foundationals.model_files import read_state_dict
 from .host import list_model_files, model_file_path, register_memory_release
-from .latent_nodes import crop_to_multiple, images_to_tensor
+from .latent_nodes import crop_to_multiple, images_to_tensor, require_finite
 from .wires import MODEL, VAE, ModelWire, VaeWire
 
 IP_ADAPTER = "FLUXION_IPADAPTER"
@@ -189,6 +189,13 @@ class FluxionApplyIPAdapter:
     ) -> tuple[ModelWire]:
         adapter, encoder = ipadapter.model, clip_vision.model
         assert isinstance(adapter, IPAdapter) and isinstance(encoder, CLIPImageEncoder)
+        for tensor, what in (
+            (image, "the image"),
+            (negative_image, "the negative image"),
+            (mask, "the mask"),
+        ):
+            if tensor is not None:
+                require_finite(tensor, what)
         try:
             adapter.check_unet(model.model.unet)
         except ValueError as error:
@@ -276,6 +283,7 @@ class FluxionReferenceOnly:
         end_percent: float,
     ) -> tuple[ModelWire]:
         sd = vae.model
+        require_finite(image, "the reference image")
         pixels = images_to_tensor(crop_to_multiple(image, sd.autoencoder.config.downscale_factor))
         latents = sd.encode_image(pixels[:1])
         patch = ReferenceOnlyPatch(latents, strength, style_fidelity, start_percent, end_percent)

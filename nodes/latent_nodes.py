@@ -9,7 +9,24 @@ import torch
 from .wires import VAE, VaeWire
 
 MAX_RESOLUTION = 16384
+"""The largest width or height, in pixels, any node accepts (ComfyUI's MAX_RESOLUTION)."""
+MAX_BATCH_PIXELS = MAX_RESOLUTION * MAX_RESOLUTION
+"""The most pixels a batch may hold (batch x height x width): one 16384x16384 image, or 64 of 2048x2048."""
 LATENT_FACTOR = 8  # SD1.5 and SDXL autoencoders downscale by 8
+
+
+def check_size(batch: int, height: int, width: int, what: str) -> None:
+    """Refuse a batch past the size limits, before anything of that size is allocated or computed."""
+    if height > MAX_RESOLUTION or width > MAX_RESOLUTION:
+        raise ValueError(
+            f"{what} of {width}x{height} pixels is larger than the limit of {MAX_RESOLUTION} pixels per side"
+        )
+    total = batch * height * width
+    if total > MAX_BATCH_PIXELS:
+        raise ValueError(
+            f"{what}: {batch} x {width}x{height} is {total:,} pixels, above the limit of {MAX_BATCH_PIXELS:,} "
+            f"pixels per batch ({MAX_RESOLUTION}x{MAX_RESOLUTION}); lower the batch size or the image size"
+        )
 
 
 def require_finite(tensor: torch.Tensor, what: str) -> None:
@@ -35,9 +52,10 @@ def tensor_to_images(pixels: torch.Tensor) -> torch.Tensor:
 def crop_to_multiple(images: torch.Tensor, factor: int) -> torch.Tensor:
     """Center-crop an IMAGE so height and width are multiples of `factor` (ComfyUI's VAE Encode crops too)."""
     height, width = images.shape[1] // factor * factor, images.shape[2] // factor * factor
-    if height == 0 or width == 0:
+    if height < 2 * factor or width < 2 * factor:  # one latent pixel is not enough for the models' norms
         raise ValueError(
-            f"image of {images.shape[2]}x{images.shape[1]} is smaller than {factor}x{factor} pixels"
+            f"image of {images.shape[2]}x{images.shape[1]} pixels is too small: each side needs at least "
+            f"{2 * factor} pixels"
         )
     top, left = (images.shape[1] - height) // 2, (images.shape[2] - width) // 2
     return images[:, top : top + height, left : left + width]
@@ -78,6 +96,7 @@ class FluxionEmptyLatent:
         }
 
     def generate(self, width: int, height: int, batch_size: int) -> tuple[dict[str, Any]]:
+        check_size(batch_size, height, width, "empty latent")
         latents = torch.zeros(batch_size, 4, height // LATENT_FACTOR, width // LATENT_FACTOR)
         return ({"samples": latents},)
 
@@ -112,6 +131,10 @@ class FluxionVAEEncode:
     ) -> tuple[dict[str, Any]]:
         model = vae.model
         factor = model.autoencoder.config.downscale_factor
+        if pixels.dim() == 4:
+            check_size(pixels.shape[0], pixels.shape[1], pixels.shape[2], "image to encode")
+        if mask is not None:
+            require_finite(mask, "the mask")
         images = crop_to_multiple(pixels, factor)
         if not torch.isfinite(images).all():
             raise ValueError("the image contains NaN or infinite values")
@@ -161,9 +184,14 @@ class FluxionVAEDecode:
 
     def decode(self, vae: VaeWire, samples: dict[str, Any], tiled: bool = False) -> tuple[torch.Tensor]:
         latents = samples["samples"]
+        model = vae.model
+        factor = model.autoencoder.config.downscale_factor
+        if latents.dim() == 4:
+            check_size(
+                latents.shape[0], latents.shape[2] * factor, latents.shape[3] * factor, "latents to decode"
+            )
         if not torch.isfinite(latents).all():
             raise ValueError("the latents contain NaN or infinite values")
-        model = vae.model
         if tiled:
             parameter = next(model.autoencoder.parameters())
             with torch.no_grad():

@@ -12,7 +12,7 @@ from ..foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from ..foundationals.latent_diffusion.sampling import Conditioning
 from ..foundationals.latent_diffusion.stable_diffusion import SCHEDULES, SOLVERS, make_solver
 from .host import ProgressReporter, is_hosted, throw_if_interrupted
-from .latent_nodes import mask_to_latent, require_finite
+from .latent_nodes import check_size, mask_to_latent, require_finite
 from .wires import CONDITIONING, MODEL, ModelWire
 
 # Approximate linear maps from SD latents to RGB, for step previews only.
@@ -76,9 +76,11 @@ def sample_latents(
         raise ValueError(
             f"latents of shape {tuple(latents.shape)} do not fit this model (expected (B, {sd.latent_channels}, h, w))"
         )
+    batch, _, height, width = latents.shape
+    factor = sd.autoencoder.config.downscale_factor
+    check_size(batch, height * factor, width * factor, "latents to sample")
     if not torch.isfinite(latents).all():
         raise ValueError("the latents contain NaN or infinite values")
-    batch, _, height, width = latents.shape
     check_conditioning(model, positive, "positive")
     check_conditioning(model, negative, "negative")
     mask = latent.get("noise_mask")
