@@ -10,7 +10,10 @@ from typing import Any
 
 from .workflow import input_specs, widget_value_names
 
-COLUMN_WIDTH, ROW_HEIGHT, NODE_WIDTH = 380, 260, 340
+COLUMN_WIDTH, NODE_WIDTH = 380, 340
+TITLE_HEIGHT, GAP = 30, 40
+IMAGE_NODES = ("LoadImage", "SaveImage", "PreviewImage")  # they grow by their image preview
+PREVIEW_HEIGHT = 260
 
 
 def _is_link(value: Any) -> bool:
@@ -57,7 +60,7 @@ def api_to_ui(prompt: Mapping[str, Mapping[str, Any]], node_classes: Mapping[str
                 ]
                 links.append(link)
                 inputs_of[node_id].append({"name": name, "type": spec.type_name, "link": link[0]})
-    rows: dict[int, int] = {}
+    column_tops: dict[int, int] = {}
     nodes: list[dict[str, Any]] = []
     for order, (node_id, node) in enumerate(ordered):
         cls = node_classes[node["class_type"]]
@@ -84,14 +87,15 @@ def api_to_ui(prompt: Mapping[str, Mapping[str, Any]], node_classes: Mapping[str
             for index, kind in enumerate(return_types)
         ]
         column = depths[node_id]
-        row = rows.get(column, 0)
-        rows[column] = row + 1
+        height = 100 + 26 * len(widgets) + (PREVIEW_HEIGHT if node["class_type"] in IMAGE_NODES else 0)
+        top = column_tops.get(column, 40 + TITLE_HEIGHT)
+        column_tops[column] = top + height + TITLE_HEIGHT + GAP  # stacked by real heights: no overlap
         nodes.append(
             {
                 "id": int(node_id),
                 "type": node["class_type"],
-                "pos": [40 + column * COLUMN_WIDTH, 40 + row * ROW_HEIGHT],
-                "size": [NODE_WIDTH, 100 + 26 * len(widgets)],
+                "pos": [40 + column * COLUMN_WIDTH, top],
+                "size": [NODE_WIDTH, height],
                 "flags": {},
                 "order": order,
                 "mode": 0,

@@ -232,3 +232,16 @@ def test_wrong_inputs_give_clear_errors(loaded):
         FluxionSetContext().set_context(model, "a", "b", "not json")
     with pytest.raises(ValueError, match="karras"):
         make_solver("ddim", 4, "karras")
+
+
+def test_ui_examples_lay_nodes_out_without_overlap():
+    for api_path in example_workflows():
+        graph = json.loads(api_path.with_name(api_path.name.replace(".api.json", ".json")).read_text())
+        boxes = [
+            (n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+            for n in graph["nodes"]
+        ]
+        for index, a in enumerate(boxes):
+            for b in boxes[index + 1 :]:
+                overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+                assert not overlap, f"{api_path.name}: nodes at {a[:2]} and {b[:2]} overlap"
