@@ -63,9 +63,9 @@ def snapshot(wire):
 
 def outputs(model_wire, clip_wire, latent=None):
     """Text conditioning and one guided sampling step: they change if any weight or layer was left behind."""
-    positive, negative = encode(clip_wire), encode(clip_wire, "fog")
+    positive = encode(clip_wire)  # also the negative: guidance still runs both branches
     latent = latent or FluxionEmptyLatent().generate(64, 64, 1)[0]
-    result = sample_latents(model_wire, positive, negative, latent, 5, 1, 3.0, "euler", "normal", 1.0)
+    result = sample_latents(model_wire, positive, positive, latent, 5, 1, 3.0, "euler", "normal", 1.0)
     return positive.text_embedding, result
 
 
