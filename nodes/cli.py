@@ -113,5 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-from . import demo  # noqa: E402,F401  (registers the demo subcommand)
-from . import train_command  # noqa: E402,F401  (registers the train subcommand)
+
+
+# Subcommands defined elsewhere register themselves on import.
+from . import demo, train_command  # noqa: E402,F401
