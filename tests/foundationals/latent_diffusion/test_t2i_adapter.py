@@ -327,3 +327,32 @@ def test_wrong_family_and_wrong_kind_are_refused(parts, tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
     with pytest.raises(ModelFileError, match="this is a LoRA, not a T2I-Adapter"):
         load_t2i_adapter(tmp_path / "lora.safetensors")
+
+
+def test_outside_start_end_the_trajectory_is_the_unadapted_one(parts):
+    sd, adapter = parts[1], parts[3][0]
+    hint = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(9))
+    positive, negative = sd.encode_prompt("a tree"), sd.encode_prompt("")
+
+    def trajectory(patches: list) -> list[torch.Tensor]:
+        steps: list[torch.Tensor] = []
+        run = SamplingRun(6, 0, LATENT, LATENT, 1, uses_guidance=True)
+        with patched(sd, patches, run):
+            sd.sample(
+                (1, 4, LATENT, LATENT),
+                positive,
+                negative,
+                make_solver("ddim", 6),
+                5.0,
+                5,
+                callback=lambda done, total, latents: steps.append(latents.clone()),
+                step_hook=run.run_step_hooks,
+            )
+        return steps
+
+    plain = trajectory([])
+    late = trajectory([T2IAdapterPatch(adapter, hint, 1.0, start=0.5, end=1.0)])
+    assert all(torch.equal(a, b) for a, b in zip(plain[:3], late[:3]))  # steps 0-2: before the window
+    assert max_diff(plain[-1], late[-1]) > 1e-4
+    early = trajectory([T2IAdapterPatch(adapter, hint, 1.0, start=0.0, end=0.5)])
+    assert max_diff(plain[0], early[0]) > 1e-4  # the adapter acts from the first step
