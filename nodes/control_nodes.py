@@ -19,13 +19,11 @@ from ..foundationals.latent_diffusion.controlnet import (
 from ..foundationals.latent_diffusion.model_patch import ModelPatch
 from ..foundationals.latent_diffusion.t2i_adapter import T2IAdapter, T2IAdapterPatch, load_t2i_adapter
 from ..foundationals.model_files import read_header
-from .host import list_model_files, model_file_path, register_memory_release
+from .host import list_model_files, model_file_path
 from .latent_nodes import require_finite
-from .wires import MODEL, ModelWire
+from .wires import MODEL, MODEL_FILES, ModelWire
 
 CONTROL = "FLUXION_CONTROL"
-_LOADED: dict[tuple[str, int], ControlNet | T2IAdapter] = {}
-register_memory_release(_LOADED.clear)
 
 
 @dataclass(frozen=True)
@@ -40,18 +38,18 @@ class LoadedControl:
         return "T2I-Adapter" if isinstance(self.model, T2IAdapter) else "ControlNet"
 
 
+def _load_control_file(path: Path) -> ControlNet | T2IAdapter:
+    target = path
+    if path.is_dir():
+        target = next((p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin")), path)
+    keys = read_header(target, what="ControlNet or T2I-Adapter")
+    is_t2i = any(k.startswith(("body.", "adapter.body.")) for k in keys)
+    return load_t2i_adapter(path) if is_t2i else load_controlnet(path)
+
+
 def load_control(path: Path) -> ControlNet | T2IAdapter:
     """A ControlNet or T2I-Adapter file (the kind is read from its keys), cached until the file changes."""
-    key = (str(path.resolve()), path.stat().st_mtime_ns)
-    if key not in _LOADED:
-        target = path
-        if path.is_dir():
-            target = next((p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin")), path)
-        keys = read_header(target, what="ControlNet or T2I-Adapter")
-        is_t2i = any(k.startswith(("body.", "adapter.body.")) for k in keys)
-        _LOADED.clear()  # keep only the latest file in memory
-        _LOADED[key] = load_t2i_adapter(path) if is_t2i else load_controlnet(path)
-    return _LOADED[key]
+    return MODEL_FILES.get("control", path, _load_control_file)
 
 
 class FluxionControlLoader:

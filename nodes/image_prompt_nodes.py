@@ -12,23 +12,12 @@ from ..foundationals.latent_diffusion.controlnet import unet_family
 from ..foundationals.latent_diffusion.ip_adapter import IPAdapter, IPAdapterPatch, load_ip_adapter
 from ..foundationals.latent_diffusion.reference_only import ReferenceOnlyPatch
 from ..foundationals.model_files import read_state_dict
-from .host import list_model_files, model_file_path, register_memory_release
+from .host import list_model_files, model_file_path
 from .latent_nodes import crop_to_multiple, images_to_tensor, require_finite
-from .wires import MODEL, VAE, ModelWire, VaeWire
+from .wires import MODEL, MODEL_FILES, VAE, ModelWire, VaeWire
 
 IP_ADAPTER = "FLUXION_IPADAPTER"
 CLIP_VISION = "FLUXION_CLIP_VISION"
-_LOADED: dict[tuple[str, str, int], IPAdapter | CLIPImageEncoder] = {}
-register_memory_release(_LOADED.clear)
-
-
-def _cached(kind: str, path: Path, load: type | object) -> IPAdapter | CLIPImageEncoder:
-    key = (kind, str(path.resolve()), path.stat().st_mtime_ns)
-    if key not in _LOADED:
-        for old in [k for k in _LOADED if k[0] == kind]:
-            del _LOADED[old]  # one file of each kind in memory
-        _LOADED[key] = load(path)  # type: ignore[operator]
-    return _LOADED[key]
 
 
 def _load_image_encoder(path: Path) -> CLIPImageEncoder:
@@ -66,7 +55,7 @@ class FluxionIPAdapterLoader:
 
     def load(self, ipadapter_name: str) -> tuple[NamedModel]:
         path = model_file_path("ipadapter", ipadapter_name)
-        return (NamedModel(ipadapter_name, _cached("ipadapter", path, load_ip_adapter)),)
+        return (NamedModel(ipadapter_name, MODEL_FILES.get("ipadapter", path, load_ip_adapter)),)
 
 
 class FluxionCLIPVisionLoader:
@@ -92,7 +81,7 @@ class FluxionCLIPVisionLoader:
 
     def load(self, clip_name: str) -> tuple[NamedModel]:
         path = model_file_path("clip_vision", clip_name)
-        return (NamedModel(clip_name, _cached("clip_vision", path, _load_image_encoder)),)
+        return (NamedModel(clip_name, MODEL_FILES.get("clip_vision", path, _load_image_encoder)),)
 
 
 def parse_weights(text: str, count: int) -> list[float] | None:

@@ -152,3 +152,24 @@ class CheckpointCache:
         self._model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class LatestFileCache:
+    """One loaded model per kind, kept until its file changes, another file is asked for, or the host frees memory."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[str, int], Any]] = {}
+        register_memory_release(self._entries.clear)
+
+    def get(self, kind: str, path: Path, load: Callable[[Path], Any]) -> Any:
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        entry = self._entries.get(kind)
+        if entry is None or entry[0] != key:
+            self._entries.pop(kind, None)  # drop the previous file before loading the next
+            entry = (key, load(path))
+            self._entries[kind] = entry
+        return entry[1]
+
+
+MODEL_FILES = LatestFileCache()
+"""Shared by the loader nodes of ControlNets, T2I-Adapters, IP-Adapters and CLIP vision encoders."""
