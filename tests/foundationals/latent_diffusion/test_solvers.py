@@ -107,11 +107,12 @@ def max_difference(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> floa
 
 
 def assert_same_timesteps(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    """Equal, except Euler's fractional Karras timesteps: those go through a float32 log, where numpy's
-    SIMD log and torch's differ by one ulp on ~17% of inputs; measured max diff 6.1e-5 at t~800 (1 ulp)."""
+    """Equal, except Euler's fractional Karras timesteps: those go through a float32 log and exp, where
+    numpy's SIMD kernels and torch's differ by a few ulps depending on the CPU; measured max relative
+    diff 1 ulp on an AMD EPYC (6.1e-5 at t~800), 4.2e-7 (6 ulps, 2.9e-6 at t~6.8) on an Intel Xeon."""
     assert ours.dtype == theirs.dtype
     if ours.is_floating_point() and not torch.equal(ours, ours.round()):
-        torch.testing.assert_close(ours, theirs, rtol=2e-7, atol=0)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
     else:
         assert torch.equal(ours, theirs), (ours, theirs)
 
