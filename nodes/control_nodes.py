@@ -200,6 +200,7 @@ class FluxionCanny:
         }
 
     def detect(self, image: torch.Tensor, low_threshold: float, high_threshold: float) -> tuple[Any]:
+        require_finite(image, "the image")
         return (canny(image, low_threshold, high_threshold),)
 
 

@@ -6,27 +6,14 @@ from typing import Any
 
 import torch
 
+from ..foundationals.latent_diffusion.limits import (  # one implementation, shared with the pipelines
+    MAX_BATCH_PIXELS,  # noqa: F401  (re-exported for the nodes and tests)
+    MAX_RESOLUTION,
+    check_size,
+)
 from .wires import VAE, VaeWire
 
-MAX_RESOLUTION = 16384
-"""The largest width or height, in pixels, any node accepts (ComfyUI's MAX_RESOLUTION)."""
-MAX_BATCH_PIXELS = MAX_RESOLUTION * MAX_RESOLUTION
-"""The most pixels a batch may hold (batch x height x width): one 16384x16384 image, or 64 of 2048x2048."""
 LATENT_FACTOR = 8  # SD1.5 and SDXL autoencoders downscale by 8
-
-
-def check_size(batch: int, height: int, width: int, what: str) -> None:
-    """Refuse a batch past the size limits, before anything of that size is allocated or computed."""
-    if height > MAX_RESOLUTION or width > MAX_RESOLUTION:
-        raise ValueError(
-            f"{what} of {width}x{height} pixels is larger than the limit of {MAX_RESOLUTION} pixels per side"
-        )
-    total = batch * height * width
-    if total > MAX_BATCH_PIXELS:
-        raise ValueError(
-            f"{what}: {batch} x {width}x{height} is {total:,} pixels, above the limit of {MAX_BATCH_PIXELS:,} "
-            f"pixels per batch ({MAX_RESOLUTION}x{MAX_RESOLUTION}); lower the batch size or the image size"
-        )
 
 
 def require_finite(tensor: torch.Tensor, what: str) -> None:

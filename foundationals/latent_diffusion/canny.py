@@ -53,6 +53,8 @@ def canny(image: Tensor, low_threshold: float = 0.4, high_threshold: float = 0.8
         )
     if image.dim() == 3:
         image = image[None]
+    if not torch.isfinite(image).all():  # NaN would compare False everywhere: an empty edge map, silently
+        raise ValueError("the image to find edges in contains NaN or infinite values")
     pixels = image.movedim(-1, 1).float()
     if pixels.shape[1] >= 3:
         weights = torch.tensor(LUMINANCE, device=pixels.device).view(1, 3, 1, 1)

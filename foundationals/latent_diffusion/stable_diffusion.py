@@ -26,6 +26,7 @@ from ..clip.prompt_weighting import EmbeddingLookup
 from ..clip.text_encoder import CLIPTextEncoder
 from .auto_encoder import LatentDiffusionAutoencoder
 from .checkpoint import CheckpointError, load_checkpoint
+from .limits import check_size
 from .sampling import Conditioning, InpaintingInputs, StepCallback, denoise, prepare_latents
 from .solvers import (
     DDIM,
@@ -253,6 +254,8 @@ class StableDiffusion:
         model also needs `masked_image_latents` (the latents of the image with the masked area blanked);
         other models keep the unmasked area on the source's trajectory each step.
         """
+        factor = self.autoencoder.config.downscale_factor
+        check_size(latents_shape[0], latents_shape[-2] * factor, latents_shape[-1] * factor, "sample")
         device = self.device
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -309,6 +312,7 @@ class StableDiffusion:
         zero_empty_negative: bool = True,
     ) -> Tensor:
         """(B, 3, height, width) image in [0, 1]. SDXL options: see `encode_prompts`."""
+        check_size(batch_size, height, width, "text_to_image")
         positive, negative = self.encode_prompts(
             prompt,
             negative_prompt,
@@ -343,6 +347,7 @@ class StableDiffusion:
     ) -> Tensor:
         """Re-draw `image` ((B, 3, H, W) in [0, 1]) with `strength` of noise (1 = ignore it)."""
         height, width = image.shape[-2:]
+        check_size(image.shape[0], height, width, "image_to_image")
         positive, negative = self.encode_prompts(
             prompt,
             negative_prompt,
@@ -386,6 +391,7 @@ class StableDiffusion:
     ) -> Tensor:
         """Repaint where `mask` ((B, 1, H, W), 1 = repaint) is set; 9-channel models or latent blending."""
         height, width = image.shape[-2:]
+        check_size(image.shape[0], height, width, "inpaint")
         positive, negative = self.encode_prompts(
             prompt,
             negative_prompt,

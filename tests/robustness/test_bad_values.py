@@ -11,8 +11,11 @@ import json
 import pytest
 import torch
 
+from foundationals.latent_diffusion import limits
+from foundationals.latent_diffusion.canny import canny
 from foundationals.latent_diffusion.stable_diffusion import SOLVERS
-from nodes.control_nodes import FluxionApplyControl, FluxionControlLoader
+from nodes import latent_nodes
+from nodes.control_nodes import FluxionApplyControl, FluxionCanny, FluxionControlLoader
 from nodes.demo import DEMO_CLIP_VISION, DEMO_CONTROLNET, DEMO_IP_ADAPTER, EXAMPLES
 from nodes.image_prompt_nodes import (
     FluxionApplyIPAdapter,
@@ -139,6 +142,27 @@ def test_huge_latents_and_images_are_refused_before_any_work(sd15, no_allocation
     refused(lambda: sample_latents(sd15[0], None, None, crowd, 0, 1, 3.0, "euler", "normal", 1.0), "batch")
 
 
+def test_the_library_pipelines_refuse_huge_sizes_before_allocation(sd15, no_allocation):
+    sd = sd15[0].model
+    per_side = "limit of 16384 pixels per side"
+    refused(lambda: sd.text_to_image("x", width=16392, height=64, steps=1), "text_to_image", per_side)
+    refused(
+        lambda: sd.text_to_image("x", width=4096, height=4096, batch_size=17, steps=1),
+        f"{MAX_BATCH_PIXELS:,} pixels per batch",
+    )
+    refused(lambda: sd.image_to_image(huge_view(1, 3, 16392, 64), "x", steps=1), "image_to_image", per_side)
+    refused(
+        lambda: sd.inpaint(huge_view(1, 3, 64, 16392), huge_view(1, 1, 64, 16392), "x"), "inpaint", per_side
+    )
+    refused(lambda: sd.sample((65, 4, 256, 256), None, None, None, 7.5, 0), "sample", f"{MAX_BATCH_PIXELS:,}")
+
+
+def test_the_nodes_and_the_pipelines_share_one_size_check():
+    assert latent_nodes.check_size is limits.check_size
+    assert (latent_nodes.MAX_RESOLUTION, latent_nodes.MAX_BATCH_PIXELS) == (16384, 16384 * 16384)
+    assert limits.MAX_BATCH_PIXELS == latent_nodes.MAX_BATCH_PIXELS
+
+
 def test_widget_sizes_past_the_limits_are_refused_by_the_runner(robustness_folders):
     prompt = json.loads((EXAMPLES / "sd15_txt2img.api.json").read_text())
     latent_id = next(i for i, node in prompt.items() if node["class_type"] == "FluxionEmptyLatent")
@@ -220,6 +244,8 @@ def test_non_finite_inputs_are_refused(sd15, value):
             model, ipadapter, clip_vision, picture(), 1.0, "concat", "", 0.0, 1.0, mask=mask
         ),
         "reference image": lambda: FluxionReferenceOnly().apply(model, vae, image, 1.0, 0.5, 0.0, 1.0),
+        "Canny node image": lambda: FluxionCanny().detect(image, 0.4, 0.8),
+        "canny() image": lambda: canny(image),
     }
     for where, call in calls.items():
         with pytest.raises(ValueError, match="NaN or infinite") as caught:
