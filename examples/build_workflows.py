@@ -200,6 +200,120 @@ def ip_adapter() -> dict:
     }
 
 
+def apply_ip_adapter(model: list, ipadapter: list, weight: float = 0.8, **inputs: object) -> dict:
+    return {
+        "class_type": "FluxionApplyIPAdapter",
+        "inputs": {
+            "model": model,
+            "ipadapter": ipadapter,
+            **inputs,
+            "weight": weight,
+            "combine": "concat",
+            "image_weights": "",
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+        },
+    }
+
+
+def ip_adapter_plus_two_images_mask() -> dict:
+    """Two reference images (one batch) with their own weights, acting only inside a mask (the transparent part
+    of example_mask.png: LoadImage's MASK is 1 - alpha)."""
+    apply = apply_ip_adapter(["1", 0], ["8", 0], clip_vision=["9", 0], image=["6", 0], mask=["7", 1])
+    apply["inputs"]["image_weights"] = "1, 0.6"
+    return {
+        **sd15_base("a portrait mixing both references, best quality"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": "example_2.png"}},
+        "6": {"class_type": "ImageBatch", "inputs": {"image1": ["4", 0], "image2": ["5", 0]}},
+        "7": {"class_type": "LoadImage", "inputs": {"image": "example_mask.png"}},
+        "8": {
+            "class_type": "FluxionIPAdapterLoader",
+            "inputs": {"ipadapter_name": "ip-adapter-plus_sd15.safetensors"},
+        },
+        "9": {
+            "class_type": "FluxionCLIPVisionLoader",
+            "inputs": {"clip_name": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"},
+        },
+        "10": apply,
+        "11": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "12": sampler(["10", 0], ["11", 0]),
+        **decode_and_save(["12", 0], "fluxion_ip_adapter_plus_mask", 13),
+    }
+
+
+def ip_adapter_controlnet() -> dict:
+    return {
+        **sd15_base("a glass house in the style of the reference, photograph"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "FluxionCanny",
+            "inputs": {"image": ["4", 0], "low_threshold": 0.2, "high_threshold": 0.6},
+        },
+        "6": {
+            "class_type": "FluxionControlLoader",
+            "inputs": {"control_name": "control_v11p_sd15_canny.safetensors"},
+        },
+        "7": {
+            "class_type": "FluxionApplyControl",
+            "inputs": {
+                "model": ["1", 0],
+                "control": ["6", 0],
+                "image": ["5", 0],
+                "strength": 0.9,
+                "start_percent": 0.0,
+                "end_percent": 0.8,
+                "mode": "balanced",
+            },
+        },
+        "8": {"class_type": "LoadImage", "inputs": {"image": "example_2.png"}},
+        "9": {
+            "class_type": "FluxionIPAdapterLoader",
+            "inputs": {"ipadapter_name": "ip-adapter_sd15.safetensors"},
+        },
+        "10": {
+            "class_type": "FluxionCLIPVisionLoader",
+            "inputs": {"clip_name": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"},
+        },
+        "11": apply_ip_adapter(["7", 0], ["9", 0], 0.7, clip_vision=["10", 0], image=["8", 0]),
+        "12": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "13": sampler(["11", 0], ["12", 0]),
+        **decode_and_save(["13", 0], "fluxion_ip_adapter_controlnet", 14),
+    }
+
+
+def ip_adapter_embeds() -> dict:
+    """Encode a reference once and save its embeds; prompt with embeds loaded from the input folder."""
+    return {
+        **sd15_base("a portrait in the style of the saved reference"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "FluxionIPAdapterLoader",
+            "inputs": {"ipadapter_name": "ip-adapter_sd15.safetensors"},
+        },
+        "6": {
+            "class_type": "FluxionCLIPVisionLoader",
+            "inputs": {"clip_name": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"},
+        },
+        "7": {
+            "class_type": "FluxionEncodeIPAdapterEmbeds",
+            "inputs": {"ipadapter": ["5", 0], "clip_vision": ["6", 0], "image": ["4", 0]},
+        },
+        "8": {
+            "class_type": "FluxionSaveIPAdapterEmbeds",
+            "inputs": {"embeds": ["7", 0], "filename_prefix": "fluxion_ipadapter_embeds"},
+        },
+        "9": {
+            "class_type": "FluxionLoadIPAdapterEmbeds",
+            "inputs": {"embeds_name": "example_ipadapter_embeds.safetensors"},
+        },
+        "10": apply_ip_adapter(["1", 0], ["5", 0], embeds=["9", 0]),
+        "11": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "12": sampler(["10", 0], ["11", 0]),
+        **decode_and_save(["12", 0], "fluxion_ip_adapter_embeds", 13),
+    }
+
+
 def reference_only() -> dict:
     return {
         **sd15_base("a landscape in the same style"),
@@ -286,6 +400,25 @@ def sdxl_img2img() -> dict:
     }
 
 
+def sdxl_ip_adapter() -> dict:
+    return {
+        **sdxl_base("a portrait in the style of the reference, cinematic", "lowres, watermark", 1024),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "FluxionIPAdapterLoader",
+            "inputs": {"ipadapter_name": "ip-adapter_sdxl.safetensors"},
+        },
+        "6": {
+            "class_type": "FluxionCLIPVisionLoader",
+            "inputs": {"clip_name": "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"},
+        },
+        "7": apply_ip_adapter(["1", 0], ["5", 0], 0.7, clip_vision=["6", 0], image=["4", 0]),
+        "8": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "9": sampler(["7", 0], ["8", 0], steps=4),
+        **decode_and_save(["9", 0], "fluxion_sdxl_ip_adapter", 10),
+    }
+
+
 WORKFLOWS = {
     "sd15_txt2img": txt2img,
     "sd15_img2img": img2img,
@@ -293,10 +426,14 @@ WORKFLOWS = {
     "sd15_lora": lora,
     "sd15_controlnet_canny": controlnet_canny,
     "sd15_ip_adapter": ip_adapter,
+    "sd15_ip_adapter_plus_two_images_mask": ip_adapter_plus_two_images_mask,
+    "sd15_ip_adapter_controlnet": ip_adapter_controlnet,
+    "sd15_ip_adapter_embeds": ip_adapter_embeds,
     "sd15_reference_only": reference_only,
     "sd15_inspect_and_set_context": inspect_and_context,
     "sdxl_txt2img": sdxl_txt2img,
     "sdxl_img2img": sdxl_img2img,
+    "sdxl_ip_adapter": sdxl_ip_adapter,
 }
 
 

@@ -9,6 +9,7 @@ Nothing is downloaded. The images are noise-like (random weights), but every nod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from collections.abc import Callable
@@ -21,14 +22,18 @@ from PIL import Image
 from ..fluxion import layers as fl
 from ..fluxion.utils import save_to_safetensors
 from ..foundationals.clip.config import image_preset, text_preset
-from ..foundationals.clip.image_encoder import CLIPImageEncoder
+from ..foundationals.clip.image_encoder import CLIPImageEncoder, load_clip_image_encoder
 from ..foundationals.clip.text_encoder import CLIPTextEncoder, transformer_layer_names
 from ..foundationals.conversion.clip_keys import IMAGE_LAYOUTS, export_clip_state_dict
 from ..foundationals.conversion.controlnet_keys import lllyasviel_controlnet_key_map
 from ..foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from ..foundationals.latent_diffusion.checkpoint_export import save_single_file
 from ..foundationals.latent_diffusion.controlnet import ControlNet, ControlNetConfig
-from ..foundationals.latent_diffusion.ip_adapter import cross_attention_blocks
+from ..foundationals.latent_diffusion.ip_adapter import (
+    ImageEmbeddings,
+    cross_attention_blocks,
+    ip_adapter_from_state_dict,
+)
 from ..foundationals.latent_diffusion.lora import text_encoder_lora_module_map, unet_lora_module_map
 from ..foundationals.latent_diffusion.model_config import TINY_8X_AUTOENCODER, TINY_SDXL_UNET, TINY_UNET
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
@@ -45,6 +50,13 @@ DEMO_LORA = "fluxion_demo_lora.safetensors"
 DEMO_CONTROLNET = "control_v11p_sd15_canny.safetensors"
 DEMO_IP_ADAPTER = "ip-adapter_sd15.safetensors"
 DEMO_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+DEMO_IP_ADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"
+DEMO_SDXL_IP_ADAPTER = "ip-adapter_sdxl.safetensors"
+DEMO_CLIP_VISION_BIGG = "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors"
+TINY_BIGG_PROJECTION = 40  # the tiny "bigG" image embedding: unlike the tiny ViT-H's 24, so pairings are real
+SECOND_IMAGE = "example_2.png"
+MASK_IMAGE = "example_mask.png"
+DEMO_EMBEDS = "example_ipadapter_embeds.safetensors"
 INPUT_IMAGE = "example.png"
 INPAINT_IMAGE = "example_inpaint.png"
 
@@ -122,19 +134,25 @@ def lllyasviel_controlnet(seed: int = 2) -> dict[str, torch.Tensor]:
     }
 
 
-def tiny_image_encoder_file(seed: int = 3) -> dict[str, torch.Tensor]:
-    """A tiny CLIP vision encoder with projection, in the transformers layout."""
+def tiny_image_encoder_file(seed: int = 3, projection_dim: int | None = None) -> dict[str, torch.Tensor]:
+    """A tiny CLIP vision encoder with projection (24-d, or `projection_dim`), in the transformers layout."""
     torch.manual_seed(seed)
-    encoder = CLIPImageEncoder(image_preset("tiny"))
+    config = image_preset("tiny")
+    if projection_dim is not None:
+        config = dataclasses.replace(config, projection_dim=projection_dim)
+    encoder = CLIPImageEncoder(config)
     names = transformer_layer_names(encoder.config.num_layers)
     return export_clip_state_dict(encoder.state_dict(), IMAGE_LAYOUTS["transformers"], names)
 
 
-def tencent_ip_adapter(model: StableDiffusion, tokens: int = 4, seed: int = 4) -> dict[str, torch.Tensor]:
-    """A base IP-Adapter for `model` in the tencent-ailab layout (flat safetensors names)."""
+def tencent_ip_adapter(
+    model: StableDiffusion, tokens: int = 4, seed: int = 4, embedding_dim: int | None = None
+) -> dict[str, torch.Tensor]:
+    """A base IP-Adapter for `model` in the tencent-ailab layout (flat safetensors names), reading image
+    embeddings of `embedding_dim` (default: the tiny encoder's 24)."""
     generator = torch.Generator().manual_seed(seed)
     context = model.unet.config.context_dim
-    embedding = image_preset("tiny").projection_dim
+    embedding = embedding_dim or image_preset("tiny").projection_dim
     assert embedding is not None
     tensors = {
         "image_proj.proj.weight": torch.randn(tokens * context, embedding, generator=generator) * 0.2,
@@ -151,24 +169,86 @@ def tencent_ip_adapter(model: StableDiffusion, tokens: int = 4, seed: int = 4) -
     return tensors
 
 
+def tencent_ip_adapter_plus(
+    model: StableDiffusion, queries: int = 6, width: int = 64, seed: int = 12
+) -> dict[str, torch.Tensor]:
+    """A plus IP-Adapter for `model` in the tencent-ailab layout: a 4-layer perceiver resampler (`width`
+    wide, one 64-wide head, `queries` tokens) on the tiny encoder's penultimate hidden states."""
+    generator = torch.Generator().manual_seed(seed)
+    context = model.unet.config.context_dim
+    hidden = image_preset("tiny").embedding_dim
+
+    def rand(*shape: int, scale: float = 0.2, mean: float = 0.0) -> torch.Tensor:
+        return mean + scale * torch.randn(*shape, generator=generator)
+
+    tensors = {
+        "image_proj.latents": rand(1, queries, width, scale=width**-0.5),
+        "image_proj.proj_in.weight": rand(width, hidden),
+        "image_proj.proj_in.bias": rand(width),
+        "image_proj.proj_out.weight": rand(context, width),
+        "image_proj.proj_out.bias": rand(context),
+        "image_proj.norm_out.weight": rand(context, mean=1.0, scale=0.1),
+        "image_proj.norm_out.bias": rand(context),
+    }
+    for layer in range(4):
+        prefix = f"image_proj.layers.{layer}."
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            tensors[f"{prefix}{norm}.weight"] = rand(width, mean=1.0, scale=0.1)
+            tensors[f"{prefix}{norm}.bias"] = rand(width)
+        tensors[prefix + "0.to_q.weight"] = rand(64, width)
+        tensors[prefix + "0.to_kv.weight"] = rand(128, width)
+        tensors[prefix + "0.to_out.weight"] = rand(width, 64)
+        tensors[prefix + "1.1.weight"] = rand(4 * width, width)
+        tensors[prefix + "1.3.weight"] = rand(width, 4 * width)
+    for index, block in enumerate(cross_attention_blocks(model.unet)):
+        inner = block.ensure_find(fl.Attention).inner_dim
+        for name in ("to_k_ip", "to_v_ip"):
+            tensors[f"ip_adapter.{2 * index + 1}.{name}.weight"] = rand(inner, context)
+    return tensors
+
+
+def demo_embeds(model: StableDiffusion, image: np.ndarray) -> ImageEmbeddings:
+    """What Fluxion Encode IP-Adapter Embeds gives for `image` with the demo's SD1.5 base IP-Adapter."""
+    adapter = ip_adapter_from_state_dict(tencent_ip_adapter(model), Path(DEMO_IP_ADAPTER).stem)
+    encoder = load_clip_image_encoder(tiny_image_encoder_file())
+    return adapter.encode_images(encoder, torch.from_numpy(image).float()[None] / 255)
+
+
 def write_demo_files(models_dir: Path, input_dir: Path) -> None:
-    """Tiny models under the file names the examples use, and the input image."""
+    """Tiny models under the file names the examples use, and the input images (and saved embeds)."""
     for folder in ("checkpoints", "loras", "controlnet", "ipadapter", "clip_vision"):
         (models_dir / folder).mkdir(parents=True, exist_ok=True)
     input_dir.mkdir(parents=True, exist_ok=True)
     model = tiny_sd15()
+    sdxl = tiny_sdxl()
     save_single_file(model, models_dir / "checkpoints" / SD15_CHECKPOINT)
-    save_single_file(tiny_sdxl(), models_dir / "checkpoints" / SDXL_CHECKPOINT)
+    save_single_file(sdxl, models_dir / "checkpoints" / SDXL_CHECKPOINT)
     save_to_safetensors(models_dir / "loras" / DEMO_LORA, kohya_lora(model), metadata={"ss_network_dim": "4"})
     save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROLNET, lllyasviel_controlnet())
     save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER, tencent_ip_adapter(model))
     save_to_safetensors(models_dir / "clip_vision" / DEMO_CLIP_VISION, tiny_image_encoder_file())
+    save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER_PLUS, tencent_ip_adapter_plus(model))
+    save_to_safetensors(
+        models_dir / "ipadapter" / DEMO_SDXL_IP_ADAPTER,
+        tencent_ip_adapter(sdxl, seed=13, embedding_dim=TINY_BIGG_PROJECTION),
+    )
+    save_to_safetensors(
+        models_dir / "clip_vision" / DEMO_CLIP_VISION_BIGG,
+        tiny_image_encoder_file(seed=14, projection_dim=TINY_BIGG_PROJECTION),
+    )
     y, x = np.mgrid[0:64, 0:64]
     picture = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
     Image.fromarray(picture, mode="RGB").save(input_dir / INPUT_IMAGE)
     alpha = np.full((64, 64), 255, dtype=np.uint8)
     alpha[16:48, 16:48] = 0  # LoadImage's mask is 1 - alpha: the transparent square is repainted
     Image.fromarray(np.dstack([picture, alpha]), mode="RGBA").save(input_dir / INPAINT_IMAGE)
+    radius = np.hypot(x - 32, y - 32)
+    rings = np.stack([(radius * 16) % 256, 255 - radius * 4, np.full_like(radius, 96)], axis=-1)
+    Image.fromarray(rings.clip(0, 255).astype(np.uint8), mode="RGB").save(input_dir / SECOND_IMAGE)
+    left = np.full((64, 64), 255, dtype=np.uint8)
+    left[:, :32] = 0  # transparent left half: LoadImage's MASK is 1 there (where the IP-Adapter acts)
+    Image.fromarray(np.dstack([picture, left]), mode="RGBA").save(input_dir / MASK_IMAGE)
+    demo_embeds(model, picture).save(input_dir / DEMO_EMBEDS)
 
 
 def example_workflows() -> list[Path]:

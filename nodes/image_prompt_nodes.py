@@ -1,4 +1,10 @@
-"""Image prompts: IP-Adapter (SD1.5 base/plus, SDXL) with a CLIP vision encoder, and reference-only control."""
+"""Image prompts: IP-Adapter (SD1.5 base/plus, SDXL) with a CLIP vision encoder, and reference-only control.
+
+Reference images can be encoded once into embeds (FLUXION_IMAGE_EMBEDS: an `ImageEmbeddings`, the CLIP
+embeddings before the adapter's projection), saved as safetensors into the output folder, and loaded from the
+input folder (where ComfyUI keeps reference images, and ComfyUI_IPAdapter_plus its embeds), so a workflow can
+prompt with them without the CLIP vision model.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,29 @@ import torch
 
 from ..foundationals.clip.image_encoder import CLIPImageEncoder, load_clip_image_encoder
 from ..foundationals.latent_diffusion.controlnet import unet_family
-from ..foundationals.latent_diffusion.ip_adapter import IPAdapter, IPAdapterPatch, load_ip_adapter
+from ..foundationals.latent_diffusion.ip_adapter import (
+    IMAGE_EMBEDS,
+    PENULTIMATE,
+    ImageEmbeddings,
+    IPAdapter,
+    IPAdapterPatch,
+    load_ip_adapter,
+)
 from ..foundationals.latent_diffusion.reference_only import ReferenceOnlyPatch
 from ..foundationals.model_files import read_state_dict
-from .host import list_model_files, model_file_path
+from .host import input_directory, list_model_files, model_file_path, output_directory
 from .latent_nodes import crop_to_multiple, images_to_tensor, require_finite
+from .runner_nodes import annotated_path, save_image_path
 from .wires import MODEL, MODEL_FILES, VAE, ModelWire, VaeWire
 
 IP_ADAPTER = "FLUXION_IPADAPTER"
 CLIP_VISION = "FLUXION_CLIP_VISION"
+IMAGE_EMBEDS_TYPE = "FLUXION_IMAGE_EMBEDS"
+EMBEDS_EXTENSION = ".safetensors"
+KIND_NAMES = {
+    IMAGE_EMBEDS: "image embeddings (for base IP-Adapters)",
+    PENULTIMATE: "penultimate hidden states (for plus IP-Adapters)",
+}
 
 
 def _load_image_encoder(path: Path) -> CLIPImageEncoder:
@@ -97,13 +117,88 @@ def parse_weights(text: str, count: int) -> list[float] | None:
     return weights
 
 
+def _check_model(model: ModelWire, ipadapter: NamedModel) -> None:
+    adapter = ipadapter.model
+    assert isinstance(adapter, IPAdapter)
+    try:
+        adapter.check_unet(model.model.unet)
+    except ValueError as error:
+        family = unet_family(model.model.unet.config)
+        raise ValueError(
+            f"IP-Adapter {ipadapter.name} does not fit the model {model.name} ({family}): {error}"
+        ) from error
+
+
+def encode_reference_images(
+    ipadapter: NamedModel,
+    clip_vision: NamedModel,
+    image: torch.Tensor,
+    negative_image: torch.Tensor | None = None,
+) -> ImageEmbeddings:
+    """The CLIP embeddings `ipadapter` needs of reference images (B, H, W, C), one per image, with negatives.
+
+    One negative image serves every reference; otherwise there is one negative per reference image.
+    """
+    adapter, encoder = ipadapter.model, clip_vision.model
+    assert isinstance(adapter, IPAdapter) and isinstance(encoder, CLIPImageEncoder)
+    require_finite(image, "the image")
+    if negative_image is not None:
+        require_finite(negative_image, "the negative image")
+        if negative_image.shape[0] not in (1, image.shape[0]):
+            raise ValueError(
+                f"{negative_image.shape[0]} negative images for {image.shape[0]} reference images: "
+                "give one negative image, or one per reference image"
+            )
+    try:
+        adapter.check_image_encoder(encoder)
+    except ValueError as error:
+        raise ValueError(
+            f"IP-Adapter {ipadapter.name} does not fit the CLIP vision encoder {clip_vision.name}: {error}"
+        ) from error
+    with torch.no_grad():
+        embeddings = adapter.encode_images(encoder, image, negative_image)
+    positive, negative = embeddings.positive, embeddings.negative
+    if negative.shape[0] != positive.shape[0]:  # one negative for every reference (concat needs as many)
+        negative = negative.expand_as(positive).contiguous()
+        embeddings = ImageEmbeddings(positive, negative, embeddings.kind)
+    return embeddings
+
+
+def check_embeds(ipadapter: NamedModel, embeds: ImageEmbeddings) -> None:
+    """Refuse embeds of the wrong kind (base vs plus) or width for this IP-Adapter, naming both."""
+    adapter = ipadapter.model
+    assert isinstance(adapter, IPAdapter)
+    expected = IMAGE_EMBEDS if adapter.kind == "base" else PENULTIMATE
+    if embeds.kind != expected:
+        raise ValueError(
+            f"IP-Adapter {ipadapter.name} is a {adapter.kind} IP-Adapter and needs {KIND_NAMES[expected]}; "
+            f"the embeds hold {KIND_NAMES.get(embeds.kind, embeds.kind)}. Encode them with Fluxion Encode "
+            "IP-Adapter Embeds and this IP-Adapter"
+        )
+    width = int(embeds.positive.shape[-1])
+    if width != adapter.image_input_dim:
+        raise ValueError(
+            f"IP-Adapter {ipadapter.name} needs {adapter.image_input_dim}-d embeds; these are {width}-d "
+            f"({tuple(embeds.positive.shape)}): they were encoded with another CLIP vision model than this "
+            "IP-Adapter's"
+        )
+    if embeds.negative.shape != embeds.positive.shape:
+        raise ValueError(
+            f"the embeds' negatives {tuple(embeds.negative.shape)} do not match their positives "
+            f"{tuple(embeds.positive.shape)}: one negative per reference image is needed"
+        )
+    require_finite(embeds.positive, "the embeds")
+    require_finite(embeds.negative, "the negative embeds")
+
+
 class FluxionApplyIPAdapter:
     """Prompt with images: the IP-Adapter's image tokens join the text in cross-attention."""
 
     DESCRIPTION = (
         "Adds an IP-Adapter to the model's stack: the reference images (a batch) are encoded by the CLIP vision "
-        "model and steer the generation with `weight`. Several images combine by concat or average, each with "
-        "its own weight; start/end limit it to a fraction of the steps; a mask limits it to a region."
+        "model, or precomputed embeds are used, and steer the generation with `weight`. Several images combine "
+        "by concat or average, each with its own weight; start/end limit it to a fraction of the steps; a mask "
+        "limits it to a region. Connect either image (with clip_vision) or embeds."
     )
     CATEGORY = "fluxion/image prompt"
     FUNCTION = "apply"
@@ -118,11 +213,6 @@ class FluxionApplyIPAdapter:
             "required": {
                 "model": (MODEL, {"tooltip": "The model to add the IP-Adapter to."}),
                 "ipadapter": (IP_ADAPTER, {"tooltip": "From Fluxion Load IP-Adapter."}),
-                "clip_vision": (
-                    CLIP_VISION,
-                    {"tooltip": "The image encoder the IP-Adapter was trained with (ViT-H or bigG)."},
-                ),
-                "image": ("IMAGE", {"tooltip": "Reference image(s); a batch gives several references."}),
                 "weight": (
                     "FLOAT",
                     {
@@ -154,11 +244,29 @@ class FluxionApplyIPAdapter:
                 ),
             },
             "optional": {
+                "clip_vision": (
+                    CLIP_VISION,
+                    {
+                        "tooltip": "The image encoder the IP-Adapter was trained with (ViT-H or bigG); "
+                        "needed with image, not with embeds."
+                    },
+                ),
+                "image": (
+                    "IMAGE",
+                    {"tooltip": "Reference image(s); a batch gives several references. Or connect embeds."},
+                ),
                 "negative_image": (
                     "IMAGE",
                     {"tooltip": "Optional negative reference (default: the encoder's empty image)."},
                 ),
                 "mask": ("MASK", {"tooltip": "Apply the image prompt only where the mask is white."}),
+                "embeds": (
+                    IMAGE_EMBEDS_TYPE,
+                    {
+                        "tooltip": "Precomputed reference embeds (Fluxion Encode / Load IP-Adapter Embeds), "
+                        "instead of image and clip_vision."
+                    },
+                ),
             },
         }
 
@@ -166,52 +274,211 @@ class FluxionApplyIPAdapter:
         self,
         model: ModelWire,
         ipadapter: NamedModel,
-        clip_vision: NamedModel,
-        image: torch.Tensor,
-        weight: float,
-        combine: str,
-        image_weights: str,
-        start_percent: float,
-        end_percent: float,
+        clip_vision: NamedModel | None = None,
+        image: torch.Tensor | None = None,
+        weight: float = 1.0,
+        combine: str = "concat",
+        image_weights: str = "",
+        start_percent: float = 0.0,
+        end_percent: float = 1.0,
         negative_image: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        embeds: ImageEmbeddings | None = None,
     ) -> tuple[ModelWire]:
-        adapter, encoder = ipadapter.model, clip_vision.model
-        assert isinstance(adapter, IPAdapter) and isinstance(encoder, CLIPImageEncoder)
-        for tensor, what in (
-            (image, "the image"),
-            (negative_image, "the negative image"),
-            (mask, "the mask"),
-        ):
-            if tensor is not None:
-                require_finite(tensor, what)
-        try:
-            adapter.check_unet(model.model.unet)
-        except ValueError as error:
-            family = unet_family(model.model.unet.config)
+        if mask is not None:
+            require_finite(mask, "the mask")
+        _check_model(model, ipadapter)
+        if embeds is not None:
+            if image is not None:
+                raise ValueError(
+                    "Fluxion Apply IP-Adapter got both image and embeds: connect one of them "
+                    "(embeds already hold their reference images)"
+                )
+            if negative_image is not None:
+                raise ValueError(
+                    "negative_image does nothing with embeds (their negatives are inside): connect it to "
+                    "Fluxion Encode IP-Adapter Embeds instead"
+                )
+            check_embeds(ipadapter, embeds)
+        elif image is not None:
+            if clip_vision is None:
+                raise ValueError(
+                    "Fluxion Apply IP-Adapter needs clip_vision (Fluxion Load CLIP Vision) to encode image"
+                )
+            embeds = encode_reference_images(ipadapter, clip_vision, image, negative_image)
+        else:
             raise ValueError(
-                f"IP-Adapter {ipadapter.name} does not fit the model {model.name} ({family}): {error}"
-            ) from error
-        try:
-            adapter.check_image_encoder(encoder)
-        except ValueError as error:
-            raise ValueError(
-                f"IP-Adapter {ipadapter.name} does not fit the CLIP vision encoder {clip_vision.name}: {error}"
-            ) from error
+                "Fluxion Apply IP-Adapter needs reference images: connect image (with clip_vision) or embeds "
+                "(from Fluxion Encode IP-Adapter Embeds or Fluxion Load IP-Adapter Embeds)"
+            )
+        adapter = ipadapter.model
+        assert isinstance(adapter, IPAdapter)
         with torch.no_grad():
-            patch = IPAdapterPatch.from_images(
+            patch = IPAdapterPatch(
                 adapter,
-                encoder,
-                image,
-                negative_image,
+                embeds,
                 scale=weight,
-                weights=parse_weights(image_weights, image.shape[0]),
+                weights=parse_weights(image_weights, embeds.positive.shape[0]),
                 combine=combine,
                 start=start_percent,
                 end=end_percent,
                 mask=mask,
             )
         return (model.with_patch(patch),)
+
+
+class FluxionEncodeIPAdapterEmbeds:
+    """Encode reference images once into the CLIP embeds an IP-Adapter reads (to reuse, save or share)."""
+
+    DESCRIPTION = (
+        "Encodes reference images (a batch: several references) with the CLIP vision model into the embeds the "
+        "IP-Adapter needs: image embeddings for base adapters, penultimate hidden states for plus ones, with "
+        "their negatives. Feed them to Fluxion Apply IP-Adapter (embeds) or Fluxion Save IP-Adapter Embeds."
+    )
+    CATEGORY = "fluxion/image prompt"
+    FUNCTION = "encode"
+    RETURN_TYPES = (IMAGE_EMBEDS_TYPE,)
+    RETURN_NAMES = ("embeds",)
+    OUTPUT_TOOLTIPS = ("The reference images' embeds and their negatives, for this kind of IP-Adapter.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "ipadapter": (
+                    IP_ADAPTER,
+                    {"tooltip": "The IP-Adapter the embeds are for (base or plus decides what is encoded)."},
+                ),
+                "clip_vision": (
+                    CLIP_VISION,
+                    {"tooltip": "The image encoder the IP-Adapter was trained with (ViT-H or bigG)."},
+                ),
+                "image": ("IMAGE", {"tooltip": "Reference image(s); a batch gives several references."}),
+            },
+            "optional": {
+                "negative_image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "Optional negative reference: one for all, or one per image "
+                        "(default: the encoder's empty image)."
+                    },
+                ),
+            },
+        }
+
+    def encode(
+        self,
+        ipadapter: NamedModel,
+        clip_vision: NamedModel,
+        image: torch.Tensor,
+        negative_image: torch.Tensor | None = None,
+    ) -> tuple[ImageEmbeddings]:
+        return (encode_reference_images(ipadapter, clip_vision, image, negative_image),)
+
+
+class FluxionSaveIPAdapterEmbeds:
+    """Write embeds to the output folder as safetensors (ImageEmbeddings.save)."""
+
+    DESCRIPTION = (
+        "Saves IP-Adapter embeds into the output folder as `{prefix}_00001_.safetensors` (tensors positive and "
+        "negative, their kind in the metadata). Move the file to the input folder to load it with Fluxion "
+        "Load IP-Adapter Embeds."
+    )
+    CATEGORY = "fluxion/image prompt"
+    FUNCTION = "save"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "embeds": (IMAGE_EMBEDS_TYPE, {"tooltip": "From Fluxion Encode IP-Adapter Embeds."}),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "fluxion_ipadapter_embeds",
+                        "tooltip": "File name prefix, inside the output folder (may hold a subfolder, "
+                        "e.g. embeds/portrait).",
+                    },
+                ),
+            }
+        }
+
+    def save(self, embeds: ImageEmbeddings, filename_prefix: str) -> dict:
+        folder, stem, counter, subfolder = save_image_path(filename_prefix, output_directory())
+        name = f"{stem}_{counter:05}_{EMBEDS_EXTENSION}"
+        embeds.save(folder / name)
+        return {"ui": {"embeds": [{"filename": name, "subfolder": subfolder, "type": "output"}]}}
+
+
+def list_embeds_files() -> list[str]:
+    """Embeds files (relative, '/'-separated) in the input folder, sorted."""
+    folder = input_directory()
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path.relative_to(folder).as_posix() for path in folder.rglob(f"*{EMBEDS_EXTENSION}") if path.is_file()
+    )
+
+
+def embeds_file_path(name: str) -> Path:
+    """An embeds file in the input folder ('x.safetensors [output]' reads the output folder, as LoadImage)."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"embeds name {name!r} must be a path inside the input folder")
+    path = annotated_path(name)
+    if not path.is_file():
+        listing = ", ".join(list_embeds_files()) or "none"
+        raise FileNotFoundError(
+            f"IP-Adapter embeds {name!r} not found in {path.parent}. Embeds in the input folder: {listing}"
+        )
+    return path
+
+
+class FluxionLoadIPAdapterEmbeds:
+    """Read embeds saved by Fluxion Save IP-Adapter Embeds from the input folder."""
+
+    DESCRIPTION = (
+        "Loads IP-Adapter embeds (a .safetensors file written by Fluxion Save IP-Adapter Embeds) from ComfyUI's "
+        "input folder, where reference images live too (as ComfyUI_IPAdapter_plus keeps its embeds). No CLIP "
+        "vision model is needed to use them."
+    )
+    CATEGORY = "fluxion/image prompt"
+    FUNCTION = "load"
+    RETURN_TYPES = (IMAGE_EMBEDS_TYPE,)
+    RETURN_NAMES = ("embeds",)
+    OUTPUT_TOOLTIPS = ("The saved embeds, for Fluxion Apply IP-Adapter (embeds).",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "embeds_name": (
+                    list_embeds_files(),
+                    {"tooltip": "Embeds file (.safetensors) in the input folder."},
+                )
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, embeds_name: str) -> bool | str:
+        """The file must exist ('name [output]' names one in the output folder, which the list does not show)."""
+        try:
+            embeds_file_path(embeds_name)
+        except (ValueError, FileNotFoundError) as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, embeds_name: str) -> str:
+        """The file's size and time: a re-saved file loads again."""
+        stat = embeds_file_path(embeds_name).stat()
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+    def load(self, embeds_name: str) -> tuple[ImageEmbeddings]:
+        embeds = ImageEmbeddings.load(embeds_file_path(embeds_name))
+        require_finite(embeds.positive, f"the embeds in {embeds_name}")
+        return (embeds,)
 
 
 class FluxionReferenceOnly:
@@ -283,11 +550,17 @@ NODE_CLASS_MAPPINGS = {
     "FluxionIPAdapterLoader": FluxionIPAdapterLoader,
     "FluxionCLIPVisionLoader": FluxionCLIPVisionLoader,
     "FluxionApplyIPAdapter": FluxionApplyIPAdapter,
+    "FluxionEncodeIPAdapterEmbeds": FluxionEncodeIPAdapterEmbeds,
+    "FluxionSaveIPAdapterEmbeds": FluxionSaveIPAdapterEmbeds,
+    "FluxionLoadIPAdapterEmbeds": FluxionLoadIPAdapterEmbeds,
     "FluxionReferenceOnly": FluxionReferenceOnly,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxionIPAdapterLoader": "Fluxion Load IP-Adapter",
     "FluxionCLIPVisionLoader": "Fluxion Load CLIP Vision",
     "FluxionApplyIPAdapter": "Fluxion Apply IP-Adapter",
+    "FluxionEncodeIPAdapterEmbeds": "Fluxion Encode IP-Adapter Embeds",
+    "FluxionSaveIPAdapterEmbeds": "Fluxion Save IP-Adapter Embeds",
+    "FluxionLoadIPAdapterEmbeds": "Fluxion Load IP-Adapter Embeds",
     "FluxionReferenceOnly": "Fluxion Reference-Only",
 }

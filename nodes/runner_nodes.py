@@ -1,4 +1,4 @@
-"""Headless stand-ins for ComfyUI's LoadImage, SaveImage and PreviewImage.
+"""Headless stand-ins for ComfyUI's LoadImage, ImageBatch, SaveImage and PreviewImage.
 
 Same names, inputs and outputs as ComfyUI's own nodes, so a workflow made in the editor runs
 unchanged in `python -m nodes run`. They are only for the runner: inside ComfyUI its own nodes
@@ -196,8 +196,40 @@ class LoadImage:
         return True
 
 
+def center_crop_resize(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """IMAGE (B, H, W, C) to `width` x `height`: centre-cropped to that aspect, then bilinear (ComfyUI's
+    `common_upscale(..., "bilinear", "center")`)."""
+    samples = images.movedim(-1, 1)
+    old_height, old_width = samples.shape[-2:]
+    old_aspect, new_aspect = old_width / old_height, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
+    cropped = samples.narrow(-2, y, old_height - 2 * y).narrow(-1, x, old_width - 2 * x)
+    return torch.nn.functional.interpolate(cropped, size=(height, width), mode="bilinear").movedim(1, -1)
+
+
+class ImageBatch:
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"image1": ("IMAGE",), "image2": ("IMAGE",)}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "batch"
+    CATEGORY = "image"
+    DESCRIPTION = "One batch of both inputs; image2 is resized (centre crop, bilinear) to image1's size."
+
+    def batch(self, image1: torch.Tensor, image2: torch.Tensor) -> tuple[torch.Tensor]:
+        if image1.shape[1:] != image2.shape[1:]:
+            image2 = center_crop_resize(image2, image1.shape[2], image1.shape[1])
+        return (torch.cat((image1, image2), dim=0),)
+
+
 RUNNER_NODE_CLASSES: dict[str, type] = {
     "LoadImage": LoadImage,
+    "ImageBatch": ImageBatch,
     "SaveImage": SaveImage,
     "PreviewImage": PreviewImage,
 }
