@@ -184,22 +184,71 @@ def _read_links(ui: dict[str, Any]) -> dict[int, _Link]:
             "UI workflow has 'nodes' but no 'links' table; re-export it from ComfyUI "
             "(Workflow > Export) or save it in the API format"
         )
+    table = ui["links"] or []
+    if not isinstance(table, list):
+        raise WorkflowError(f"the 'links' table must be a list, got {type(table).__name__}")
     links: dict[int, _Link] = {}
-    for entry in ui["links"] or []:
-        if isinstance(entry, dict):  # schema version 1
-            link_id, origin, slot, kind = entry["id"], entry["origin_id"], entry["origin_slot"], entry["type"]
-        else:  # [id, origin_id, origin_slot, target_id, target_slot, type]
-            link_id, origin, slot, _, _, kind = entry[:6]
-        links[int(link_id)] = _Link(str(origin), int(slot), str(kind))
+    for position, entry in enumerate(table):
+        try:
+            if isinstance(entry, dict):  # schema version 1
+                link_id, origin, slot = entry["id"], entry["origin_id"], entry["origin_slot"]
+                kind = entry.get("type")
+            else:  # [id, origin_id, origin_slot, target_id, target_slot, type]
+                link_id, origin, slot, _, _, kind = entry[:6]
+        except (KeyError, TypeError, ValueError):
+            raise WorkflowError(
+                f"the 'links' table has a malformed entry #{position}: {entry!r:.80} "
+                "(expected [id, origin_id, origin_slot, target_id, target_slot, type])"
+            ) from None
+        if not (_is_int(link_id) and _is_id(origin) and _is_int(slot)):
+            raise WorkflowError(f"the 'links' table has a malformed entry #{position}: {entry!r:.80}")
+        links[link_id] = _Link(str(origin), int(slot), str(kind))
     return links
+
+
+def _is_int(value: Any) -> bool:
+    """A link id or slot as the editor writes them: an int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id(value: Any) -> bool:
+    """A node id as the editor writes it: an int, or a non-empty string."""
+    return _is_int(value) or (isinstance(value, str) and value != "")
+
+
+def _check_ui_nodes(ui: dict[str, Any]) -> None:
+    """Every node an object with an id and a string type; its inputs objects with a name and an int link or none."""
+    for position, node in enumerate(ui["nodes"]):
+        if not isinstance(node, dict) or not _is_id(node.get("id")):
+            raise WorkflowError(f"UI workflow node #{position} is not an object with an 'id': {node!r:.80}")
+        node_id, kind = str(node["id"]), node.get("type")
+        if not isinstance(kind, str):
+            raise WorkflowError(f"'type' must be a string, got {kind!r:.40}", node_id)
+        inputs = node.get("inputs")
+        if inputs is not None and not isinstance(inputs, list):
+            raise WorkflowError("'inputs' must be a list", node_id, kind)
+        for entry in inputs or []:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                raise WorkflowError(f"an entry of 'inputs' has no name: {entry!r:.60}", node_id, kind)
+            link = entry.get("link")
+            if link is not None and not _is_int(link):
+                raise WorkflowError(f"link must be a link id or null, got {link!r:.40}", node_id, kind, name)
 
 
 class _UIGraph:
     def __init__(self, ui: dict[str, Any], node_classes: Mapping[str, type]) -> None:
         self.links = _read_links(ui)
+        _check_ui_nodes(ui)
         self.nodes = {str(node["id"]): node for node in ui["nodes"]}
         self.node_classes = node_classes
-        self.subgraphs = {s.get("id") for s in (ui.get("definitions") or {}).get("subgraphs", [])}
+        definitions = ui.get("definitions")
+        subgraphs = definitions.get("subgraphs") if isinstance(definitions, dict) else None
+        self.subgraphs = (
+            {s.get("id") for s in subgraphs or [] if isinstance(s, dict) and isinstance(s.get("id"), str)}
+            if isinstance(subgraphs, list)
+            else set()
+        )
 
     def is_virtual(self, node: dict[str, Any]) -> bool:
         return node.get("type") in NOTE_TYPES | {"Reroute", "PrimitiveNode"}
@@ -224,7 +273,8 @@ class _UIGraph:
             upstream = (origin.get("inputs") or [{}])[0].get("link")
             return None if upstream is None else self.source(upstream, node_id, class_type, input_name)
         if kind == "PrimitiveNode":
-            return (origin.get("widgets_values") or [None])[0]
+            values = origin.get("widgets_values")
+            return values[0] if isinstance(values, list) and values else None
         if origin.get("mode") == MODE_MUTED:
             return None
         if origin.get("mode") == MODE_BYPASS:

@@ -405,7 +405,7 @@ def family_hint(state_dict: Mapping[str, Tensor]) -> str | None:
         return "SDXL (has added-conditioning embedding keys)"
     for key, tensor in state_dict.items():
         is_down = key.endswith(("lora_down.weight", "lora_A.weight", "lora.down.weight"))
-        if is_down and "attn2" in key and re.search(r"attn2[._]to[._]k", key):
+        if is_down and tensor.dim() >= 2 and "attn2" in key and re.search(r"attn2[._]to[._]k", key):
             width = tensor.shape[1]
             family = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}.get(width)
             if family:
@@ -417,6 +417,9 @@ def _assemble(
     component: str, module: str, source: str, parts: dict[str, Tensor], alpha: Tensor | float | None
 ) -> LoraWeights | str:
     """Group one layer's tensors into LoraWeights, or say why they don't form a known method."""
+    problem = _malformed(source, parts, alpha)
+    if problem is not None:
+        return problem
     dora = parts.pop("dora_scale", None)
     tensors = {name.split(":")[-1]: tensor for name, tensor in parts.items()}
     methods = {name.split(":")[0] for name in parts}
@@ -437,6 +440,17 @@ def _assemble(
         return f"{source}: {method} weights without {missing}"
     value = float(alpha.item()) if isinstance(alpha, Tensor) else alpha
     return LoraWeights(component, module, method, tensors, value, dora, source)
+
+
+def _malformed(source: str, parts: Mapping[str, Tensor], alpha: Tensor | float | None) -> str | None:
+    """Why one layer's tensors cannot be a LoRA (a factor that is no matrix or is empty, an alpha of many values)."""
+    for name, tensor in parts.items():
+        if name not in ("dora_scale", "full:diff") and (tensor.dim() < 2 or tensor.numel() == 0):
+            role = name.split(":")[-1]
+            return f"{source}: {role} has shape {tuple(tensor.shape)}, not a (non-empty) matrix or kernel"
+    if isinstance(alpha, Tensor) and alpha.numel() != 1:
+        return f"{source}: alpha has shape {tuple(alpha.shape)}, not one number"
+    return None
 
 
 def _normalize_kohya(
@@ -559,7 +573,7 @@ def _normalize_diffusers(
     weights: list[LoraWeights] = []
     for (component, module), parts in groups.items():
         alpha: Tensor | float | None = alphas.pop((component, module), None)
-        if alpha is None and "lora:down" in parts:
+        if alpha is None and "lora:down" in parts and parts["lora:down"].dim() >= 2:
             alpha = _peft_alpha(configs.get(component, {}), module, parts["lora:down"].shape[0])
         result = _assemble(component, module, sources[(component, module)], dict(parts), alpha)
         if isinstance(result, str):

@@ -155,7 +155,26 @@ def _count(keys: Iterable[str], pattern: str) -> int:
 
 
 def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> UNetConfig:
-    """A UNet config from LDM UNet key shapes (no prefix); heads from the matching preset, else SD's defaults."""
+    """A UNet config from LDM UNet key shapes (no prefix); heads from the matching preset, else SD's defaults.
+
+    Shapes that form no Stable Diffusion UNet (a tensor of the wrong rank, a zero width, levels that do not
+    line up) raise `CheckpointError` naming `source`.
+    """
+    try:
+        config = _infer_unet_config(shapes, source)
+    except (IndexError, TypeError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{source}: the UNet key shapes form no Stable Diffusion UNet ({type(error).__name__}: {error})"
+        ) from error
+    sizes = (config.in_channels, config.out_channels, config.context_dim, *config.block_channels)
+    if min(sizes) <= 0:
+        raise CheckpointError(f"{source}: the UNet key shapes give a zero width ({config})")
+    return config
+
+
+def _infer_unet_config(shapes: Mapping[str, tuple[int, ...]], source: str) -> UNetConfig:
     try:
         conv_in = shapes["input_blocks.0.0.weight"]
         out_channels = shapes["out.2.weight"][0]
@@ -264,20 +283,29 @@ def _refuse_other_architectures(keys: list[str], source: str) -> None:
 def infer_autoencoder_config(
     shapes: Mapping[str, tuple[int, ...]], scaling_factor: float, source: str = "checkpoint"
 ) -> AutoencoderConfig:
-    """An autoencoder config from LDM autoencoder key shapes (no prefix)."""
+    """An autoencoder config from LDM autoencoder key shapes (no prefix); `CheckpointError` if they form none."""
     keys = list(shapes)
     levels = _count(keys, r"encoder\.down\.(\d+)\.")
     if levels == 0 or "post_quant_conv.weight" not in shapes:
         raise CheckpointError(f"{source}: incomplete autoencoder (no encoder.down.* or post_quant_conv)")
-    return AutoencoderConfig(
-        image_channels=shapes["encoder.conv_in.weight"][1],
-        latent_channels=shapes["post_quant_conv.weight"][0],
-        block_channels=tuple(
-            shapes[f"encoder.down.{level}.block.0.conv1.weight"][0] for level in range(levels)
-        ),
-        layers_per_block=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
-        scaling_factor=scaling_factor,
-    )
+    try:
+        config = AutoencoderConfig(
+            image_channels=shapes["encoder.conv_in.weight"][1],
+            latent_channels=shapes["post_quant_conv.weight"][0],
+            block_channels=tuple(
+                shapes[f"encoder.down.{level}.block.0.conv1.weight"][0] for level in range(levels)
+            ),
+            layers_per_block=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
+            scaling_factor=scaling_factor,
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{source}: the autoencoder key shapes form no SD autoencoder ({type(error).__name__}: {error})"
+        ) from error
+    sizes = (config.image_channels, config.latent_channels, config.layers_per_block, *config.block_channels)
+    if min(sizes) <= 0:
+        raise CheckpointError(f"{source}: the autoencoder key shapes give a zero width ({config})")
+    return config
 
 
 # -- Filling a meta model -----------------------------------------------------------------------------------
@@ -421,7 +449,29 @@ def _load_single_file_text_encoders(
 
 
 def unet_config_from_diffusers(config: Mapping[str, Any], source: str = "config.json") -> UNetConfig:
-    """Our UNet config from a diffusers `UNet2DConditionModel` config.json."""
+    """Our UNet config from a diffusers `UNet2DConditionModel` config.json; `CheckpointError` if it gives none."""
+    try:
+        result = _unet_config_from_diffusers(config, source)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as error:
+        raise CheckpointError(
+            f"{source}: not a usable diffusers UNet config ({type(error).__name__}: {error})"
+        ) from error
+    for option in fields(result):  # sizes must be positive ints (depths may be 0): no bools, strings, floats
+        value = getattr(result, option.name)
+        if option.name in ("use_linear_projection", "addition_embedding") or (
+            option.name == "attention_head_dim" and value is None
+        ):
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        minimum = 0 if "depth" in option.name else 1
+        if not values or not all(type(v) is int and v >= minimum for v in values):
+            raise CheckpointError(f"{source}: UNet option {option.name}={value!r} is not a valid size")
+    return result
+
+
+def _unet_config_from_diffusers(config: Mapping[str, Any], source: str) -> UNetConfig:
     for name, allowed in (
         ("class_embed_type", None),
         ("encoder_hid_dim_type", None),
