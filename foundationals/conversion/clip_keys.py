@@ -281,7 +281,11 @@ def detect_layout(state_dict: Mapping[str, Any], layouts: Mapping[str, KeyLayout
 def count_layers(state_dict: Mapping[str, Any], layout: KeyLayout) -> int:
     """Number of transformer layers, from the indices under the layout's layers prefix (checked contiguous)."""
     start = layout.root + layout.layers_prefix
-    indices = {int(key[len(start) :].split(".")[0]) for key in state_dict if key.startswith(start)}
+    numbers = {key: key[len(start) :].split(".")[0] for key in state_dict if key.startswith(start)}
+    for key, number in numbers.items():
+        if not number.isdigit():
+            raise CLIPKeyError(f"{layout.description}: {key!r} has no layer number after {start!r}")
+    indices = {int(number) for number in numbers.values()}
     if not indices:
         raise CLIPKeyError(f"{layout.description}: no layer keys under {start!r}")
     if indices != set(range(len(indices))):

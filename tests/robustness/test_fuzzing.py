@@ -23,6 +23,16 @@ import torch
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
+from foundationals.clip.config import text_preset
+from foundationals.clip.text_encoder import CLIPTextEncoder, transformer_layer_names
+from foundationals.conversion.clip_keys import (
+    TEXT_LAYOUTS,
+    CLIPKeyError,
+    convert_clip_state_dict,
+    count_layers,
+    detect_layout,
+    export_clip_state_dict,
+)
 from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
 from foundationals.conversion.ldm_keys import LDM_UNET_PREFIX, ldm_autoencoder_key_map, ldm_unet_key_map
 from foundationals.conversion.lora_keys import (
@@ -326,6 +336,66 @@ def test_mutated_diffusers_unet_configs_give_a_valid_config_or_a_checkpoint_erro
     assert all(type(c) is int and c > 0 for c in config.block_channels)
     assert all(type(d) is int and d >= 0 for d in config.transformer_depth)
     assert len(config.transformer_depth) == len(config.block_channels)
+
+
+CLIP_PRESETS = {"sdxl_clip_g": "tiny_bigg", "open_clip": "tiny_bigg"}
+
+
+@functools.cache
+def clip_text_files() -> dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]]:
+    """A tiny text encoder's tensors exported in every text layout: (file tensors, our tensors, layer names)."""
+    files = {}
+    for name, layout in TEXT_LAYOUTS.items():
+        torch.manual_seed(0)
+        encoder = CLIPTextEncoder(text_preset(CLIP_PRESETS.get(name, "tiny")))
+        names = transformer_layer_names(encoder.config.num_layers)
+        ours = encoder.state_dict()
+        files[name] = (export_clip_state_dict(ours, layout, names), ours, names)
+    return files
+
+
+@functools.cache
+def all_clip_keys() -> list[str]:
+    return sorted({key for exported, _, _ in clip_text_files().values() for key in exported})
+
+
+def clip_key_edits() -> st.SearchStrategy[list[tuple]]:
+    """Edits of real keys, plus keys under a real layers prefix with a junk layer number."""
+    prefixes = sorted({layout.root + layout.layers_prefix for layout in TEXT_LAYOUTS.values()})
+    under_layers = st.tuples(
+        st.sampled_from(prefixes),
+        st.sampled_from(["x", "1a", "-1", "", "01", "3"]),
+        st.just(".mlp.fc1.weight"),
+    ).map("".join)
+    junk_layer = st.tuples(st.just("add"), under_layers, st.just(torch.zeros(2, 2)))
+    return st.lists(junk_layer, max_size=2).flatmap(
+        lambda extra: mutations(all_clip_keys(), st.just(torch.zeros(2, 2))).map(lambda edits: edits + extra)
+    )
+
+
+@FUZZ
+@given(
+    layout=st.sampled_from(sorted(TEXT_LAYOUTS)),
+    edits=st.lists(st.deferred(clip_key_edits), max_size=1),
+)
+def test_clip_text_keys_convert_back_or_raise_clip_key_error(layout, edits):
+    exported, ours, names = clip_text_files()[layout]
+    state = mutate(exported, edits[0] if edits else [])
+    try:
+        found = detect_layout(state, TEXT_LAYOUTS, "CLIP text encoder")
+        layers = count_layers(state, found)
+        converted = convert_clip_state_dict(state, found, transformer_layer_names(layers))
+    except CLIPKeyError as error:
+        assert str(error)
+        assert edits, f"the real {layout} keys were refused: {error}"
+        outcome("CLIPKeyError")
+        return
+    outcome("converted")
+    assert found.signature in state
+    if not edits:
+        assert found.name == layout or found.signature == TEXT_LAYOUTS[layout].signature
+        assert converted.keys() == ours.keys()
+        assert all(torch.equal(converted[key], ours[key]) for key in ours)
 
 
 # --- (b) LoRA key parsers -----------------------------------------------------------------------------------------
@@ -814,3 +884,11 @@ def test_malformed_ui_links_and_nodes_are_workflow_errors(node_classes, robustne
     ui = ui_example()
     ui["definitions"] = ["not", "a", "mapping"]  # was: AttributeError; harmless, so ignored
     assert isinstance(check_workflow(ui, node_classes), ExecutionPlan)
+
+
+def test_a_clip_layer_key_without_a_layer_number_is_a_clip_key_error_not_a_value_error():
+    exported, _, _ = clip_text_files()["sd15"]
+    layout = TEXT_LAYOUTS["sd15"]
+    broken = dict(exported, **{layout.root + layout.layers_prefix + "x.mlp.fc1.weight": torch.zeros(2, 2)})
+    with pytest.raises(CLIPKeyError, match="has no layer number"):
+        count_layers(broken, layout)
