@@ -263,7 +263,12 @@ def _check_inputs(
         )
     if custom is not None:
         arguments = {name: literals[name] for name in custom_names if name in literals}
-        verdict = custom(**arguments) if len(arguments) == len(custom_names) else True
+        try:
+            verdict = custom(**arguments) if len(arguments) == len(custom_names) else True
+        except Exception as error:  # a value the node's own check could not even read
+            raise WorkflowError(
+                f"rejected by the node: {type(error).__name__}: {error}", node_id, class_type
+            ) from error
         if verdict is not True:
             raise WorkflowError(f"rejected by the node: {verdict}", node_id, class_type)
     return literals

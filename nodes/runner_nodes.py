@@ -191,6 +191,8 @@ class LoadImage:
     @classmethod
     def VALIDATE_INPUTS(cls, image: str) -> bool | str:
         """The file must exist (it may live in a subfolder the choice list does not show)."""
+        if not isinstance(image, str):
+            return f"expected an image file name (a STRING), got {image!r:.40} ({type(image).__name__})"
         if not annotated_path(image).is_file():
             return f"Invalid image file: {image} (looked in {input_directory()})"
         return True

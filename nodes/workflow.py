@@ -149,7 +149,14 @@ def parse_workflow(data: Any, node_classes: Mapping[str, type]) -> Workflow:
     """Accept a workflow as decoded JSON in either format."""
     if is_ui_format(data):
         return Workflow(ui_to_api(data, node_classes), ui=data)
-    if isinstance(data, dict) and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+    if isinstance(data, dict) and (
+        not data or any(isinstance(v, dict) and "class_type" in v for v in data.values())
+    ):
+        for node_id, node in data.items():  # an API prompt with one broken node: name that node
+            if not isinstance(node, dict) or "class_type" not in node:
+                raise WorkflowError(
+                    f"expected an object with 'class_type' and 'inputs', got {node!r:.60}", str(node_id)
+                )
         prompt = {str(node_id): node for node_id, node in data.items()}
         for node_id, node in prompt.items():
             if not isinstance(node.get("inputs", {}), dict):

@@ -892,3 +892,43 @@ def test_a_clip_layer_key_without_a_layer_number_is_a_clip_key_error_not_a_value
     broken = dict(exported, **{layout.root + layout.layers_prefix + "x.mlp.fc1.weight": torch.zeros(2, 2)})
     with pytest.raises(CLIPKeyError, match="has no layer number"):
         count_layers(broken, layout)
+
+
+def test_a_load_image_value_that_is_no_file_name_is_a_workflow_error(node_classes, robustness_folders):
+    prompt = copy.deepcopy(API_EXAMPLES["sd15_img2img.api.json"])
+    node_id = next(i for i, node in prompt.items() if node["class_type"] == "LoadImage")
+    for value in (None, 3, "bad\x00name.png"):  # were: AttributeError, AttributeError, ValueError
+        prompt[node_id]["inputs"]["image"] = value
+        with pytest.raises(WorkflowError, match="rejected by the node") as caught:
+            plan(prompt, node_classes)
+        assert caught.value.node_id == node_id and caught.value.class_type == "LoadImage"
+
+
+def test_a_node_whose_own_input_check_raises_is_a_workflow_error_naming_it():
+    class Picky:
+        RETURN_TYPES = ()
+        OUTPUT_NODE = True
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls) -> dict:
+            return {"required": {"text": ("STRING", {})}}
+
+        @classmethod
+        def VALIDATE_INPUTS(cls, text: str) -> bool:
+            return text.startswith("ok")
+
+    with pytest.raises(WorkflowError, match="rejected by the node: AttributeError") as caught:
+        plan({"7": {"class_type": "Picky", "inputs": {"text": 12}}}, {"Picky": Picky})
+    assert caught.value.node_id == "7"
+    assert isinstance(
+        plan({"7": {"class_type": "Picky", "inputs": {"text": "ok"}}}, {"Picky": Picky}), ExecutionPlan
+    )
+
+
+def test_an_api_prompt_with_one_broken_node_names_that_node(node_classes):
+    prompt = copy.deepcopy(API_EXAMPLES["sd15_txt2img.api.json"])
+    prompt["4"] = ["not", "a", "node"]  # was: "not a ComfyUI workflow", naming nothing
+    with pytest.raises(WorkflowError, match="expected an object with 'class_type'") as caught:
+        parse_workflow(prompt, node_classes)
+    assert caught.value.node_id == "4"
