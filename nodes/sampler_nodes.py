@@ -135,7 +135,7 @@ def sample_latents(
             inpainting_mask=latent_mask,
             masked_image_latents=masked_image_latents,
             callback=on_step,
-            step_hook=run.run_step_hooks,
+            run=run,
         ).cpu()
 
 

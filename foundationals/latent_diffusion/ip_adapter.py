@@ -23,7 +23,7 @@ output is multiplied by the mask resized (bilinear) to that block's token grid.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -51,6 +51,7 @@ from ..conversion.ip_adapter_keys import (
 )
 from ..model_files import ModelFileError, read_metadata, read_state_dict
 from .model_patch import SamplingRun, Undo
+from .regional import Region, latent_region_mask, new_region_name
 from .unet import CrossAttentionBlock, DownBlocks, MiddleBlock, UNet, UpBlocks
 
 if TYPE_CHECKING:
@@ -391,18 +392,19 @@ class IPAdapter:
                     if negative_images is not None
                     else torch.zeros_like(positive)
                 )
-                return ImageEmbeddings(positive, negative, IMAGE_EMBEDS)
-            hidden = CLIPImageHiddenState(encoder, layer=-2)
-            positive = hidden(pixels).float()
-            negative_pixels = (
-                preprocess_images(negative_images, size=size).to(pixels)
-                if negative_images is not None
-                else torch.zeros_like(pixels)
-            )
-            negative = hidden(negative_pixels).float()
+            else:
+                hidden = CLIPImageHiddenState(encoder, layer=-2)
+                positive = hidden(pixels).float()
+                negative_pixels = (
+                    preprocess_images(negative_images, size=size).to(pixels)
+                    if negative_images is not None
+                    else torch.zeros_like(pixels)
+                )
+                negative = hidden(negative_pixels).float()
         if negative.shape[0] not in (1, positive.shape[0]):
             raise ValueError(f"{negative.shape[0]} negative images for {positive.shape[0]} images")
-        return ImageEmbeddings(positive, negative.expand_as(positive).contiguous(), PENULTIMATE)
+        kind = IMAGE_EMBEDS if self.kind == BASE else PENULTIMATE
+        return ImageEmbeddings(positive, negative.expand_as(positive).contiguous(), kind)
 
     def project(self, embeddings: Tensor) -> Tensor:
         """Image tokens (N, T, context_dim) of N image embeddings."""
@@ -420,6 +422,12 @@ class IPAdapter:
         expected = IMAGE_EMBEDS if self.kind == BASE else PENULTIMATE
         if embeddings.kind != expected:
             raise ValueError(f"{self.name} ({self.kind}) needs {expected}, got {embeddings.kind}")
+        width = int(embeddings.positive.shape[-1])
+        if width != self.image_input_dim:
+            raise ValueError(
+                f"{self.name} reads {self.image_input_dim}-d image embeddings ({self.encoder_name} image "
+                f"encoder); these are {width}-d: encode the images with the encoder that pairs with it"
+            )
         if combine not in COMBINE_MODES:
             raise ValueError(f"unknown combine mode {combine!r}; choose one of {', '.join(COMBINE_MODES)}")
         positive, negative = embeddings.positive, embeddings.negative
@@ -671,7 +679,11 @@ class IPAdapterPatch:
         return self.start <= progress and (progress < self.end or self.end >= 1.0)
 
     def apply(self, model: StableDiffusion, run: SamplingRun | None) -> Undo:
-        """Inject into `model.unet` with this run's batch layout; the undo ejects it."""
+        """Inject into `model.unet` with this run's batch layout; the undo ejects it.
+
+        With a mask the adapter becomes a region of the run (see `regional`): the prediction outside the
+        mask is the one without the adapter, and inside its pass the image attention is masked per block.
+        """
         if run is None:
             return _nothing
         positive, negative = self.tokens
@@ -680,6 +692,8 @@ class IPAdapterPatch:
         if run.uses_guidance:
             tokens = torch.cat([negative.expand(batch, -1, -1), tokens])
         injection = self.adapter.inject(model.unet)
+        region: Region | None = None
+        hook: Callable[[int], None] | None = None
         try:
             injection.set_tokens(tokens)
             if self.mask is not None:
@@ -687,19 +701,31 @@ class IPAdapterPatch:
                 injection.set_mask(
                     torch.cat([mask, mask]) if run.uses_guidance and mask.shape[0] > 1 else mask
                 )
+                injection.set_scale(0.0)
+                region = Region(
+                    new_region_name(f"ip-adapter {self.adapter.name}"),
+                    latent_region_mask(mask, run.latent_height, run.latent_width),
+                    self.start,
+                    self.end,
+                    switch=lambda on: injection.set_scale(self.scale if on else 0.0),
+                )
+                run.regions.append(region)
+            else:
 
-            def on_step(step: int) -> None:
-                injection.set_scale(self.scale if self.active(run, step) else 0.0)
+                def hook(step: int) -> None:
+                    injection.set_scale(self.scale if self.active(run, step) else 0.0)
 
-            on_step(run.first_step)
-            run.on_step(on_step)
+                hook(run.first_step)
+                run.on_step(hook)
         except BaseException:
             injection.eject()
             raise
 
         def undo() -> None:
-            if on_step in run.step_hooks:
-                run.step_hooks.remove(on_step)
+            if region is not None and region in run.regions:
+                run.regions.remove(region)
+            if hook is not None and hook in run.step_hooks:
+                run.step_hooks.remove(hook)
             injection.eject()
 
         return undo

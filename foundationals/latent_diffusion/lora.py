@@ -14,13 +14,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ...fluxion import layers as fl
+from ...fluxion.adapters.adapter import Adapter
 from ...fluxion.adapters.lora import Conv2dLora, LinearLora, Lora, LoraAdapter
+from ...fluxion.layers.chain import generate_unique_names
 from ..clip.text_encoder import CLIPTextEncoder, transformer_layer_names
 from ..conversion.clip_keys import TEXT_PROJECTION, TRANSFORMERS_LAYER_KEYS
 from ..conversion.diffusers_keys import diffusers_unet_module_map
@@ -36,6 +39,7 @@ from ..conversion.lora_keys import (
     compute_delta,
     normalize_lora,
 )
+from .regional import RegionGate
 from .unet import UNet
 
 __all__ = [
@@ -92,9 +96,21 @@ def lora_namespace(
     return LoraNamespace(name, layout, dict(text_encoder_layers), projected)
 
 
+_UNET_MODULE_MAPS: WeakKeyDictionary[UNet, dict[str, str]] = WeakKeyDictionary()
+
+
 def unet_lora_module_map(unet: UNet) -> dict[str, str]:
-    """Canonical (diffusers) module path → our module path, for every Linear/Conv2d of `unet`."""
-    return {theirs: ours for ours, theirs in diffusers_unet_module_map(unet).items()}
+    """Canonical (diffusers) module path → our module path, for every Linear/Conv2d of `unet`.
+
+    Read once per UNet and kept: the key tables look layers up by name, and an injected adapter renames
+    the layers around it, so a map read later (another LoRA stack, a LoRA after an IP-Adapter) would
+    miss them. Paths are resolved on the tree as it was (see `_resolve`).
+    """
+    mapping = _UNET_MODULE_MAPS.get(unet)
+    if mapping is None:
+        mapping = {theirs: ours for ours, theirs in diffusers_unet_module_map(unet).items()}
+        _UNET_MODULE_MAPS[unet] = mapping
+    return dict(mapping)
 
 
 def text_encoder_lora_module_map(encoder: CLIPTextEncoder) -> dict[str, str]:
@@ -303,8 +319,10 @@ class DoraLora(Lora[fl.WeightedModule]):
 
     def forward(self, x: Tensor) -> Tensor:
         output = _apply_weight(x, self.delta_weight(), self._conv)
-        gate = self.find(ScheduleGate)
-        return gate(output) if gate is not None else output
+        for gate in (self.find(ScheduleGate), self.find(RegionGate)):
+            if gate is not None:
+                output = gate(output)
+        return output
 
 
 def _as_target_shape(tensor: Tensor, target: fl.WeightedModule, role: str) -> Tensor:
@@ -409,10 +427,25 @@ def _find_parent(root: fl.Chain, module: fl.Module) -> fl.Chain:
     return parent
 
 
+def _unwrapped(module: fl.Module) -> fl.Module:
+    while isinstance(module, Adapter):
+        module = module.target
+    return module
+
+
 def _resolve(path: str, root: fl.Chain) -> fl.Module:
+    """The module at `path`, named as in `root`'s tree without adapters.
+
+    An injected adapter takes its target's place and renames its siblings (`Linear_1` → `LoraAdapter`,
+    `Linear_2` → `Linear_1`): paths are read on the tree as it was, so a second manager (or a LoRA
+    applied after an IP-Adapter) finds the same layers as the first.
+    """
     module: Any = root
     for part in path.split("."):
-        module = module[part] if isinstance(module, fl.Chain) else getattr(module, part)
+        if isinstance(module, fl.Chain):
+            module = generate_unique_names(_unwrapped(child) for child in module)[part]
+        else:
+            module = getattr(module, part)
     return module
 
 
@@ -620,12 +653,30 @@ class SDLoraManager:
             if (start, end) != (0.0, 1.0):
                 entry.lora.append(ScheduleGate(start, end))
 
+    def set_region(self, name: str, region: str | None) -> None:
+        """Make a LoRA act only in the UNet passes of `region` (see `regional`), masked there; None: everywhere.
+
+        Only the UNet's layers are gated: a text encoder has no image region.
+        """
+        if self.fused:
+            raise ValueError("unfuse() before making a LoRA regional: fused weights cannot switch per pass")
+        for entry in self._entries[self._known(name)]:
+            gate = entry.lora.find(RegionGate)
+            if gate is not None:
+                entry.lora.remove(gate)
+            if region is not None and entry.site.component == UNET:
+                entry.lora.append(RegionGate(region))
+
     def fuse(self) -> None:
         """Merge every LoRA into its layer's weight (originals kept) and take the adapters out."""
         if self.fused:
             return
-        if any(entry.lora.find(ScheduleGate) for entries in self._entries.values() for entry in entries):
-            raise ValueError("scheduled LoRAs cannot be fused (their weights switch per step)")
+        for entries in self._entries.values():
+            for entry in entries:
+                if entry.lora.find(ScheduleGate) is not None:
+                    raise ValueError("scheduled LoRAs cannot be fused (their weights switch per step)")
+                if entry.lora.find(RegionGate) is not None:
+                    raise ValueError("regional LoRAs cannot be fused (their weights switch per pass)")
         for site in self._sites.values():
             assert site.adapter is not None
             site.adapter.eject()

@@ -3,7 +3,9 @@
 A model shared by several users (ComfyUI branches, cached loaders) is never adapted for good: each
 sampling run applies an ordered stack of `ModelPatch`es (LoRA, ControlNet, T2I-Adapter, IP-Adapter,
 reference-only, context values), samples, and undoes them in reverse order, also on errors and
-cancellation. Patches that act only on some steps (start/end windows) register a step hook.
+cancellation. Patches that act only on some steps (start/end windows) register a step hook; patches
+restricted to a mask register a `Region` (see `regional`): the run's `predict` then blends one UNet pass
+per active region into the base prediction.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+
+from torch import Tensor
+
+from ...fluxion import layers as fl
+from .regional import Region, blend_region_predictions
 
 if TYPE_CHECKING:
     from .stable_diffusion import StableDiffusion
@@ -32,6 +39,9 @@ class SamplingRun:
     uses_guidance: bool
     """With classifier-free guidance the UNet sees `[negative, positive]` as one batch of 2 * batch_size."""
     step_hooks: list[StepHook] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
+    """Masked adapters: each active one costs one more UNet pass per step (see `regional`)."""
+    current_step: int | None = None
 
     def progress(self, step: int) -> float:
         """Fraction of the whole schedule done before `step` (0 at the first step of txt2img)."""
@@ -42,8 +52,16 @@ class SamplingRun:
         self.step_hooks.append(hook)
 
     def run_step_hooks(self, step: int) -> None:
+        self.current_step = step
         for hook in self.step_hooks:
             hook(step)
+
+    def predict(self, unet: fl.Chain, x: Tensor) -> Tensor:
+        """The UNet's prediction for `x` at the current step, with this run's regions blended in."""
+        if not self.regions:
+            return unet(x)
+        step = self.first_step if self.current_step is None else self.current_step
+        return blend_region_predictions(unet, x, self.regions, self.progress(step))
 
 
 class ModelPatch(Protocol):

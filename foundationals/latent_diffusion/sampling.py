@@ -147,11 +147,14 @@ def denoise(
     inpainting: InpaintingInputs | None = None,
     callback: StepCallback | None = None,
     step_hook: Callable[[int], None] | None = None,
+    predict: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Run the solver's inference steps from `latents`; guidance is skipped when `guidance_scale <= 1`.
 
     `latents` must already be scaled/noised for the first step (see `prepare_latents`). `step_hook`
     runs before each UNet call with the step index (adapters with start/end windows use it).
+    `predict(model_input)` replaces the plain `unet(model_input)` call (regional adapters blend several
+    passes there; see `SamplingRun.predict`).
     """
     batch = latents.shape[0]
     use_guidance = guidance_scale > 1.0 and negative is not None
@@ -172,7 +175,7 @@ def denoise(
         if use_guidance:
             model_input = torch.cat([model_input, model_input])
         unet.set_timestep(solver.timesteps[step].reshape(1))
-        prediction = unet(model_input.to(parameter.dtype)).to(latents.dtype)
+        prediction = (predict or unet)(model_input.to(parameter.dtype)).to(latents.dtype)
         if use_guidance:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from ..clip.text_encoder import CLIPTextEncoder
 from .auto_encoder import LatentDiffusionAutoencoder
 from .checkpoint import CheckpointError, load_checkpoint
 from .limits import check_size
+from .model_patch import SamplingRun
 from .sampling import Conditioning, InpaintingInputs, StepCallback, denoise, prepare_latents
 from .solvers import (
     DDIM,
@@ -243,6 +245,7 @@ class StableDiffusion:
         step_hook: Callable[[int], None] | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        run: SamplingRun | None = None,
     ) -> Tensor:
         """The shared sampling path: noise from `seed`, img2img start, inpainting, guidance, solver steps.
 
@@ -253,7 +256,14 @@ class StableDiffusion:
         `inpainting_mask` (B, 1, h, w) in latent size, 1 = repaint, needs `image_latents`. A 9-channel
         model also needs `masked_image_latents` (the latents of the image with the masked area blanked);
         other models keep the unmasked area on the source's trajectory each step.
+
+        `run`: the `SamplingRun` the model's patches were applied for (`patched(model, patches, run)`); its
+        step hooks run before each step and its regions (masked adapters) are blended into each prediction.
         """
+        if run is not None:
+            if step_hook is not None:
+                raise ValueError("give either run or step_hook: the run's step hooks replace step_hook")
+            step_hook = run.run_step_hooks
         factor = self.autoencoder.config.downscale_factor
         check_size(latents_shape[0], latents_shape[-2] * factor, latents_shape[-1] * factor, "sample")
         device = self.device
@@ -292,6 +302,7 @@ class StableDiffusion:
                 inpainting=inpainting,
                 callback=callback,
                 step_hook=step_hook,
+                predict=None if run is None else partial(run.predict, self.unet),
             )
 
     def text_to_image(

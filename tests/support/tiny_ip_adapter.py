@@ -154,6 +154,6 @@ def sample_with_patches(
             guidance_scale,
             seed,
             callback=callback,
-            step_hook=run.run_step_hooks,
+            run=run,
         )
     return sd.decode_latents(latents) if decode else latents

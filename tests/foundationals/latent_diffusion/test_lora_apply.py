@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fluxion.layers as fl
+from fluxion.adapters.lora import LoraAdapter
 from foundationals.conversion.lora_keys import TEXT_ENCODER, UNET, LoraNamespace, UNetLayout, normalize_lora
 from foundationals.latent_diffusion.lora import LoraMismatchError, SDLoraManager
 
@@ -436,3 +437,36 @@ def test_scheduled_lora_acts_only_within_its_fraction_of_sampling():
     set_lora_progress(unet, 0.9)
     manager.fuse()
     assert max_diff(run_toy(unet, text), full) < 1e-5
+
+
+def test_a_second_manager_finds_the_same_layers_after_a_first_injected_unfused_loras():
+    """Injecting an adapter renames its siblings (`Linear_1` → `LoraAdapter`, `Linear_2` → `Linear_1`):
+    a second, unfused stack must still put a to_k LoRA on to_k, not on the layer now called `Linear_1`."""
+    from nodes.demo import tiny_sd15
+
+    sd = tiny_sd15()
+    tree = repr(sd.unet)
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    k = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    first, second = SDLoraManager.for_models(sd.unet), SDLoraManager.for_models(sd.unet)
+    to_k = second.targets[UNET][k]
+    width = to_k.weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+
+    def lora(module):
+        name = "lora_unet_" + module.replace(".", "_")
+        return {
+            f"{name}.lora_down.weight": torch.randn(2, width, generator=g),
+            f"{name}.lora_up.weight": torch.randn(width, 2, generator=g),
+        }
+
+    first.add_loras("q", lora(q))
+    late = SDLoraManager.for_models(sd.unet)  # built on the adapted tree
+    assert late.targets[UNET][k] is to_k and late.targets[UNET][q] is first.targets[UNET][q]
+    report = late.add_loras("k", lora(k))
+    assert report.applied == [f"{UNET}:{k}"]
+    adapters = {adapter.target: adapter.names for adapter in sd.unet.layers(LoraAdapter, recurse=True)}
+    assert adapters[to_k] == ["k"] and adapters[first.targets[UNET][q]] == ["q"]
+    late.clear()
+    first.clear()
+    assert repr(sd.unet) == tree
