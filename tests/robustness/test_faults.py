@@ -7,7 +7,7 @@ of every tensor of the UNet and text encoder state dicts are compared with a sna
 context names too, and the next normal run must equal the same run on a model freshly loaded from the file.
 The soak test runs 100 workflows through the headless runner, swapping LoRA files and strengths, ControlNet
 and IP-Adapter on and off, and bounds the growth of the process's memory (RSS, < 5 % after warm-up) and of
-its open file descriptors (none left open).
+its open file descriptors (none left open), and checks that the number of live tensors does not grow.
 """
 
 import dataclasses
@@ -56,6 +56,7 @@ SIZE = dict(width=64, height=64, crop_w=0, crop_h=0, target_width=64, target_hei
 SECOND_LORA = "fluxion_second_lora.safetensors"
 SOAK_RUNS = 100
 SOAK_WARM_UP = 10
+LORA_EVERY = 4
 MAX_RSS_GROWTH = 0.05
 
 
@@ -407,6 +408,11 @@ def open_files() -> list[str]:
     return found
 
 
+def live_tensors() -> int:
+    """How many tensors the process holds (a leak of adapters or outputs would grow it run after run)."""
+    return sum(1 for item in gc.get_objects() if isinstance(item, torch.Tensor))
+
+
 def model_files_open(robustness_folders) -> list[str]:  # noqa: ANN001
     models = str(robustness_folders / "models")
     return [entry for entry in open_files() if models in entry]
@@ -420,10 +426,13 @@ def test_100_runs_with_swapped_adapters_leak_no_memory_and_no_files(
     loras = [DEMO_LORA, second_lora]
     measured: dict[str, float] = {}
     for index in range(SOAK_RUNS):
+        lora = (
+            index // LORA_EVERY
+        )  # a new LoRA file/strength/fusing every few runs (reloading one costs ~0.4 s)
         prompt = soak_prompt(
-            loras[index % 2],
-            strength=0.5 + (index % 7) / 10,
-            fuse=index % 3 != 0,
+            loras[lora % 2],
+            strength=0.5 + (lora % 7) / 10,
+            fuse=lora % 3 != 0,
             control=index % 2 == 0,
             ip_adapter=index % 4 < 2,
             seed=index,
@@ -433,15 +442,19 @@ def test_100_runs_with_swapped_adapters_leak_no_memory_and_no_files(
         if index == SOAK_WARM_UP - 1:
             gc.collect()
             measured["rss"], measured["fds"] = process.memory_info().rss, len(open_files())
+            measured["tensors"] = live_tensors()
             assert not model_files_open(robustness_folders), "a model file was left open after loading"
     gc.collect()
-    rss, fds = process.memory_info().rss, len(open_files())
+    rss, fds, tensors = process.memory_info().rss, len(open_files()), live_tensors()
     growth = (rss - measured["rss"]) / measured["rss"]
+    print(f"soak: live tensors {measured['tensors']} -> {tensors}")
     print(
         f"soak: RSS {measured['rss'] / 2**20:.1f} -> {rss / 2**20:.1f} MiB ({growth:+.2%}), fds {measured['fds']} -> {fds}"
     )
     assert growth < MAX_RSS_GROWTH, f"RSS grew {growth:.1%} over {SOAK_RUNS - SOAK_WARM_UP} runs"
     assert fds <= measured["fds"], f"{fds - measured['fds']} file descriptors more than after warm-up"
+    leaked = tensors - measured["tensors"]
+    assert leaked < SOAK_RUNS - SOAK_WARM_UP, f"{leaked} more live tensors: something is kept every run"
     assert not model_files_open(robustness_folders), "a model file was left open after loading"
     saved = list((tmp_path / "output").glob("soak_*.png"))
     assert len(saved) == SOAK_RUNS
