@@ -137,6 +137,50 @@ def lora() -> dict:
     }
 
 
+def lora_stack() -> dict:
+    prompt = sd15_base("a castle in the clouds, fluxion style, detailed stonework")
+    prompt["2"]["inputs"]["clip"] = ["4", 1]
+    prompt["3"]["inputs"]["clip"] = ["4", 1]
+    loras = [
+        ("fluxion_demo_lora.safetensors", 0.8, 1.0),
+        ("fluxion_demo_lora_2.safetensors", 0.5, 0.5),
+        ("fluxion_demo_locon.safetensors", 0.6, 0.0),
+        ("None", 1.0, 1.0),
+    ]
+    stack: dict = {"model": ["1", 0], "clip": ["1", 1]}
+    for slot, (name, unet, clip) in enumerate(loras, start=1):
+        stack.update({f"lora_{slot}": name, f"strength_model_{slot}": unet, f"strength_clip_{slot}": clip})
+    stack["fuse"] = True
+    return {
+        **prompt,
+        "4": {"class_type": "FluxionLoraStack", "inputs": stack},
+        "5": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": sampler(["4", 0], ["5", 0]),
+        **decode_and_save(["6", 0], "fluxion_lora_stack", 7),
+    }
+
+
+def regional_lora() -> dict:
+    return {
+        **sd15_base("two houses by a lake, the left one in fluxion style"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example_mask.png"}},
+        "5": {
+            "class_type": "FluxionRegionalLora",
+            "inputs": {
+                "model": ["1", 0],
+                "lora_name": "fluxion_demo_lora.safetensors",
+                "strength_model": 1.0,
+                "start": 0.0,
+                "end": 0.8,
+                "mask": ["4", 1],
+            },
+        },
+        "6": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "7": sampler(["5", 0], ["6", 0]),
+        **decode_and_save(["7", 0], "fluxion_regional_lora", 8),
+    }
+
+
 def controlnet_canny() -> dict:
     return {
         **sd15_base("a glass house in a forest, photograph"),
@@ -424,6 +468,8 @@ WORKFLOWS = {
     "sd15_img2img": img2img,
     "sd15_inpaint": inpaint,
     "sd15_lora": lora,
+    "sd15_lora_stack": lora_stack,
+    "sd15_regional_lora": regional_lora,
     "sd15_controlnet_canny": controlnet_canny,
     "sd15_ip_adapter": ip_adapter,
     "sd15_ip_adapter_plus_two_images_mask": ip_adapter_plus_two_images_mask,

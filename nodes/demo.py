@@ -47,6 +47,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "workflows"
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 DEMO_LORA = "fluxion_demo_lora.safetensors"
+DEMO_LORA_2 = "fluxion_demo_lora_2.safetensors"
+DEMO_LOCON = "fluxion_demo_locon.safetensors"
 DEMO_CONTROLNET = "control_v11p_sd15_canny.safetensors"
 DEMO_IP_ADAPTER = "ip-adapter_sd15.safetensors"
 DEMO_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
@@ -115,6 +117,22 @@ def kohya_lora(model: StableDiffusion, rank: int = 4, seed: int = 1) -> dict[str
         name = prefix + module.replace(".", "_")
         tensors[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
         tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    return tensors
+
+
+def kohya_locon(model: StableDiffusion, rank: int = 4, seed: int = 22) -> dict[str, torch.Tensor]:
+    """A kohya "LoCon" LoRA on the 3x3 convolutions of `model`'s UNet ResNet blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    mapping = unet_lora_module_map(model.unet)
+    for module, ours in mapping.items():
+        if ".resnets." not in module or not module.endswith(("conv1", "conv2")):
+            continue
+        out_channels, in_channels = model.unet.get_submodule(ours).weight.shape[:2]
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, in_channels, 3, 3, generator=generator) * 0.1
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out_channels, rank, 1, 1, generator=generator) * 0.1
         tensors[f"{name}.alpha"] = torch.tensor(float(rank))
     return tensors
 
@@ -224,6 +242,8 @@ def write_demo_files(models_dir: Path, input_dir: Path) -> None:
     save_single_file(model, models_dir / "checkpoints" / SD15_CHECKPOINT)
     save_single_file(sdxl, models_dir / "checkpoints" / SDXL_CHECKPOINT)
     save_to_safetensors(models_dir / "loras" / DEMO_LORA, kohya_lora(model), metadata={"ss_network_dim": "4"})
+    save_to_safetensors(models_dir / "loras" / DEMO_LORA_2, kohya_lora(model, seed=21))
+    save_to_safetensors(models_dir / "loras" / DEMO_LOCON, kohya_locon(model))
     save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROLNET, lllyasviel_controlnet())
     save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER, tencent_ip_adapter(model))
     save_to_safetensors(models_dir / "clip_vision" / DEMO_CLIP_VISION, tiny_image_encoder_file())

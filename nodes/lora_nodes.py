@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
 
 from ..foundationals.conversion.lora_keys import LoraFile, normalize_lora
 from ..foundationals.latent_diffusion.controlnet import describe_model_kind
-from ..foundationals.latent_diffusion.lora import LoraMismatchError, SDLoraManager, model_family
+from ..foundationals.latent_diffusion.lora import (
+    LORA_SCHEDULE_CONTEXT,
+    LoraMismatchError,
+    SDLoraManager,
+    model_family,
+    set_lora_progress,
+)
 from ..foundationals.latent_diffusion.model_patch import SamplingRun, Undo
+from ..foundationals.latent_diffusion.regional import Region, latent_region_mask, new_region_name
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 from ..foundationals.model_files import ModelFileError, describe_keys, read_metadata, read_state_dict
 from .host import list_model_files, model_file_path
+from .latent_nodes import require_finite
 from .wires import CLIP, MODEL, ClipWire, ModelWire
 
 UNET = "unet"
@@ -49,18 +60,42 @@ def check_lora_family(lora_name: str, lora: LoraFile, model: ModelWire) -> None:
 
 @dataclass(frozen=True)
 class LoraPatch:
-    """One LoRA file's UNet part (applied while sampling) or text-encoder part (applied while encoding)."""
+    """One LoRA file's UNet part (applied while sampling) or text-encoder part (applied while encoding).
+
+    The UNet part may be scheduled (acts on steps whose progress is in [start, end)) and/or regional
+    (`mask`: acts only there, by blending predictions; see `regional`); either keeps it unfused.
+    """
 
     file_name: str
     lora: LoraFile = field(repr=False)
     for_text: bool
     strength: float
     fuse: bool = True
+    start: float = 0.0
+    end: float = 1.0
+    mask: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(
+                f"LoRA start/end must satisfy 0 <= start <= end <= 1, got {self.start}, {self.end}"
+            )
+
+    @property
+    def scheduled(self) -> bool:
+        return (self.start, self.end) != (0.0, 1.0)
 
     @property
     def label(self) -> str:
         part = "text encoders" if self.for_text else "UNet"
-        return f"LoRA {self.file_name} ({part} x{self.strength:g}{', fused' if self.fuse else ''})"
+        options = [f"{part} x{self.strength:g}"]
+        if not self.for_text and self.scheduled:
+            options.append(f"steps {self.start:g}-{self.end:g}")
+        if not self.for_text and self.mask is not None:
+            options.append("masked")
+        if self.fuse and not (self.scheduled or self.mask is not None):
+            options.append("fused")
+        return f"LoRA {self.file_name} ({', '.join(options)})"
 
     def part(self) -> LoraFile:
         weights = [w for w in self.lora.weights if (w.component != UNET) == self.for_text]
@@ -72,11 +107,10 @@ class LoraPatch:
         part = self.part()
         if not part.weights:
             return _nothing
-        manager = (
-            SDLoraManager.for_models(model.unet, model.text_encoder, model.text_encoder_2)
-            if self.for_text
-            else SDLoraManager.for_models(model.unet)
-        )
+        if self.for_text:
+            manager = SDLoraManager.for_models(model.unet, model.text_encoder, model.text_encoder_2)
+        else:
+            manager = SDLoraManager.for_models(model.unet)
         manager.add_loras(
             self.file_name,
             part,
@@ -84,17 +118,86 @@ class LoraPatch:
             text_encoder_scale=self.strength,
             source=self.file_name,
         )
-        if self.fuse:
+        if run is None:
+            return manager.clear
+        try:
+            undo_timing = self._time(manager, model, run)
+        except BaseException:
+            manager.clear()
+            raise
+
+        def undo() -> None:
             try:
-                manager.fuse()
-            except BaseException:
+                undo_timing()
+            finally:
                 manager.clear()
-                raise
-        return manager.clear
+
+        return undo
+
+    def _time(self, manager: SDLoraManager, model: StableDiffusion, run: SamplingRun) -> Undo:
+        """Make the UNet part regional, scheduled or fused as asked; return what undoes that."""
+        unet = model.unet
+        if self.mask is not None:
+            region = Region(
+                new_region_name(f"LoRA {self.file_name}"),
+                latent_region_mask(self.mask, run.latent_height, run.latent_width),
+                self.start,
+                self.end,
+            )
+            manager.set_region(self.file_name, region.name)
+            run.regions.append(region)
+            return lambda: run.regions.remove(region)
+        if self.scheduled:
+            manager.set_schedule(self.file_name, self.start, self.end)
+
+            def on_step(step: int) -> None:
+                set_lora_progress(unet, run.progress(step))
+
+            on_step(run.first_step)
+            run.on_step(on_step)
+
+            def unschedule() -> None:
+                run.step_hooks.remove(on_step)
+                unet.provider.contexts.pop(LORA_SCHEDULE_CONTEXT, None)
+
+            return unschedule
+        if self.fuse:
+            manager.fuse()
+        return _nothing
 
 
 def _nothing() -> None:
     return None
+
+
+def read_lora(model: ModelWire, lora_name: str) -> tuple[LoraFile, str]:
+    """Read and check a LoRA file for `model`: its normalized weights and the load report.
+
+    Refuses files that are not LoRAs, LoRAs of another base model and LoRAs of which nothing fits, naming
+    the file; the report lists every key that was left out.
+    """
+    path = model_file_path("loras", lora_name)
+    state_dict = read_state_dict(path, what="LoRA")
+    kind = describe_model_kind(list(state_dict))
+    if kind in NOT_LORAS:
+        found = f"this is {kind}, not a LoRA ({describe_keys(list(state_dict))})"
+        raise ModelFileError(path, "LoRA", found, LORA_EXPECTED)
+    sd = model.model
+    probe = SDLoraManager.for_models(sd.unet, sd.text_encoder, sd.text_encoder_2)
+    lora = normalize_lora(state_dict, probe.namespace, read_metadata(path, what="LoRA"))
+    check_lora_family(lora_name, lora, model)
+    try:  # a dry run: raises (naming the file and the family it targets) when nothing fits
+        report = probe.add_loras(lora_name, lora, source=lora_name)
+    finally:
+        probe.clear()
+    text = str(report)
+    print(f"[Fluxion] {text}")
+    return lora, text
+
+
+STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
+FUSE_TOOLTIP = "Merge into the weights while sampling: no per-step cost; weights restored exactly after."
+NO_LORA = "None"
 
 
 class FluxionLoraLoader:
@@ -117,24 +220,17 @@ class FluxionLoraLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        strength = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The model to add the LoRA to."}),
                 "clip": (CLIP, {"tooltip": "The text encoders to add the LoRA to."}),
                 "lora_name": (list_model_files("loras"), {"tooltip": "LoRA file in models/loras."}),
-                "strength_model": ("FLOAT", dict(strength, tooltip="Strength on the UNet (0 turns it off).")),
+                "strength_model": ("FLOAT", dict(STRENGTH, tooltip="Strength on the UNet (0 turns it off).")),
                 "strength_clip": (
                     "FLOAT",
-                    dict(strength, tooltip="Strength on the text encoders (0 turns it off)."),
+                    dict(STRENGTH, tooltip="Strength on the text encoders (0 turns it off)."),
                 ),
-                "fuse": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "Merge into the weights while sampling: no per-step cost; weights restored exactly after.",
-                    },
-                ),
+                "fuse": ("BOOLEAN", {"default": True, "tooltip": FUSE_TOOLTIP}),
             }
         }
 
@@ -147,28 +243,168 @@ class FluxionLoraLoader:
         strength_clip: float,
         fuse: bool = True,
     ) -> tuple[ModelWire, ClipWire, str]:
-        path = model_file_path("loras", lora_name)
-        state_dict = read_state_dict(path, what="LoRA")
-        kind = describe_model_kind(list(state_dict))
-        if kind in NOT_LORAS:
-            found = f"this is {kind}, not a LoRA ({describe_keys(list(state_dict))})"
-            raise ModelFileError(path, "LoRA", found, LORA_EXPECTED)
-        sd = model.model
-        probe = SDLoraManager.for_models(sd.unet, sd.text_encoder, sd.text_encoder_2)
-        lora = normalize_lora(state_dict, probe.namespace, read_metadata(path, what="LoRA"))
-        check_lora_family(lora_name, lora, model)
-        try:  # a dry run: raises (naming the file and the family it targets) when nothing fits
-            report = probe.add_loras(lora_name, lora, source=lora_name)
-        finally:
-            probe.clear()
-        text = str(report)
-        print(f"[Fluxion] {text}")
+        lora, report = read_lora(model, lora_name)
         return (
             model.with_patch(LoraPatch(lora_name, lora, for_text=False, strength=strength_model, fuse=fuse)),
             clip.with_patch(LoraPatch(lora_name, lora, for_text=True, strength=strength_clip, fuse=False)),
-            text,
+            report,
         )
 
 
-NODE_CLASS_MAPPINGS = {"FluxionLoraLoader": FluxionLoraLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"FluxionLoraLoader": "Fluxion Load LoRA"}
+STACK_SLOTS = 4
+
+
+class FluxionLoraStack:
+    """Several LoRAs in one node, each with its own model and clip strengths."""
+
+    DESCRIPTION = (
+        f"Wires up to {STACK_SLOTS} LoRAs onto the model and its text encoders, in order, as that many "
+        "Fluxion Load LoRA nodes would. Slots set to None are skipped. Fused LoRAs cost nothing per step."
+    )
+    CATEGORY = "fluxion/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL, CLIP, "STRING")
+    RETURN_NAMES = ("model", "clip", "report")
+    OUTPUT_TOOLTIPS = (
+        "The model with the LoRAs added to its adapter stack.",
+        "The text encoders with the LoRAs added.",
+        "What each LoRA applied and what it did not.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        required: dict[str, tuple] = {
+            "model": (MODEL, {"tooltip": "The model to add the LoRAs to."}),
+            "clip": (CLIP, {"tooltip": "The text encoders to add the LoRAs to."}),
+        }
+        files = [NO_LORA, *list_model_files("loras")]
+        for slot in range(1, STACK_SLOTS + 1):
+            required[f"lora_{slot}"] = (
+                files,
+                {"default": NO_LORA, "tooltip": f"LoRA {slot} in models/loras (None: empty slot)."},
+            )
+            required[f"strength_model_{slot}"] = (
+                "FLOAT",
+                dict(STRENGTH, tooltip=f"Strength of LoRA {slot} on the UNet."),
+            )
+            required[f"strength_clip_{slot}"] = (
+                "FLOAT",
+                dict(STRENGTH, tooltip=f"Strength of LoRA {slot} on the text encoders."),
+            )
+        required["fuse"] = ("BOOLEAN", {"default": True, "tooltip": FUSE_TOOLTIP})
+        return {"required": required}
+
+    def load(
+        self, model: ModelWire, clip: ClipWire, fuse: bool = True, **slots: Any
+    ) -> tuple[ModelWire, ClipWire, str]:
+        names = [slots.get(f"lora_{slot}", NO_LORA) for slot in range(1, STACK_SLOTS + 1)]
+        chosen = [name for name in names if name != NO_LORA]
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(
+                f"the same LoRA is in two slots ({chosen}): use one slot with the summed strength"
+            )
+        reports: list[str] = []
+        for slot, name in enumerate(names, start=1):
+            if name == NO_LORA:
+                continue
+            lora, report = read_lora(model, name)
+            unet = float(slots.get(f"strength_model_{slot}", 1.0))
+            text = float(slots.get(f"strength_clip_{slot}", 1.0))
+            model = model.with_patch(LoraPatch(name, lora, for_text=False, strength=unet, fuse=fuse))
+            clip = clip.with_patch(LoraPatch(name, lora, for_text=True, strength=text, fuse=False))
+            reports.append(report)
+        return model, clip, "\n".join(reports) or "no LoRA chosen"
+
+
+class FluxionRegionalLora:
+    """A LoRA on the UNet restricted to a mask and/or to part of the sampling steps."""
+
+    DESCRIPTION = (
+        "Wires a LoRA onto the model's UNet for a region of the image (mask) and/or a window of the steps "
+        "(start/end). Outside the mask the model predicts exactly as without the LoRA: each step runs one "
+        "more UNet pass with the LoRA, masked at every resolution, and blends it in by the mask. Outside the "
+        "window the LoRA is off and costs nothing. It stays unfused. The text encoders are not changed: use "
+        "Fluxion Load LoRA with strength_model 0 for a LoRA's clip part."
+    )
+    CATEGORY = "fluxion/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL, "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = (
+        "The model with the regional/scheduled LoRA added.",
+        "What was applied and what was not.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        fraction = {"min": 0.0, "max": 1.0, "step": 0.01}
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The model to add the LoRA to."}),
+                "lora_name": (list_model_files("loras"), {"tooltip": "LoRA file in models/loras."}),
+                "strength_model": ("FLOAT", dict(STRENGTH, tooltip="Strength on the UNet (0 turns it off).")),
+                "start": (
+                    "FLOAT",
+                    dict(
+                        fraction,
+                        default=0.0,
+                        tooltip="Fraction of the steps done when the LoRA starts acting.",
+                    ),
+                ),
+                "end": (
+                    "FLOAT",
+                    dict(
+                        fraction,
+                        default=1.0,
+                        tooltip="Fraction of the steps done when the LoRA stops (1: to the end).",
+                    ),
+                ),
+            },
+            "optional": {
+                "mask": (
+                    "MASK",
+                    {
+                        "tooltip": "Where the LoRA acts (1) and where the image stays as without it (0); any size, resized to the latents. None: everywhere."
+                    },
+                ),
+            },
+        }
+
+    def load(
+        self,
+        model: ModelWire,
+        lora_name: str,
+        strength_model: float,
+        start: float,
+        end: float,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[ModelWire, str]:
+        if start > end:
+            raise ValueError(f"start ({start:g}) must not be after end ({end:g})")
+        if mask is not None:
+            require_finite(mask, "the LoRA mask")
+            mask = mask.detach().clone().float()  # the input stays untouched; the wire keeps its own copy
+        lora, report = read_lora(model, lora_name)
+        patch = LoraPatch(
+            lora_name,
+            lora,
+            for_text=False,
+            strength=strength_model,
+            fuse=False,
+            start=start,
+            end=end,
+            mask=mask,
+        )
+        return model.with_patch(patch), report
+
+
+NODE_CLASS_MAPPINGS = {
+    "FluxionLoraLoader": FluxionLoraLoader,
+    "FluxionLoraStack": FluxionLoraStack,
+    "FluxionRegionalLora": FluxionRegionalLora,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FluxionLoraLoader": "Fluxion Load LoRA",
+    "FluxionLoraStack": "Fluxion LoRA Stack",
+    "FluxionRegionalLora": "Fluxion Regional / Scheduled LoRA",
+}
