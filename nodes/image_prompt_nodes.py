@@ -259,7 +259,12 @@ class FluxionApplyIPAdapter:
                     "IMAGE",
                     {"tooltip": "Optional negative reference (default: the encoder's empty image)."},
                 ),
-                "mask": ("MASK", {"tooltip": "Apply the image prompt only where the mask is white."}),
+                "mask": (
+                    "MASK",
+                    {
+                        "tooltip": "Apply the image prompt only where the mask is white: outside it each step predicts as without the adapter (one more UNet pass per step)."
+                    },
+                ),
                 "embeds": (
                     IMAGE_EMBEDS_TYPE,
                     {

@@ -501,3 +501,30 @@ def test_unplaceable_keys_are_reported_and_family_is_named():
         {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 32)}
     )
     assert sdxl_file.family_hint is not None and sdxl_file.family_hint.startswith("SDXL")
+
+
+def test_peft_sdxl_file_written_by_diffusers_matches_diffusers_loader(sdxl_pipe, tmp_path):
+    """SDXL LoRA as diffusers writes it: `unet.*`, `text_encoder.*`, `text_encoder_2.*` peft keys, alphas in metadata."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tiny_sdxl_pipeline()
+    unet = add_random_peft_loras(pipe.unet, UNET_TARGETS + ["conv1"], rank=4, alpha=8.0)
+    te1 = add_random_peft_loras(pipe.text_encoder, TEXT_TARGETS, rank=2, alpha=1.0, seed=3)
+    te2 = add_random_peft_loras(pipe.text_encoder_2, TEXT_TARGETS, rank=2, alpha=4.0, seed=4)
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path),
+        unet_lora_layers=get_peft_model_state_dict(unet, adapter_name="trained"),
+        text_encoder_lora_layers=get_peft_model_state_dict(te1, adapter_name="trained"),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(te2, adapter_name="trained"),
+        unet_lora_adapter_metadata=unet.peft_config["trained"].to_dict(),
+        text_encoder_lora_adapter_metadata=te1.peft_config["trained"].to_dict(),
+        text_encoder_2_lora_adapter_metadata=te2.peft_config["trained"].to_dict(),
+    )
+    state_dict, metadata = load_lora_state_dict(tmp_path / "pytorch_lora_weights.safetensors")
+    lora_file = normalize_lora(state_dict, TINY_SDXL, metadata)
+    assert lora_file.format == "peft" and lora_file.unmatched == []
+    assert lora_file.components == {UNET, TEXT_ENCODER, TEXT_ENCODER_2}
+    assert {w.alpha / w.rank for w in lora_file.weights if w.component == TEXT_ENCODER_2} == {2.0}
+    components = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+    reference = reference_deltas(sdxl_pipe, tmp_path, "pytorch_lora_weights.safetensors", components)
+    assert_same_deltas(our_deltas(lora_file, base_shapes(sdxl_pipe, components)), reference)
