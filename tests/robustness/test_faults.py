@@ -60,15 +60,6 @@ LORA_EVERY = 4
 MAX_RSS_GROWTH = 0.05
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~100x faster than two on a loaded 2-core machine (no thread thrashing)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def picture(height: int = 64, width: int = 64) -> torch.Tensor:
     y = torch.linspace(0, 1, height)[:, None, None]
     x = torch.linspace(0, 1, width)[None, :, None]
