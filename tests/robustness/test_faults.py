@@ -289,6 +289,41 @@ def test_a_patch_raising_at_step_k_through_the_runner_names_the_node_and_restore
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class BrokenPatch:
+    """A ModelPatch that fails to apply, or applies and then fails to undo."""
+
+    fails_in: str
+    label: str = "broken"
+
+    def apply(self, model: StableDiffusion, run: SamplingRun | None) -> Undo:
+        if self.fails_in == "apply":
+            raise Boom("could not apply")
+
+        def undo() -> None:
+            raise Boom("could not undo")
+
+        return undo
+
+
+def test_a_patch_failing_to_apply_or_undo_still_restores_the_rest_of_the_stack(sd15):
+    sd = sd15[0].model
+    model, clip = adapter_stack(sd15, fuse=True)
+    before = snapshot(sd)
+    stacks = {
+        "apply": dataclasses.replace(
+            model, patches=(*model.patches[:3], BrokenPatch("apply"), *model.patches[3:])
+        ),
+        "undo": dataclasses.replace(
+            model, patches=(*model.patches[:3], BrokenPatch("undo"), *model.patches[3:])
+        ),
+    }
+    for fails_in, broken in stacks.items():
+        with pytest.raises(Boom, match=f"could not {fails_in}"):
+            run(broken, clip)
+        assert_unchanged(sd, before)  # the LoRA (fused), ControlNet, T2I-Adapter and the rest are undone
+
+
 # --- a long session -------------------------------------------------------------------------------------------
 
 
