@@ -472,12 +472,20 @@ def test_a_real_module_named_the_kohya_way_parses_back_to_that_module(layer, aut
     weights = lora.weights[0]
     resolved_in = lora.namespace if auto else namespace
     assert (weights.component, weights.module) == kohya_table(resolved_in)[name]
-    if not auto or resolved_in == namespace:
-        assert (weights.component, weights.module) == kohya_table(namespace)[name]
+    assert (weights.component, weights.module) == kohya_table(namespace)[
+        name
+    ]  # whichever family it resolved in
     assert weights.method == method and weights.source == name
     assert weights.alpha == (None if alpha is None else pytest.approx(alpha))
     if method == "lora":
         assert weights.rank == rank
+
+
+def test_a_kohya_name_means_the_same_module_in_every_family_that_has_it():
+    sd15, sdxl = kohya_table("SD1.5"), kohya_table("SDXL")
+    shared = set(sd15) & set(sdxl)
+    assert len(shared) > 100  # e.g. the text encoder's and the first levels' names
+    assert [name for name in shared if sd15[name] != sdxl[name]] == []
 
 
 DIFFUSERS_STYLES = ("peft", "peft_named", "diffusers", "diffusers_linear_layer", "bare_peft")
