@@ -172,6 +172,7 @@ def regional_lora() -> dict:
                 "strength_model": 1.0,
                 "start": 0.0,
                 "end": 0.8,
+                "outside_mask": "blend",
                 "mask": ["4", 1],
             },
         },

@@ -272,6 +272,15 @@ class FluxionApplyIPAdapter:
                         "instead of image and clip_vision."
                     },
                 ),
+                "outside_mask": (
+                    ["blend", "keep"],
+                    {
+                        "default": "blend",
+                        "tooltip": "With a mask. blend: every step predicts as without the adapter outside the "
+                        "mask, the image stays coherent across its edge. keep: the outside ends exactly as the "
+                        "image without the adapter (one more UNet pass per step).",
+                    },
+                ),
             },
         }
 
@@ -289,7 +298,10 @@ class FluxionApplyIPAdapter:
         negative_image: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         embeds: ImageEmbeddings | None = None,
+        outside_mask: str = "blend",
     ) -> tuple[ModelWire]:
+        if outside_mask not in ("blend", "keep"):
+            raise ValueError(f"outside_mask must be blend or keep, got {outside_mask!r}")
         if mask is not None:
             require_finite(mask, "the mask")
         _check_model(model, ipadapter)
@@ -328,6 +340,7 @@ class FluxionApplyIPAdapter:
                 start=start_percent,
                 end=end_percent,
                 mask=mask,
+                keep_outside=outside_mask == "keep",
             )
         return (model.with_patch(patch),)
 

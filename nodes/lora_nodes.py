@@ -74,6 +74,7 @@ class LoraPatch:
     start: float = 0.0
     end: float = 1.0
     mask: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    keep_outside: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start <= self.end <= 1.0:
@@ -92,7 +93,7 @@ class LoraPatch:
         if not self.for_text and self.scheduled:
             options.append(f"steps {self.start:g}-{self.end:g}")
         if not self.for_text and self.mask is not None:
-            options.append("masked")
+            options.append("masked, outside kept" if self.keep_outside else "masked")
         if self.fuse and not (self.scheduled or self.mask is not None):
             options.append("fused")
         return f"LoRA {self.file_name} ({', '.join(options)})"
@@ -143,6 +144,7 @@ class LoraPatch:
                 latent_region_mask(self.mask, run.latent_height, run.latent_width),
                 self.start,
                 self.end,
+                keep_outside=self.keep_outside,
             )
             manager.set_region(self.file_name, region.name)
             run.regions.append(region)
@@ -252,6 +254,13 @@ class FluxionLoraLoader:
 
 
 STACK_SLOTS = 4
+BLEND, KEEP = "blend", "keep"
+OUTSIDE_MASK_MODES = (BLEND, KEEP)
+OUTSIDE_MASK_TOOLTIP = (
+    "blend: every step predicts as without the LoRA outside the mask, and the image stays coherent across "
+    "its edge (the outside may shift a little). keep: the outside ends exactly as the image without the "
+    "LoRA (the run samples once without it first: one more UNet pass per step)."
+)
 
 
 class FluxionLoraStack:
@@ -321,10 +330,11 @@ class FluxionRegionalLora:
 
     DESCRIPTION = (
         "Wires a LoRA onto the model's UNet for a region of the image (mask) and/or a window of the steps "
-        "(start/end). Outside the mask the model predicts exactly as without the LoRA: each step runs one "
-        "more UNet pass with the LoRA, masked at every resolution, and blends it in by the mask. Outside the "
-        "window the LoRA is off and costs nothing. It stays unfused. The text encoders are not changed: use "
-        "Fluxion Load LoRA with strength_model 0 for a LoRA's clip part."
+        "(start/end). Outside the mask each step predicts exactly as without the LoRA: each step runs one "
+        "more UNet pass with the LoRA, masked at every resolution, and blends it in by the mask. With "
+        "outside_mask 'keep' the outside also ends exactly as the image without the LoRA (one more pass per "
+        "step). Outside the window the LoRA is off and costs nothing. It stays unfused. The text encoders are "
+        "not changed: use Fluxion Load LoRA with strength_model 0 for a LoRA's clip part."
     )
     CATEGORY = "fluxion/loaders"
     FUNCTION = "load"
@@ -359,6 +369,10 @@ class FluxionRegionalLora:
                         tooltip="Fraction of the steps done when the LoRA stops (1: to the end).",
                     ),
                 ),
+                "outside_mask": (
+                    list(OUTSIDE_MASK_MODES),
+                    {"default": BLEND, "tooltip": OUTSIDE_MASK_TOOLTIP},
+                ),
             },
             "optional": {
                 "mask": (
@@ -377,8 +391,13 @@ class FluxionRegionalLora:
         strength_model: float,
         start: float,
         end: float,
+        outside_mask: str = BLEND,
         mask: torch.Tensor | None = None,
     ) -> tuple[ModelWire, str]:
+        if outside_mask not in OUTSIDE_MASK_MODES:
+            raise ValueError(
+                f"outside_mask must be one of {', '.join(OUTSIDE_MASK_MODES)}, got {outside_mask!r}"
+            )
         if start > end:
             raise ValueError(f"start ({start:g}) must not be after end ({end:g})")
         if mask is not None:
@@ -394,6 +413,7 @@ class FluxionRegionalLora:
             start=start,
             end=end,
             mask=mask,
+            keep_outside=outside_mask == KEEP,
         )
         return model.with_patch(patch), report
 

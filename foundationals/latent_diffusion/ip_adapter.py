@@ -629,7 +629,8 @@ class IPAdapterPatch:
 
     `scale` weights the image attention; `weights` one per reference image; `combine` "concat" or "average";
     it acts on steps whose progress `step / num_steps` lies in `[start, end)` (end 1: up to the last step);
-    `mask` (H, W) or (B, H, W) restricts it to a region.
+    `mask` (H, W) or (B, H, W) restricts it to a region (see `regional`); with `keep_outside` the latents
+    outside the mask end exactly as without the adapter.
     """
 
     def __init__(
@@ -642,6 +643,7 @@ class IPAdapterPatch:
         start: float = 0.0,
         end: float = 1.0,
         mask: Tensor | None = None,
+        keep_outside: bool = False,
     ) -> None:
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"IP-Adapter start/end must satisfy 0 <= start <= end <= 1, got {start}, {end}")
@@ -653,6 +655,7 @@ class IPAdapterPatch:
         self.start = start
         self.end = end
         self.mask = mask
+        self.keep_outside = keep_outside
         self.tokens = adapter.image_tokens(embeddings, self.weights, combine)  # checks kind and mode early
 
     @staticmethod
@@ -708,6 +711,7 @@ class IPAdapterPatch:
                     self.start,
                     self.end,
                     switch=lambda on: injection.set_scale(self.scale if on else 0.0),
+                    keep_outside=self.keep_outside,
                 )
                 run.regions.append(region)
             else:

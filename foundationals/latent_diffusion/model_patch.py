@@ -56,6 +56,20 @@ class SamplingRun:
         for hook in self.step_hooks:
             hook(step)
 
+    @property
+    def keeps_outside(self) -> bool:
+        """Whether a region asks for the latents outside the regions to stay as without them."""
+        return any(region.keep_outside for region in self.regions)
+
+    @contextmanager
+    def without_regions(self) -> Iterator[None]:
+        """Within the block the run has no regions (every regional adapter stays off)."""
+        regions, self.regions = self.regions, []
+        try:
+            yield
+        finally:
+            self.regions = regions
+
     def predict(self, unet: fl.Chain, x: Tensor) -> Tensor:
         """The UNet's prediction for `x` at the current step, with this run's regions blended in."""
         if not self.regions:

@@ -12,6 +12,12 @@ averaged. Inside its own pass a region's adapters are also gated by the mask res
 (every UNet resolution), so the region's features stay in the region. A region outside its start/end
 window costs nothing: no extra pass.
 
+Blending predictions keeps each step exact outside the masks, but the base model mixes the whole latent,
+so over a run the outside drifts a little from the image without the adapters. A region with
+`keep_outside` asks for the outside to stay exactly that image: the run first samples without regions,
+then samples with them and puts the first run's latents back outside the masks after every step (as
+inpainting keeps the unmasked source), for one more UNet pass per step.
+
 Regions switch through the Context API: during a region's pass the UNet's context `REGIONS_CONTEXT` holds
 `{"active": region name, "mask": latent mask}`, which `RegionGate`s read; at any other time it is absent
 and every regional adapter is off.
@@ -45,7 +51,9 @@ class Region:
     """A part of the latent where some adapters act, on steps whose progress is in [start, end).
 
     `mask` is (1 or B, 1, h, w) at the latent size, in 0..1. `switch(on)` is called around the region's
-    pass for adapters that are not gated by `RegionGate` (e.g. an IP-Adapter's scale).
+    pass for adapters that are not gated by `RegionGate` (e.g. an IP-Adapter's scale). With `keep_outside`
+    the run keeps the latents outside every region on the trajectory without regions (see
+    `StableDiffusion.sample`): the final latents there equal those of a run without the regional adapters.
     """
 
     name: str
@@ -53,6 +61,7 @@ class Region:
     start: float = 0.0
     end: float = 1.0
     switch: Callable[[bool], None] | None = None
+    keep_outside: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start <= self.end <= 1.0:
@@ -172,3 +181,9 @@ def blend_region_predictions(unet: fl.Chain, x: Tensor, regions: Sequence[Region
             regional = unet(x)
         prediction = prediction + (mask / normalizer) * (regional - base)
     return prediction
+
+
+def outside_of_regions(regions: Sequence[Region], batch: int) -> Tensor:
+    """1 where no region reaches, 0 inside any region (fractional at soft edges), for a latent batch."""
+    masks = [_fit_batch(region.mask, batch) for region in regions]
+    return 1.0 - sum(masks[1:], masks[0]).clamp(0.0, 1.0)

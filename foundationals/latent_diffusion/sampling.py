@@ -148,13 +148,15 @@ def denoise(
     callback: StepCallback | None = None,
     step_hook: Callable[[int], None] | None = None,
     predict: Callable[[Tensor], Tensor] | None = None,
+    after_step: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Run the solver's inference steps from `latents`; guidance is skipped when `guidance_scale <= 1`.
 
     `latents` must already be scaled/noised for the first step (see `prepare_latents`). `step_hook`
     runs before each UNet call with the step index (adapters with start/end windows use it).
     `predict(model_input)` replaces the plain `unet(model_input)` call (regional adapters blend several
-    passes there; see `SamplingRun.predict`).
+    passes there; see `SamplingRun.predict`). `after_step(index, latents)` may replace the latents after
+    each step (0-based index), before `callback` sees them.
     """
     batch = latents.shape[0]
     use_guidance = guidance_scale > 1.0 and negative is not None
@@ -182,6 +184,8 @@ def denoise(
         latents = solver(latents, predicted_noise=prediction, step=step, generator=generator)
         if inpainting is not None and inpainting.masked_image_latents is None:
             latents = _blend_with_source(solver, latents, inpainting, step, generator)
+        if after_step is not None:
+            latents = after_step(done - 1, latents)
         if callback is not None:
             callback(done, len(steps), latents)
     return latents

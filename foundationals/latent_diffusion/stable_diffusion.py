@@ -14,9 +14,11 @@ output size, no crop; the negative's the same unless given), an empty negative p
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from copy import deepcopy
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,6 +31,7 @@ from .auto_encoder import LatentDiffusionAutoencoder
 from .checkpoint import CheckpointError, load_checkpoint
 from .limits import check_size
 from .model_patch import SamplingRun
+from .regional import outside_of_regions
 from .sampling import Conditioning, InpaintingInputs, StepCallback, denoise, prepare_latents
 from .solvers import (
     DDIM,
@@ -290,20 +293,87 @@ class StableDiffusion:
             raise ValueError("this is an inpainting model (9 input channels): give it an image and a mask")
         start = image_latents.to(device=device, dtype=noise.dtype) if image_latents is not None else None
         latents = prepare_latents(solver, noise, start, pure_noise_at_full_strength=inpainting is not None)
+        options: dict[str, Any] = dict(
+            guidance_scale=guidance_scale, inpainting=inpainting, step_hook=step_hook
+        )
+        predict = None if run is None else partial(run.predict, self.unet)
         with torch.no_grad():
-            return denoise(
+            if run is None or not run.keeps_outside:
+                return denoise(
+                    self.unet,
+                    solver,
+                    latents,
+                    positive,
+                    negative,
+                    generator=generator,
+                    callback=callback,
+                    predict=predict,
+                    **options,
+                )
+            return self._sample_keeping_outside(
+                run, solver, latents, positive, negative, generator, callback, predict, options
+            )
+
+    def _sample_keeping_outside(
+        self,
+        run: SamplingRun,
+        solver: Solver,
+        latents: Tensor,
+        positive: Conditioning,
+        negative: Conditioning | None,
+        generator: torch.Generator,
+        callback: StepCallback | None,
+        predict: Callable[[Tensor], Tensor],
+        options: dict[str, Any],
+    ) -> Tensor:
+        """Sample without the run's regions, then with them, holding the outside to the first trajectory.
+
+        Both passes draw the same random numbers as a run without regions would (the generator's state is
+        copied), so the latents outside every region end exactly as that run's. Progress counts both.
+        """
+        total = 2 * len(solver.inference_steps)
+        base_generator = torch.Generator(generator.device)
+        base_generator.set_state(generator.get_state())
+        trajectory: list[Tensor] = []
+
+        def record(done: int, _: int, current: Tensor) -> None:
+            trajectory.append(current.clone())
+            if callback is not None:
+                callback(done, total, current)
+
+        with run.without_regions():
+            denoise(
                 self.unet,
-                solver,
+                deepcopy(solver),
                 latents,
                 positive,
                 negative,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                inpainting=inpainting,
-                callback=callback,
-                step_hook=step_hook,
-                predict=None if run is None else partial(run.predict, self.unet),
+                generator=base_generator,
+                callback=record,
+                predict=predict,
+                **options,
             )
+        outside = outside_of_regions(run.regions, latents.shape[0]).to(latents)
+
+        def hold_outside(index: int, current: Tensor) -> Tensor:
+            return outside * trajectory[index] + (1 - outside) * current
+
+        def report(done: int, _: int, current: Tensor) -> None:
+            if callback is not None:
+                callback(len(trajectory) + done, total, current)
+
+        return denoise(
+            self.unet,
+            solver,
+            latents,
+            positive,
+            negative,
+            generator=generator,
+            callback=report,
+            predict=predict,
+            after_step=hold_outside,
+            **options,
+        )
 
     def text_to_image(
         self,

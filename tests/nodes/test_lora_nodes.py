@@ -111,7 +111,7 @@ def test_regional_lora_node_first_step_is_exact_outside_the_mask(loaded):
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1.0  # the left half, at pixel size
     given = mask.clone()
-    regional, report = FluxionRegionalLora().load(model, DEMO_LORA, 2.0, 0.0, 1.0, mask)
+    regional, report = FluxionRegionalLora().load(model, DEMO_LORA, 2.0, 0.0, 1.0, "blend", mask)
     assert "layers applied" in report and torch.equal(mask, given)
     assert "masked" in regional.patches[-1].label
     plain, masked = trajectory(model, clip), trajectory(regional, clip)
@@ -142,4 +142,20 @@ def test_regional_lora_node_refuses_bad_windows_and_masks(loaded):
     with pytest.raises(ValueError, match="start .* must not be after end"):
         FluxionRegionalLora().load(model, DEMO_LORA, 1.0, 0.8, 0.2)
     with pytest.raises(ValueError, match="NaN"):
-        FluxionRegionalLora().load(model, DEMO_LORA, 1.0, 0.0, 1.0, torch.full((1, 8, 8), float("nan")))
+        FluxionRegionalLora().load(
+            model, DEMO_LORA, 1.0, 0.0, 1.0, "blend", torch.full((1, 8, 8), float("nan"))
+        )
+    with pytest.raises(ValueError, match="outside_mask must be one of"):
+        FluxionRegionalLora().load(model, DEMO_LORA, 1.0, 0.0, 1.0, "crop")
+
+
+def test_regional_lora_node_keeping_the_outside_ends_exactly_as_without_it(loaded):
+    model, clip, _ = loaded
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :32] = 1.0
+    kept, _ = FluxionRegionalLora().load(model, DEMO_LORA, 2.0, 0.0, 1.0, "keep", mask)
+    assert "outside kept" in kept.patches[-1].label
+    plain, result = generate(model, clip, steps=3), generate(kept, clip, steps=3)
+    right, left = (..., slice(LATENT // 2, None)), (..., slice(0, LATENT // 2))
+    assert torch.equal(result[right], plain[right])
+    assert (result[left] - plain[left]).abs().max().item() > 1e-3

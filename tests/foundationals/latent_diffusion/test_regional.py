@@ -5,6 +5,8 @@ projection and two ResNet convolutions, left half masked): at every step the pre
 is the no-LoRA prediction for the same latents exactly (0.0); over the whole trajectory the outside drifts
 from the no-LoRA trajectory by 0.30 (vs 2.07 inside), because the base UNet itself mixes the whole latent
 once the inside has changed: the tests check that this drift stays well below the effect inside.
+With `keep_outside` the outside of the final latents equals the no-adapter run's exactly (DDIM, DPM++ 2M,
+Euler ancestral).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class RegionalLora:
     end: float = 1.0
     name: str = "style"
     label: str = "regional LoRA"
+    keep_outside: bool = False
 
     def apply(self, model: StableDiffusion, run: SamplingRun | None):
         assert run is not None
@@ -91,6 +94,7 @@ class RegionalLora:
             latent_region_mask(self.mask, run.latent_height, run.latent_width),
             self.start,
             self.end,
+            keep_outside=self.keep_outside,
         )
         manager.set_region(self.name, region.name)
         run.regions.append(region)
@@ -103,7 +107,7 @@ class RegionalLora:
 
 
 def sample(
-    sd: StableDiffusion, patches: list, steps: int = STEPS, callback=None
+    sd: StableDiffusion, patches: list, steps: int = STEPS, callback=None, solver: str = "ddim"
 ) -> tuple[torch.Tensor, list]:
     """Latents of a tiny txt2img run with `patches`, and the latents after each step."""
     run = SamplingRun(steps, 0, LATENT, LATENT, 1, uses_guidance=True)
@@ -114,11 +118,12 @@ def sample(
         if callback is not None:
             callback(done, total, latents)
 
-    solver = make_solver("ddim", steps, "normal", prediction_type=sd.prediction_type)
+    schedule = "normal" if solver == "ddim" else "karras"
+    chosen = make_solver(solver, steps, schedule, prediction_type=sd.prediction_type)
     positive, negative = sd.encode_prompt("a cat"), sd.encode_prompt("")
     with patched(sd, patches, run):
         latents = sd.sample(
-            (1, 4, LATENT, LATENT), positive, negative, solver, 5.0, 0, callback=record, run=run
+            (1, 4, LATENT, LATENT), positive, negative, chosen, 5.0, 0, callback=record, run=run
         )
     return latents, trajectory
 
@@ -138,6 +143,25 @@ def test_regional_lora_first_step_outside_the_mask_is_exactly_the_no_lora_step(s
     inside, outside = max_diff(regional[LEFT], plain[LEFT]), max_diff(regional[RIGHT], plain[RIGHT])
     assert inside > 1.0 and outside < 0.25 * inside
     assert max_diff(full[RIGHT], plain[RIGHT]) > 4 * outside  # the unmasked LoRA changes the right half
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "euler_ancestral"])
+def test_regional_lora_keeping_the_outside_ends_exactly_as_without_it(sd, lora, solver):
+    """keep_outside: the outside of the final latents is the no-LoRA run's, bit for bit, for any solver
+    (multistep and ancestral ones too: both passes draw the plain run's random numbers)."""
+    steps = 4
+    plain, _ = sample(sd, [], steps=steps, solver=solver)
+    progress: list[tuple[int, int]] = []
+    kept, _ = sample(
+        sd,
+        [RegionalLora(lora, left_half_mask(), keep_outside=True)],
+        steps=steps,
+        solver=solver,
+        callback=lambda done, total, x: progress.append((done, total)),
+    )
+    assert torch.equal(kept[RIGHT], plain[RIGHT])
+    assert max_diff(kept[LEFT], plain[LEFT]) > 0.1
+    assert progress == [(done, 2 * steps) for done in range(1, 2 * steps + 1)]
 
 
 def test_every_step_prediction_outside_the_mask_equals_the_base_prediction(sd, lora):
@@ -303,3 +327,12 @@ def test_masked_ip_adapter_outside_its_window_equals_no_adapter(sd, ip_adapter):
     for step in range(STEPS // 2):
         assert torch.equal(late_steps[step], plain_steps[step])
     assert max_diff(late_steps[-1], plain_steps[-1]) > 1e-4
+
+
+def test_masked_ip_adapter_keeping_the_outside_ends_exactly_as_without_it(sd, ip_adapter):
+    adapter, embeddings = ip_adapter
+    plain, _ = sample(sd, [], steps=4)
+    patch = IPAdapterPatch(adapter, embeddings, scale=2.0, mask=left_half_mask(), keep_outside=True)
+    kept, _ = sample(sd, [patch], steps=4)
+    assert torch.equal(kept[RIGHT], plain[RIGHT])
+    assert max_diff(kept[LEFT], plain[LEFT]) > 1e-3
