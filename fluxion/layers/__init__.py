@@ -1,7 +1,7 @@
 """fluxion layers, imported as `fl`: `from fluxion import layers as fl`."""
 
 from .activations import GLU, Activation, ApproximateGeLU, GeLU, QuickGeLU, ReLU, Sigmoid, SiLU
-from .attention import Attention, ScaledDotProductAttention, SelfAttention, SelfAttention2d
+from .attention import Attention, ScaledDotProductAttention, SelfAttention, SelfAttention2d, image_layout
 from .basics import (
     Chunk,
     Converter,
@@ -88,6 +88,7 @@ __all__ = [
     "ScaledDotProductAttention",
     "SelfAttention",
     "SelfAttention2d",
+    "image_layout",
     "SetContext",
     "Sigmoid",
     "SiLU",

@@ -154,6 +154,18 @@ class SelfAttention2d(SelfAttention):
         return {"reshape": {"image": None}}
 
 
+def image_layout(image: Tensor) -> torch.memory_format:
+    """`torch.channels_last` for an NHWC-strided 4-d tensor that is not also NCHW-contiguous, else contiguous."""
+    if (
+        image.dim() == 4
+        and not image.is_contiguous()
+        and image.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _tokens_to_image(tokens: Tensor, image: Tensor) -> Tensor:
-    # contiguous NCHW, as convolutions that follow expect (a strided view makes them reorder weights)
-    return tokens.transpose(1, 2).reshape(image.shape).contiguous()
+    # contiguous in the image's layout (NCHW, or NHWC after `fluxion.compile.channels_last`): a strided view
+    # makes the convolutions that follow reorder their weights on every call
+    return tokens.transpose(1, 2).reshape(image.shape).contiguous(memory_format=image_layout(image))

@@ -31,6 +31,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from ...fluxion import layers as fl
+from ...fluxion.compile import compile_blocks
 from .model_config import SD15_UNET, UNetConfig
 
 
@@ -237,9 +238,9 @@ class TransformerBlock(fl.Chain):
 
 
 def _tokens_to_image(tokens: Tensor, image: Tensor) -> Tensor:
-    # contiguous NCHW: a strided view here would send every later convolution down oneDNN's
-    # channels-last path, which reorders its weights on each call
-    return tokens.transpose(1, 2).reshape(image.shape).contiguous()
+    # contiguous in the image's own layout: a strided view here would send every later convolution down
+    # oneDNN's channels-last path with NCHW weights, which reorders them on each call (see fl.image_layout)
+    return tokens.transpose(1, 2).reshape(image.shape).contiguous(memory_format=fl.image_layout(image))
 
 
 class CrossAttentionBlock2d(fl.Residual):
@@ -490,3 +491,16 @@ class UNet(fl.Chain):
     def _require_text_time(self, method: str) -> None:
         if self.config.addition_embedding != "text_time":
             raise ValueError(f"{method}: this UNet has no text_time embedding (only SDXL-like configs do)")
+
+
+HEAVY_BLOCKS: tuple[type[fl.Module], ...] = (ResidualBlock, CrossAttentionBlock2d)
+"""The UNet's blocks that `compile_unet` compiles: ResNet blocks and spatial transformers."""
+
+
+def compile_unet(unet: UNet, **options: Any) -> list[torch.nn.Module]:
+    """Opt-in: `torch.compile` the UNet's heavy blocks in place (see `fluxion.compile`); `uncompile` undoes it.
+
+    Adapters injected or ejected afterwards are picked up (the touched blocks recompile); `options`
+    go to `torch.compile` (default backend: inductor, which needs a C++ compiler on CPU).
+    """
+    return compile_blocks(unet, HEAVY_BLOCKS, **options)
