@@ -1,10 +1,15 @@
-"""Speed and memory of our SD1.5 side by side with diffusers (and refiners 0.4.0) on the same random weights.
+"""Speed and memory of our SD1.5 / SDXL side by side with diffusers (and refiners 0.4.0) on the same random weights.
 
-`python bench/run.py [--quick]` builds full-size SD1.5 with random weights once, shares every tensor
-between diffusers/transformers, ours and refiners (see `sd15_side_by_side.py`), then times each section
-interleaved (every repeat runs every implementation, in a rotating order) and reports medians and
-ratios. Loading is measured in fresh subprocesses on a random fp32 single file. Writes BENCHMARKS.md
-(repo root; `--output` to change). `--quick` uses tiny sizes and one repeat: a smoke run, not figures.
+`python bench/run.py [--quick] [--device cuda --dtype fp16]` builds full-size models with random weights,
+shares every tensor between diffusers/transformers, ours and refiners (see `sd15_side_by_side.py`), then
+times each section interleaved (every repeat runs every implementation, in a rotating order) and reports
+medians and ratios, by wall time and by this process' CPU time (the machine may be shared: CPU time is
+less disturbed by other processes). Loading is measured in fresh subprocesses on a random fp32 single
+file. Writes BENCHMARKS.md (repo root; `--output` to change). `--quick` uses tiny sizes and one repeat:
+a smoke run, not figures.
+
+A section is a function `(Bench) -> list[Row]` in `SECTIONS` (name, function, in the default run or not):
+to add one, write the function and append it to the list.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,7 @@ from sd15_side_by_side import (  # noqa: E402
     diffusers_sd15,
     enable_refiners,
     ours_sd15,
+    random_weights,
     refiners_sd15,
 )
 
@@ -52,6 +60,9 @@ class Sizes:
     pipeline_image: int
     pipeline_steps: int
     lora_latent: int
+    sdxl_latent: int
+    scaling_latents: tuple[int, ...]
+    scaling_batches: tuple[int, ...]
     repeats: int
     pipeline_repeats: int
 
@@ -62,7 +73,10 @@ FULL = Sizes(
     pipeline_image=128,
     pipeline_steps=10,
     lora_latent=32,
-    repeats=5,
+    sdxl_latent=32,
+    scaling_latents=(16, 32, 48, 64),
+    scaling_batches=(1, 2, 4),
+    repeats=4,
     pipeline_repeats=2,
 )
 QUICK = Sizes(
@@ -71,6 +85,9 @@ QUICK = Sizes(
     pipeline_image=64,
     pipeline_steps=2,
     lora_latent=8,
+    sdxl_latent=8,
+    scaling_latents=(8, 16),
+    scaling_batches=(1, 2),
     repeats=1,
     pipeline_repeats=1,
 )
@@ -86,110 +103,238 @@ class Row:
     unit: str = "s"
     samples: dict[str, list[float]] = field(default_factory=dict)
     note: str = ""
+    cpu: dict[str, float] = field(default_factory=dict)  # medians of this process' CPU time
 
 
-def interleaved(
-    candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Median wall time of each candidate; every repeat runs all of them, the order rotating each time."""
-    names = list(candidates)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for name in names:
-                candidates[name]()
-        for repeat in range(repeats):
-            order = names[repeat % len(names) :] + names[: repeat % len(names)]
-            for name in order:
-                gc.collect()
-                start = time.perf_counter()
-                candidates[name]()
-                samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}, samples
+@dataclass
+class Timing:
+    medians: dict[str, float]
+    samples: dict[str, list[float]]
+    cpu: dict[str, float]
+
+    def row(self, section: str, what: str, note: str = "", only: tuple[str, ...] | None = None) -> Row:
+        keep = only or tuple(self.medians)
+        return Row(
+            section,
+            what,
+            {name: self.medians[name] for name in keep},
+            samples={name: self.samples[name] for name in keep},
+            note=note,
+            cpu={name: self.cpu[name] for name in keep if name in self.cpu},
+        )
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Bench:
+    """What every section gets: sizes, device and dtype, the shared SD1.5 models (built on first use), notes."""
+
+    sizes: Sizes
+    folder: Path
+    device: torch.device
+    dtype: torch.dtype
+    use_refiners: bool = True
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, list[str]] = field(default_factory=dict)  # markdown blocks after the main table
+    _models: tuple[Reference, Any, Refiners | None] | None = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def models(self) -> tuple[Reference, Any, Refiners | None]:
+        """diffusers', our and refiners' SD1.5 on the same tensors (UNet and text encoder in `dtype`, VAE fp32)."""
+        if self._models is None:
+            note = enable_refiners() if self.use_refiners else "skipped (--no-refiners)"
+            reference = diffusers_sd15()
+            if self.device.type != "cpu" or self.dtype != torch.float32:
+                reference.unet.to(self.device, self.dtype)
+                reference.text_encoder.to(self.device, self.dtype)
+                reference.autoencoder.to(self.device)
+            ours = ours_sd15(reference)
+            ours.unet.to(self.device, self.dtype)  # no-ops where the tensors are already shared
+            ours.text_encoder.to(self.device, self.dtype)
+            ours.autoencoder.to(self.device)
+            refiners = None if note else refiners_sd15(reference, self.folder)
+            if note:
+                self.notes.append(f"refiners: {note}")
+            self._models = (reference, ours, refiners)
+        return self._models
+
+    def free_models(self) -> None:
+        self._models = None
+        gc.collect()
+
+    def randn(self, *shape: int, seed: int, dtype: torch.dtype | None = None) -> Tensor:
+        tensor = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        return tensor.to(self.device, dtype or self.dtype)
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, candidates: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> Timing:
+        """Medians of each candidate's wall and CPU time; every repeat runs all of them, the order rotating."""
+        names = list(candidates)
+        wall: dict[str, list[float]] = {name: [] for name in names}
+        cpu: dict[str, list[float]] = {name: [] for name in names}
+        with torch.no_grad():
+            for _ in range(warmup):
+                for name in names:
+                    candidates[name]()
+            self.synchronize()
+            for repeat in range(repeats):
+                order = names[repeat % len(names) :] + names[: repeat % len(names)]
+                for name in order:
+                    gc.collect()
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    candidates[name]()
+                    self.synchronize()
+                    wall[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
+        return Timing(
+            {name: statistics.median(values) for name, values in wall.items()},
+            wall,
+            {} if self.cuda else {name: statistics.median(values) for name, values in cpu.items()},
+        )
+
+
+@dataclass
+class Section:
+    name: str
+    run: Callable[[Bench], list[Row]]
+    default: bool = True
+    description: str = ""
 
 
 def max_difference(a: Tensor, b: Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-# -- Compute sections --------------------------------------------------------------------------------
+def first(value: Any) -> Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def parity(candidates: dict[str, Callable[[], Any]], against: str = DIFFUSERS) -> str:
+    """Max abs difference of each implementation's output from `against`'s (run once, outside timing)."""
+    with torch.no_grad():
+        outputs = {name: first(run()) for name, run in candidates.items()}
+    return ", ".join(
+        f"{name} vs {against} max|Δ| {max_difference(value, outputs[against]):.1e}"
+        for name, value in outputs.items()
+        if name != against
+    )
+
+
+@contextmanager
+def peak_rss_sampler(period: float = 0.002) -> Iterator[dict[str, float]]:
+    """Peak resident memory (MiB) above the start while the body runs, sampled from /proc/self/statm."""
+    page = resource.getpagesize() / 2**20
+
+    def rss() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * page
+
+    result = {"peak": 0.0}
+    base = rss()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            result["peak"] = max(result["peak"], rss() - base)
+            time.sleep(period)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["peak"] = max(result["peak"], rss() - base)
+
+
+# -- SD1.5 compute sections --------------------------------------------------------------------------
+
+
+def unet_inputs(bench: Bench, latent: int, batch: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    x = bench.randn(batch, 4, latent, latent, seed=1)
+    timestep = torch.tensor([999.0], device=bench.device)
+    context = bench.randn(batch, 77, 768, seed=11)
+    return x, timestep, context
+
+
+def ours_unet_step(unet: Any, x: Tensor, timestep: Tensor, context: Tensor) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        unet.set_timestep(timestep)
+        unet.set_clip_text_embedding(context)
+        return unet(x)
+
+    return run
 
 
 def unet_candidates(
-    reference: Reference, ours: Any, refiners: Refiners | None, latent: int
-) -> tuple[dict[str, Callable[[], Tensor]], str]:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, latent, latent, generator=generator)
-    timestep = torch.tensor([999.0])
-    context = torch.randn(2, 77, 768, generator=generator)
-
-    def run_ours() -> Tensor:
-        ours.unet.set_timestep(timestep)
-        ours.unet.set_clip_text_embedding(context)
-        return ours.unet(x)
-
-    candidates: dict[str, Callable[[], Tensor]] = {
-        OURS: run_ours,
+    bench: Bench, latent: int, batch: int = 2, refiners: bool = True
+) -> dict[str, Callable[[], Any]]:
+    reference, ours, theirs = bench.models()
+    x, timestep, context = unet_inputs(bench, latent, batch)
+    candidates: dict[str, Callable[[], Any]] = {
+        OURS: ours_unet_step(ours.unet, x, timestep, context),
         DIFFUSERS: lambda: reference.unet(x, timestep, context).sample,
     }
-    if refiners is not None:
-
-        def run_refiners() -> Tensor:
-            refiners.unet.set_timestep(timestep)
-            refiners.unet.set_clip_text_embedding(context)
-            return refiners.unet(x)
-
-        candidates[REFINERS] = run_refiners
-    return candidates, parity(candidates)
+    if refiners and theirs is not None:
+        candidates[REFINERS] = ours_unet_step(theirs.unet, x, timestep, context)
+    return candidates
 
 
-def text_candidates(
-    reference: Reference, ours: Any, refiners: Refiners | None
-) -> tuple[dict[str, Callable[[], Tensor]], str]:
-    tokens = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(2))
-    candidates: dict[str, Callable[[], Tensor]] = {
+def unet_section(bench: Bench) -> list[Row]:
+    latent = bench.sizes.unet_latent
+    candidates = unet_candidates(bench, latent)
+    check = parity(candidates)
+    timing = bench.time(candidates, bench.sizes.repeats)
+    return [timing.row("UNet", f"step, batch 2, {latent}² latent", check)]
+
+
+def text_section(bench: Bench) -> list[Row]:
+    reference, ours, refiners = bench.models()
+    tokens = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(2)).to(bench.device)
+    candidates: dict[str, Callable[[], Any]] = {
         OURS: lambda: ours.text_encoder(tokens),
         DIFFUSERS: lambda: reference.text_encoder(tokens).last_hidden_state,
     }
     if refiners is not None:
         candidates[REFINERS] = lambda: refiners.text_encoder(tokens)
-    return candidates, parity(candidates)
+    check = parity(candidates)
+    timing = bench.time(candidates, max(bench.sizes.repeats, 3) * 2)
+    return [timing.row("CLIP-L", "text encode, batch 2 × 77", check)]
 
 
-def decode_candidates(
-    reference: Reference, ours: Any, refiners: Refiners | None, latent: int
-) -> tuple[dict[str, Callable[[], Tensor]], str]:
-    latents = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(3))
+def decode_section(bench: Bench) -> list[Row]:
+    reference, ours, refiners = bench.models()
+    latent = bench.sizes.vae_latent
+    latents = bench.randn(1, 4, latent, latent, seed=3, dtype=torch.float32)
     scale = ours.autoencoder.scaling_factor
-    candidates: dict[str, Callable[[], Tensor]] = {
+    candidates: dict[str, Callable[[], Any]] = {
         OURS: lambda: ours.autoencoder.decode(latents),
         DIFFUSERS: lambda: reference.autoencoder.decode(latents / scale).sample,
     }
     if refiners is not None:
         candidates[REFINERS] = lambda: refiners.autoencoder.decode(latents)
-    return candidates, parity(candidates)
+    check = parity(candidates)
+    timing = bench.time(candidates, bench.sizes.repeats)
+    return [timing.row("VAE", f"decode {latent}² latent → {latent * 8}² (fp32)", check)]
 
 
-def parity(candidates: dict[str, Callable[[], Tensor]]) -> str:
-    """Max abs difference of each implementation's output from diffusers' (run once, outside timing)."""
-    with torch.no_grad():
-        outputs = {name: run() for name, run in candidates.items()}
-    outputs = {name: value[0] if isinstance(value, tuple) else value for name, value in outputs.items()}
-    return ", ".join(
-        f"{name} vs diffusers max|Δ| {max_difference(value, outputs[DIFFUSERS]):.1e}"
-        for name, value in outputs.items()
-        if name != DIFFUSERS
-    )
-
-
-def pipeline_candidates(
-    reference: Reference, ours: Any, refiners: Refiners | None, size: int, steps: int
-) -> dict[str, Callable[[], Any]]:
+def pipeline_section(bench: Bench) -> list[Row]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from tests.support.tiny_sd import clip_tokenizer
 
-    tokenizer = clip_tokenizer(Path(tempfile.gettempdir()) / "fluxion-bench" / "clip-tokenizer")
+    reference, ours, refiners = bench.models()
+    size, steps = bench.sizes.pipeline_image, bench.sizes.pipeline_steps
+    tokenizer = clip_tokenizer(bench.folder / "clip-tokenizer")
     pipe: Any = StableDiffusionPipeline(
         vae=reference.autoencoder,
         text_encoder=reference.text_encoder,
@@ -217,7 +362,7 @@ def pipeline_candidates(
             ).images
         ),
     }
-    if refiners is not None:
+    if refiners is not None and not bench.cuda:
         from refiners.foundationals.latent_diffusion import StableDiffusion_1
         from refiners.foundationals.latent_diffusion.solvers import DDIM
 
@@ -243,7 +388,8 @@ def pipeline_candidates(
             return (sd.lda.decode(x) / 2 + 0.5).clamp(0, 1)
 
         candidates[REFINERS] = run_refiners
-    return candidates
+    timing = bench.time(candidates, bench.sizes.pipeline_repeats)
+    return [timing.row("pipeline", f"txt2img {steps} DDIM steps, {size}², CFG")]
 
 
 # -- LoRA --------------------------------------------------------------------------------------------
@@ -279,11 +425,37 @@ def write_kohya_loras(reference: Reference, folder: Path, count: int, rank: int 
     return paths
 
 
-def lora_rows(reference: Reference, ours: Any, sizes: Sizes, folder: Path) -> list[Row]:
+def base_copy_of_attention(unet: Any) -> Any:
+    """A second UNet of ours on the same tensors, except the attention projections: copies of the base weights.
+
+    It stays the LoRA-free model while the LoRA manager fuses into the shared tensors in place, so a fused
+    step and a LoRA-free step can run in one interleaved loop (the copies are a few hundred MiB).
+    """
+    from fluxion import layers as fl
+    from foundationals.latent_diffusion.unet import UNet
+
+    copied = {
+        id(module.weight) for attention in unet.layers(fl.Attention) for module in attention.layers(fl.Linear)
+    }
+    state = {
+        key: value.detach().clone() if id(value) in copied else value
+        for key, value in unet.state_dict(keep_vars=True).items()
+    }
+    twin = UNet(unet.config, device="meta")
+    twin.load_state_dict({key: value.detach() for key, value in state.items()}, strict=True, assign=True)
+    return twin
+
+
+def lora_section(bench: Bench) -> list[Row]:
+    """0/1/3 LoRAs unfused and fused, ours vs diffusers (peft), with our LoRA-free UNet in every loop."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from foundationals.latent_diffusion.lora import SDLoraManager
 
+    reference, ours, _ = bench.models()
+    latent = bench.sizes.lora_latent
+    folder = bench.folder / "loras"
+    folder.mkdir(exist_ok=True)
     paths = write_kohya_loras(reference, folder, 3)
     pipe: Any = StableDiffusionPipeline(
         vae=reference.autoencoder,
@@ -295,43 +467,445 @@ def lora_rows(reference: Reference, ours: Any, sizes: Sizes, folder: Path) -> li
         feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
+    base = base_copy_of_attention(ours.unet)
+    x, timestep, context = unet_inputs(bench, latent)
+    no_lora = ours_unet_step(base, x, timestep, context)
+    candidates = unet_candidates(bench, latent, refiners=False)
     manager = SDLoraManager.for_models(ours.unet)
-    rows: list[Row] = []
-    repeats = max(1, sizes.repeats - 2)
-    candidates, check = unet_candidates(reference, ours, None, sizes.lora_latent)
-    medians, samples = interleaved(candidates, repeats)
-    rows.append(
-        Row("LoRA", f"UNet step, 0 LoRA ({sizes.lora_latent}²)", medians, samples=samples, note=check)
-    )
+    repeats = max(1, bench.sizes.repeats - 1)
+    timing = bench.time({**candidates, "ours, 0 LoRA": no_lora}, repeats)
+    rows = [timing.row("LoRA", f"UNet step, 0 LoRA ({latent}²)", parity(candidates), only=(OURS, DIFFUSERS))]
     for count in (1, 3):
         names = [f"lora{index}" for index in range(count)]
         for index in range(len(manager.names), count):
             manager.add_loras(names[index], paths[index])
             pipe.load_lora_weights(str(folder), weight_name=paths[index].name, adapter_name=names[index])
         pipe.set_adapters(names, [1.0] * count)
-        candidates, check = unet_candidates(reference, ours, None, sizes.lora_latent)
-        medians, samples = interleaved(candidates, repeats)
-        rows.append(Row("LoRA", f"UNet step, {count} LoRA unfused", medians, samples=samples, note=check))
-        # fused: one implementation at a time (both fuse in place, into the weights they share)
-        fused: dict[str, list[float]] = {OURS: [], DIFFUSERS: []}
-        for _ in range(max(1, repeats // 2)):
-            manager.fuse()
-            fused[OURS] += interleaved({OURS: candidates[OURS]}, 2, warmup=0)[1][OURS]
-            manager.unfuse()
-            pipe.fuse_lora(components=["unet"], adapter_names=names)
-            fused[DIFFUSERS] += interleaved({DIFFUSERS: candidates[DIFFUSERS]}, 2, warmup=0)[1][DIFFUSERS]
-            pipe.unfuse_lora(components=["unet"])
-        rows.append(
-            Row(
-                "LoRA",
-                f"UNet step, {count} LoRA fused",
-                {name: statistics.median(values) for name, values in fused.items()},
-                samples=fused,
+        check = parity(candidates)
+        timing = bench.time({**candidates, "ours, 0 LoRA": no_lora}, repeats)
+        rows.append(timing.row("LoRA", f"UNet step, {count} LoRA unfused", check, only=(OURS, DIFFUSERS)))
+        bench.notes.append(
+            f"{count} LoRA unfused: ours / our LoRA-free UNet in the same loop "
+            f"{timing.medians[OURS] / timing.medians['ours, 0 LoRA']:.3f}"
+        )
+        # Fused: ours fuses into the tensors it shares with diffusers; diffusers runs on those same fused
+        # weights with its LoRA layers bypassed (`disable_lora`), which is what its fused step computes
+        # (peft's merged layers run the base layer only). Our LoRA-free twin runs in the same loop.
+        their_fused = diffusers_fused_output(pipe, names, candidates[DIFFUSERS], reference)
+        originals = {id(site): site.layer.weight.detach().clone() for site in manager._sites.values()}
+        manager.fuse()
+        pipe.disable_lora()
+        try:
+            same_layout = all(
+                (weight := site.layer.weight).dtype == originals[id(site)].dtype
+                and weight.stride() == originals[id(site)].stride()
+                and weight.is_contiguous()
+                for site in manager._sites.values()
             )
+            bench.notes.append(
+                f"{count} LoRA fused: {len(originals)} fused weights, same dtype, strides and contiguity as the "
+                f"base weights: {'yes' if same_layout else 'NO'}"
+            )
+            del originals
+            ours_fused = first(candidates[OURS]())
+            check = f"ours fused vs diffusers fused (fuse_lora) max|Δ| {max_difference(ours_fused, their_fused):.1e}"
+            timing = bench.time({**candidates, "ours, 0 LoRA": no_lora}, repeats)
+        finally:
+            pipe.enable_lora()
+            manager.unfuse()
+        rows.append(timing.row("LoRA", f"UNet step, {count} LoRA fused", check, only=(OURS, DIFFUSERS)))
+        bench.notes.append(
+            f"{count} LoRA fused: ours / our LoRA-free UNet in the same loop "
+            f"{timing.medians[OURS] / timing.medians['ours, 0 LoRA']:.3f} (target ≤ 1.02); diffusers' column: "
+            "its UNet on the same fused tensors with the LoRA layers bypassed"
         )
     manager.clear()
     pipe.unload_lora_weights()
     return rows
+
+
+def diffusers_fused_output(
+    pipe: Any, names: list[str], run: Callable[[], Any], reference: Reference
+) -> Tensor:
+    """diffusers' output with `fuse_lora` (once), the shared base weights restored bit for bit afterwards."""
+    saved = {
+        name: module.weight.detach().clone()
+        for name, module in reference.unet.named_modules()
+        if hasattr(module, "base_layer") and isinstance(module.base_layer, torch.nn.Linear)
+    }
+    pipe.fuse_lora(components=["unet"], adapter_names=names)
+    try:
+        with torch.no_grad():
+            output = first(run())
+    finally:
+        pipe.unfuse_lora(components=["unet"])
+        modules = dict(reference.unet.named_modules())
+        with torch.no_grad():
+            for name, weight in saved.items():
+                modules[name].base_layer.weight.copy_(weight)  # peft's unmerge subtracts: not bit-exact
+    return output
+
+
+# -- ControlNet and IP-Adapter overhead --------------------------------------------------------------
+
+
+def controlnet_section(bench: Bench) -> list[Row]:
+    """A UNet step with and without one full-size SD1.5 ControlNet: ours vs diffusers' ControlNetModel + UNet."""
+    from foundationals.latent_diffusion.controlnet import ControlNetAdapter, ControlNetBranch
+    from foundationals.latent_diffusion.model_config import SD15_UNET
+    from foundationals.latent_diffusion.unet import DownBlocks
+    from tests.support.tiny_control import diffusers_controlnet, ours_from_diffusers_controlnet
+
+    reference, ours, _ = bench.models()
+    hint_channels = (16, 32, 96, 256)
+    theirs = diffusers_controlnet(SD15_UNET, hint_channels=hint_channels)
+    if bench.device.type != "cpu" or bench.dtype != torch.float32:
+        theirs.to(bench.device, bench.dtype)
+    controlnet = ours_from_diffusers_controlnet(theirs, SD15_UNET, hint_channels=hint_channels)
+    latent = bench.sizes.unet_latent
+    x, timestep, context = unet_inputs(bench, latent)
+    image = torch.rand(
+        1, latent * 8, latent * 8, 3, generator=torch.Generator().manual_seed(5)
+    )  # ComfyUI IMAGE
+    hint = image.movedim(-1, 1).repeat(2, 1, 1, 1).to(bench.device, bench.dtype)
+    candidates = unet_candidates(bench, latent, refiners=False)
+    branch = ControlNetBranch(controlnet, image.to(bench.device, bench.dtype), strength=1.0)
+
+    def ours_controlled() -> Tensor:
+        adapter = ControlNetAdapter(ours.unet.ensure_find(DownBlocks), branch).inject()
+        try:
+            return candidates[OURS]()
+        finally:
+            adapter.eject()
+
+    def diffusers_controlled() -> Tensor:
+        down, middle = theirs(
+            x, timestep, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False
+        )
+        return reference.unet(
+            x, timestep, context, down_block_additional_residuals=down, mid_block_additional_residual=middle
+        ).sample
+
+    controlled = {"ours + ControlNet": ours_controlled, "diffusers + ControlNet": diffusers_controlled}
+    check = parity({OURS: ours_controlled, DIFFUSERS: diffusers_controlled})
+    timing = bench.time({**candidates, **controlled}, max(1, bench.sizes.repeats - 1))
+    with_control = Row(
+        "ControlNet",
+        f"UNet step + 1 ControlNet, {latent}² (hint {latent * 8}²)",
+        {OURS: timing.medians["ours + ControlNet"], DIFFUSERS: timing.medians["diffusers + ControlNet"]},
+        samples={
+            OURS: timing.samples["ours + ControlNet"],
+            DIFFUSERS: timing.samples["diffusers + ControlNet"],
+        },
+        note=check,
+        cpu={
+            OURS: timing.cpu.get("ours + ControlNet", 0.0),
+            DIFFUSERS: timing.cpu.get("diffusers + ControlNet", 0.0),
+        }
+        if timing.cpu
+        else {},
+    )
+    overhead = {
+        name: timing.medians[f"{name} + ControlNet"] / timing.medians[name] for name in (OURS, DIFFUSERS)
+    }
+    bench.notes.append(
+        "ControlNet overhead (step with / without, same loop): "
+        + ", ".join(f"{name} {value:.3f}×" for name, value in overhead.items())
+    )
+    return [
+        timing.row("ControlNet", f"UNet step, no ControlNet ({latent}²)", only=(OURS, DIFFUSERS)),
+        with_control,
+    ]
+
+
+def ip_adapter_section(bench: Bench) -> list[Row]:
+    """A UNet step with and without an IP-Adapter (base, 4 tokens): ours vs diffusers' load_ip_adapter weights."""
+    from diffusers import UNet2DConditionModel
+
+    from foundationals.clip.config import IMAGE_PRESETS
+    from foundationals.latent_diffusion.ip_adapter import ip_adapter_from_state_dict
+    from tests.support.tiny_ip_adapter import cross_attention_widths, tencent_ip_adapter
+
+    reference, ours, _ = bench.models()
+    latent = bench.sizes.unet_latent
+    # a second diffusers UNet on the same tensors carries the IP-Adapter: the first stays unadapted
+    with torch.device("meta"):
+        adapted: Any = UNet2DConditionModel.from_config(reference.unet.config)
+    adapted.load_state_dict(reference.unet.state_dict(), strict=True, assign=True)
+    adapted.eval()
+    weights = tencent_ip_adapter(
+        "base", cross_attention_widths(reference.unet), 768, image_config=IMAGE_PRESETS["vit_h"], seed=6
+    )
+    adapted._load_ip_adapter_weights([weights])
+    if bench.device.type != "cpu" or bench.dtype != torch.float32:
+        adapted.to(bench.device, bench.dtype)
+    for processor in adapted.attn_processors.values():
+        if hasattr(processor, "scale"):
+            processor.scale = [0.8]
+    adapter = ip_adapter_from_state_dict(
+        {f"{group}.{key}": value for group, items in weights.items() for key, value in items.items()},
+        "bench",
+        device=bench.device,
+        dtype=bench.dtype,
+    )
+    x, timestep, context = unet_inputs(bench, latent)
+    embeds = bench.randn(2, 1, IMAGE_PRESETS["vit_h"].projection_dim, seed=7)
+    tokens = adapter.project(embeds[:, 0])
+    candidates = unet_candidates(bench, latent, refiners=False)
+
+    def ours_adapted() -> Tensor:
+        injection = adapter.inject(ours.unet)
+        try:
+            injection.set_tokens(tokens)
+            injection.set_scale(0.8)
+            return candidates[OURS]()
+        finally:
+            injection.eject()
+
+    def diffusers_adapted() -> Tensor:
+        return adapted(x, timestep, context, added_cond_kwargs={"image_embeds": [embeds]}).sample
+
+    check = parity({OURS: ours_adapted, DIFFUSERS: diffusers_adapted})
+    names = {"ours + IP-Adapter": ours_adapted, "diffusers + IP-Adapter": diffusers_adapted}
+    timing = bench.time({**candidates, **names}, max(1, bench.sizes.repeats - 1))
+    row = Row(
+        "IP-Adapter",
+        f"UNet step + IP-Adapter (4 image tokens), {latent}²",
+        {OURS: timing.medians["ours + IP-Adapter"], DIFFUSERS: timing.medians["diffusers + IP-Adapter"]},
+        samples={
+            OURS: timing.samples["ours + IP-Adapter"],
+            DIFFUSERS: timing.samples["diffusers + IP-Adapter"],
+        },
+        note=check + " (ours projects the image embedding once per run, diffusers inside every UNet call)",
+        cpu={OURS: timing.cpu["ours + IP-Adapter"], DIFFUSERS: timing.cpu["diffusers + IP-Adapter"]}
+        if timing.cpu
+        else {},
+    )
+    overhead = {
+        name: timing.medians[f"{name} + IP-Adapter"] / timing.medians[name] for name in (OURS, DIFFUSERS)
+    }
+    bench.notes.append(
+        "IP-Adapter overhead (step with / without, same loop): "
+        + ", ".join(f"{name} {value:.3f}×" for name, value in overhead.items())
+    )
+    return [timing.row("IP-Adapter", f"UNet step, no IP-Adapter ({latent}²)", only=(OURS, DIFFUSERS)), row]
+
+
+# -- SDXL ----------------------------------------------------------------------------------------------
+
+
+def sdxl_section(bench: Bench) -> list[Row]:
+    """Full-size SDXL base UNet, one set of tensors shared by diffusers and ours (refiners skipped: memory)."""
+    from diffusers import UNet2DConditionModel
+
+    from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
+    from foundationals.latent_diffusion.model_config import SDXL_BASE_UNET
+    from foundationals.latent_diffusion.unet import UNet
+    from tests.support.tiny_sdxl import sdxl_unet_kwargs
+
+    bench.free_models()  # SD1.5 (≈ 4 GiB) and SDXL's UNet (≈ 9.6 GiB fp32) do not fit together in 13 GB
+    with torch.device("meta"):
+        reference: Any = UNet2DConditionModel(**{**sdxl_unet_kwargs(SDXL_BASE_UNET), "sample_size": 128})
+    tensors = random_weights(reference, seed=20)
+    if bench.device.type != "cpu" or bench.dtype != torch.float32:
+        tensors = {key: value.to(bench.device, bench.dtype) for key, value in tensors.items()}
+    reference.load_state_dict(tensors, strict=True, assign=True)
+    reference.eval()
+    del tensors
+    unet = UNet(SDXL_BASE_UNET, device="meta")
+    state = reference.state_dict()
+    unet.load_state_dict(
+        {ours: state[theirs] for theirs, ours in diffusers_unet_key_map(unet).items()}, assign=True
+    )
+    del state
+    weight_mib = sum(p.numel() * p.element_size() for p in reference.parameters()) / 2**20
+    latent = bench.sizes.sdxl_latent
+    x = bench.randn(2, 4, latent, latent, seed=21)
+    timestep = torch.tensor([999.0], device=bench.device)
+    context = bench.randn(2, 77, 2048, seed=22)
+    pooled = bench.randn(2, 1280, seed=23)
+    size = float(latent * 8)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=bench.device, dtype=bench.dtype)
+
+    def run_ours() -> Tensor:
+        unet.set_timestep(timestep)
+        unet.set_clip_text_embedding(context)
+        unet.set_pooled_text_embedding(pooled)
+        unet.set_time_ids(time_ids)
+        return unet(x)
+
+    def run_diffusers() -> Tensor:
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        return reference(x, timestep, context, added_cond_kwargs=added).sample
+
+    candidates = {OURS: run_ours, DIFFUSERS: run_diffusers}
+    check = parity(candidates)
+    timing = bench.time(candidates, max(1, bench.sizes.repeats - 1))
+    bench.notes.append(
+        f"SDXL: one set of UNet tensors ({weight_mib:,.0f} MiB) shared by diffusers and ours; refiners skipped "
+        "(its key map is traced on a second, materialised SDXL UNet: one more copy does not fit in 13 GB)"
+    )
+    return [timing.row("SDXL", f"UNet step, batch 2, {latent}² latent ({latent * 8}² image)", check)]
+
+
+# -- Scaling, profile, compiled path ------------------------------------------------------------------
+
+
+def measure_memory(bench: Bench, run: Callable[[], Any]) -> float:
+    """Peak memory (MiB) one call adds: RSS sampled on CPU, the allocator's peak on CUDA."""
+    gc.collect()
+    with torch.no_grad():
+        if bench.cuda:
+            bench.synchronize()
+            torch.cuda.reset_peak_memory_stats(bench.device)
+            base = torch.cuda.memory_allocated(bench.device)
+            run()
+            bench.synchronize()
+            return (torch.cuda.max_memory_allocated(bench.device) - base) / 2**20
+        with peak_rss_sampler() as peak:
+            run()
+        return peak["peak"]
+
+
+def scaling_section(bench: Bench) -> list[Row]:
+    """UNet step time and peak memory vs latent size (batch 2) and batch (32² latent), ours vs diffusers."""
+    sizes = bench.sizes
+    configs = [(latent, 2) for latent in sizes.scaling_latents]
+    configs += [(sizes.unet_latent, batch) for batch in sizes.scaling_batches if batch != 2]
+    lines = [
+        "| latent | batch | ours step | diffusers step | ours/diffusers | ours peak memory | diffusers peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for latent, batch in sorted(configs, key=lambda c: (c[1] != 2, c[0], c[1])):
+        candidates = unet_candidates(bench, latent, batch, refiners=False)
+        memory = {name: measure_memory(bench, run) for name, run in candidates.items()}
+        timing = bench.time(candidates, 1, warmup=0)  # the memory run was the warm-up
+        ours, theirs = timing.medians[OURS], timing.medians[DIFFUSERS]
+        lines.append(
+            f"| {latent}² | {batch} | {ours:.3f} s | {theirs:.3f} s | {ours / theirs:.3f} | "
+            f"{memory[OURS]:,.0f} MiB | {memory[DIFFUSERS]:,.0f} MiB |"
+        )
+        print(f"  scaling {latent}² × {batch}: {ours:.3f} s / {theirs:.3f} s", flush=True)
+    what = "RSS above the step's start, sampled every 2 ms" if not bench.cuda else "CUDA allocator peak"
+    bench.extra["Scaling: SD1.5 UNet step vs latent size and batch"] = [
+        f"One timed run per size and implementation, after the memory-measuring run (the warm-up); peak memory: {what} (the weights are not counted).",
+        "",
+        *lines,
+    ]
+    return []
+
+
+def profile_section(bench: Bench, top: int = 14) -> list[Row]:
+    """Where a UNet step spends its time: torch.profiler, top ops by self CPU time, ours next to diffusers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    latent = bench.sizes.unet_latent
+    candidates = unet_candidates(bench, latent, refiners=False)
+    tables: dict[str, dict[str, tuple[float, int]]] = {}
+    totals: dict[str, float] = {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
+    with torch.no_grad():
+        for run in candidates.values():
+            run()  # warm-up
+        for _ in range(2):  # keep each implementation's least disturbed of two profiled runs
+            for name, run in candidates.items():
+                with profile(activities=activities) as profiler:
+                    run()
+                    bench.synchronize()
+                table = {
+                    event.key: (event.self_cpu_time_total / 1e3, event.count)
+                    for event in profiler.key_averages()
+                }
+                total = sum(value for value, _ in table.values())
+                if total < totals.get(name, float("inf")):
+                    tables[name], totals[name] = table, total
+    ours = sorted(tables[OURS].items(), key=lambda item: -item[1][0])[:top]
+    lines = [
+        "| op | ours self CPU | % of ours | calls | diffusers self CPU | % of diffusers | calls |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, (milliseconds, calls) in ours:
+        theirs, their_calls = tables[DIFFUSERS].get(key, (0.0, 0))
+        lines.append(
+            f"| `{key}` | {milliseconds:,.1f} ms | {100 * milliseconds / totals[OURS]:.1f} % | {calls} | "
+            f"{theirs:,.1f} ms | {100 * theirs / totals[DIFFUSERS]:.1f} % | {their_calls} |"
+        )
+    lines.append(
+        f"| total (all ops) | {totals[OURS]:,.1f} ms | 100 % | {sum(c for _, c in tables[OURS].values())} | "
+        f"{totals[DIFFUSERS]:,.1f} ms | 100 % | {sum(c for _, c in tables[DIFFUSERS].values())} |"
+    )
+    bench.extra[f"Profile: one SD1.5 UNet step, batch 2, {latent}² latent"] = [
+        "torch.profiler (CPU activities), the less disturbed of two profiled steps after a warm-up; self "
+        "time per op, summed over calls. "
+        "Both implementations spend their time in the same kernels (oneDNN convolutions, MKL matmuls, "
+        "the fused attention kernel, group norms): the eager step cannot get much below diffusers' without "
+        "changing the kernels themselves.",
+        "",
+        *lines,
+    ]
+    return []
+
+
+def channels_last_section(bench: Bench) -> list[Row]:
+    """Opt-in NHWC weights (`fluxion.compile.channels_last`): UNet step and VAE decode vs diffusers (NCHW)."""
+    from fluxion.compile import channels_last
+
+    reference, ours, _ = bench.models()
+    latent = bench.sizes.unet_latent
+    candidates = unet_candidates(bench, latent, refiners=False)
+    latents = bench.randn(1, 4, bench.sizes.vae_latent, bench.sizes.vae_latent, seed=3, dtype=torch.float32)
+    scale = ours.autoencoder.scaling_factor
+    decoders: dict[str, Callable[[], Any]] = {
+        OURS: lambda: ours.autoencoder.decode(latents),
+        DIFFUSERS: lambda: reference.autoencoder.decode(latents / scale).sample,
+    }
+    changed = channels_last(ours.unet) + channels_last(ours.autoencoder)
+    try:
+        unet_check, decode_check = parity(candidates), parity(decoders)
+        unet_timing = bench.time(candidates, max(1, bench.sizes.repeats - 1))
+        decode_timing = bench.time(decoders, max(1, bench.sizes.repeats - 1))
+    finally:
+        channels_last(ours.unet, enabled=False)
+        channels_last(ours.autoencoder, enabled=False)
+    bench.notes.append(
+        f"channels-last (opt-in): {changed} convolution weights stored NHWC in our UNet and autoencoder "
+        "(copies: they stop sharing storage with diffusers' NCHW tensors); diffusers stays NCHW"
+    )
+    return [
+        unet_timing.row(
+            "opt-in NHWC", f"UNet step, batch 2, {latent}² latent, channels-last weights", unet_check
+        ),
+        decode_timing.row(
+            "opt-in NHWC", f"VAE decode {bench.sizes.vae_latent}² latent, channels-last weights", decode_check
+        ),
+    ]
+
+
+def compiled_section(bench: Bench) -> list[Row]:
+    """Opt-in torch.compile path (`foundationals.latent_diffusion.unet.compile_unet`) vs eager, both vs diffusers."""
+    from fluxion.compile import uncompile
+    from foundationals.latent_diffusion.unet import compile_unet
+
+    reference, ours, _ = bench.models()
+    latent = bench.sizes.unet_latent
+    candidates = unet_candidates(bench, latent, refiners=False)
+    eager = first(candidates[OURS]())
+    start = time.perf_counter()
+    compile_unet(ours.unet)
+    try:
+        with torch.no_grad():
+            compiled = first(candidates[OURS]())
+        compile_seconds = time.perf_counter() - start
+        check = f"ours compiled vs ours eager max|Δ| {max_difference(compiled, eager):.1e}, " + parity(
+            candidates
+        )
+        timing = bench.time(candidates, max(1, bench.sizes.repeats - 1))
+    finally:
+        uncompile(ours.unet)
+    bench.notes.append(f"compiled: first call (compilation) {compile_seconds:.0f} s")
+    return [
+        timing.row("compiled", f"UNet step, batch 2, {latent}² latent: ours compiled, diffusers eager", check)
+    ]
 
 
 # -- Loading (subprocesses) --------------------------------------------------------------------------
@@ -451,6 +1025,30 @@ def load_rows(folder: Path, repeats: int) -> tuple[list[Row], list[str]]:
     return rows, notes
 
 
+def load_section(bench: Bench) -> list[Row]:
+    rows, notes = load_rows(bench.folder, 1 if bench.sizes is QUICK else 2)
+    bench.notes.extend(notes)
+    return rows
+
+
+SECTIONS: list[Section] = [
+    Section("load", load_section, description="fp32 single-file load in fresh subprocesses (CPU)"),
+    Section("sdxl", sdxl_section, description="SDXL base UNet step (frees the SD1.5 models first)"),
+    Section("unet", unet_section),
+    Section("text", text_section),
+    Section("decode", decode_section),
+    Section("pipeline", pipeline_section),
+    Section("lora", lora_section),
+    Section("controlnet", controlnet_section),
+    Section("ip_adapter", ip_adapter_section),
+    Section("scaling", scaling_section),
+    Section("profile", profile_section),
+    Section("channels_last", channels_last_section, description="opt-in NHWC weights (eager)"),
+    Section("compiled", compiled_section, description="opt-in torch.compile path (inductor)"),
+]
+"""Run in this order (SDXL first: it needs the memory the SD1.5 models would hold). Add a section here."""
+
+
 # -- Report ------------------------------------------------------------------------------------------
 
 
@@ -499,38 +1097,46 @@ def format_value(value: float | None, unit: str) -> str:
     return f"{value:,.0f} MiB" if unit == "MiB" else f"{value:.3f} s"
 
 
+def ratio(row: Row, values: dict[str, float], other: str) -> str:
+    if OURS in values and other in values and values[other] > 0:
+        return f"{values[OURS] / values[other]:.3f}"
+    return "—"
+
+
 def table(rows: list[Row], columns: list[str]) -> list[str]:
     header = ["section", "what", *columns, "ours/diffusers"]
     if REFINERS in columns:
         header.append("ours/refiners")
+    header.append("ours/diffusers (CPU time)")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [row.section, row.what, *(format_value(row.medians.get(c), row.unit) for c in columns)]
-        for other in ("diffusers", REFINERS) if REFINERS in columns else ("diffusers",):
-            if OURS in row.medians and other in row.medians and row.medians[other] > 0:
-                cells.append(f"{row.medians[OURS] / row.medians[other]:.3f}")
-            else:
-                cells.append("—")
+        for other in (DIFFUSERS, REFINERS) if REFINERS in columns else (DIFFUSERS,):
+            cells.append(ratio(row, row.medians, other))
+        cells.append(ratio(row, row.cpu, DIFFUSERS))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def report(rows: list[Row], info: dict[str, str], notes: list[str], sizes: Sizes, quick: bool) -> str:
+def report(rows: list[Row], info: dict[str, str], bench: Bench, quick: bool, command: str) -> str:
+    sizes = bench.sizes
     columns = [OURS, DIFFUSERS]
     if any(REFINERS in row.medians for row in rows):
         columns.append(REFINERS)
     if any("raw" in row.medians for row in rows):
         columns.append("raw")
+    device = f"{bench.device.type}, {str(bench.dtype).removeprefix('torch.')} (VAE fp32)"
     lines = [
-        "# Benchmarks: SD1.5 on CPU, ours side by side with diffusers and refiners",
+        "# Benchmarks: SD1.5 and SDXL, ours side by side with diffusers and refiners",
         "",
-        "Generated by `python bench/run.py" + (" --quick`" if quick else "`") + ": do not edit by hand. "
-        "Full-size SD1.5 (UNet, autoencoder, CLIP-L) with random fp32 weights; the three implementations "
-        "share the same weight tensors and run in one process, interleaved (each repeat runs every "
-        "implementation, rotating the order); figures are medians. Lower is better; a ratio < 1 means "
-        "ours is faster / smaller.",
+        f"Generated by `{command}`: do not edit by hand. Full-size SD1.5 (UNet, autoencoder, CLIP-L) and the "
+        "SDXL base UNet with random weights; the implementations share the same weight tensors and run in "
+        "one process, interleaved (each repeat runs every implementation, rotating the order); figures are "
+        "medians of wall time, and the last column is the ratio of the medians of this process' CPU time "
+        "(less disturbed by other processes on a shared machine). Lower is better; a ratio < 1 means ours "
+        "is faster / smaller.",
         "",
-        f"- machine: {info['cpu']}, torch threads = {info['threads']}, python {info['python']}",
+        f"- machine: {info['cpu']}, torch threads = {info['threads']}, python {info['python']}; device {device}",
         f"- versions: torch {info['torch']}, diffusers {info['diffusers']}, transformers "
         f"{info['transformers']}, refiners {REFINERS_VERSION}, ours {info['ours']}",
         f"- date: {info['date']}",
@@ -538,20 +1144,27 @@ def report(rows: list[Row], info: dict[str, str], notes: list[str], sizes: Sizes
         f"batch 2 × 77 tokens; VAE decode of a {sizes.vae_latent}×{sizes.vae_latent} latent to "
         f"{sizes.vae_latent * 8}² pixels; txt2img {sizes.pipeline_steps} DDIM steps at "
         f"{sizes.pipeline_image}² with CFG 7.5; LoRA: rank 16 on every attention projection (to_q/k/v/out) "
-        f"on a {sizes.lora_latent}² UNet step; repeats {sizes.repeats} (pipeline {sizes.pipeline_repeats}, LoRA "
-        f"{max(1, sizes.repeats - 2)}), after one warm-up run each.",
-        "- noise: the machine is shared with other work; read ratios, not absolute seconds, and expect "
-        "a few percent of run-to-run spread.",
+        f"on a {sizes.lora_latent}² UNet step; SDXL UNet step batch 2 on a {sizes.sdxl_latent}² latent; "
+        f"repeats {sizes.repeats} (pipeline {sizes.pipeline_repeats}; LoRA, ControlNet, IP-Adapter, SDXL "
+        f"{max(1, sizes.repeats - 1)}), after one warm-up run each.",
+        "- noise: **this run was made on a machine shared with other engineers' test runs (2 cores)**: "
+        "absolute seconds vary a lot between samples; read the ratios of the same loop, and expect a few "
+        "percent of spread in them.",
+        "- GPU: `--device cuda --dtype fp16` runs every section on a CUDA device (fp16 UNet and text "
+        "encoder, fp32 VAE; loading stays a CPU measurement). No GPU was available for this run, so no "
+        "CUDA figures are reported here; that path has not been run yet.",
         "",
         *table(rows, columns),
         "",
     ]
-    parity_notes = [f"{row.what}: {row.note}" for row in rows if row.note]
-    if parity_notes or notes:
+    for title, block in bench.extra.items():
+        lines += [f"## {title}", "", *block, ""]
+    parity_notes = [f"{row.section} / {row.what}: {row.note}" for row in rows if row.note]
+    if parity_notes or bench.notes:
         lines += ["## Notes", ""]
-        lines += [f"- {note}" for note in [*parity_notes, *notes]]
+        lines += [f"- {note}" for note in [*parity_notes, *bench.notes]]
         lines.append("")
-    lines += ["## Samples (seconds, in run order)", ""]
+    lines += ["## Samples (wall seconds, in run order)", ""]
     for row in rows:
         if row.samples:
             parts = "; ".join(
@@ -570,22 +1183,47 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-refiners", action="store_true", help="skip refiners 0.4.0")
     parser.add_argument("--no-load", action="store_true", help="skip the single-file loading section")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="UNet / text encoder dtype")
     parser.add_argument(
-        "--sections", default="load,unet,text,decode,pipeline,lora", help="comma-separated sections to run"
+        "--sections",
+        default=",".join(section.name for section in SECTIONS if section.default),
+        help=f"comma-separated, from: {', '.join(section.name for section in SECTIONS)}",
     )
     args = parser.parse_args()
-    sizes = QUICK if args.quick else FULL
     if args.threads:
         torch.set_num_threads(args.threads)
-    sections = set(args.sections.split(","))
+    chosen = set(args.sections.split(","))
+    unknown = chosen - {section.name for section in SECTIONS}
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     if args.no_load:
-        sections.discard("load")
+        chosen.discard("load")
     args.folder.mkdir(parents=True, exist_ok=True)
+    bench = Bench(
+        sizes=QUICK if args.quick else FULL,
+        folder=args.folder,
+        device=torch.device(args.device),
+        dtype=DTYPES[args.dtype],
+        use_refiners=not args.no_refiners,
+    )
+    hidden = {"--output", "--folder"}  # and their values
+    shown = [
+        arg for index, arg in enumerate(sys.argv[1:]) if arg not in hidden and sys.argv[index] not in hidden
+    ]
+    command = " ".join(["python bench/run.py", *shown])
     started = time.perf_counter()
     rows: list[Row] = []
-    notes: list[str] = []
-
-    def done(new: list[Row]) -> None:
+    for section in SECTIONS:
+        if section.name not in chosen:
+            continue
+        try:
+            new = section.run(bench)
+        except Exception as error:  # one broken section must not lose the others' figures
+            bench.notes.append(f"section {section.name} failed: {type(error).__name__}: {error}")
+            print(f"section {section.name} failed: {error!r}", flush=True)
+            gc.collect()
+            continue
         rows.extend(new)
         for row in new:
             figures = ", ".join(
@@ -594,45 +1232,14 @@ def main() -> None:
             print(
                 f"[{time.perf_counter() - started:5.0f} s] {row.section} / {row.what}: {figures}", flush=True
             )
-
-    if "load" in sections:
-        load, load_notes = load_rows(args.folder, 1 if args.quick else 2)
-        done(load)
-        notes += load_notes
-    refiners_note = "skipped (--no-refiners)" if args.no_refiners else enable_refiners()
-    reference = diffusers_sd15()
-    ours = ours_sd15(reference)
-    refiners = None if refiners_note else refiners_sd15(reference, args.folder)
-    if refiners_note:
-        notes.append(f"refiners: {refiners_note}")
-    print(f"[{time.perf_counter() - started:5.0f} s] models built", flush=True)
-    if "unet" in sections:
-        candidates, check = unet_candidates(reference, ours, refiners, sizes.unet_latent)
-        medians, samples = interleaved(candidates, sizes.repeats)
-        done(
-            [Row("UNet", f"step, batch 2, {sizes.unet_latent}² latent", medians, samples=samples, note=check)]
-        )
-    if "text" in sections:
-        candidates, check = text_candidates(reference, ours, refiners)
-        medians, samples = interleaved(candidates, max(sizes.repeats, 3) * 2)
-        done([Row("CLIP-L", "text encode, batch 2 × 77", medians, samples=samples, note=check)])
-    if "decode" in sections:
-        candidates, check = decode_candidates(reference, ours, refiners, sizes.vae_latent)
-        medians, samples = interleaved(candidates, sizes.repeats)
-        what = f"decode {sizes.vae_latent}² latent → {sizes.vae_latent * 8}²"
-        done([Row("VAE", what, medians, samples=samples, note=check)])
-    if "pipeline" in sections:
-        candidates = pipeline_candidates(
-            reference, ours, refiners, sizes.pipeline_image, sizes.pipeline_steps
-        )
-        medians, samples = interleaved(candidates, sizes.pipeline_repeats)
-        what = f"txt2img {sizes.pipeline_steps} DDIM steps, {sizes.pipeline_image}², CFG"
-        done([Row("pipeline", what, medians, samples=samples)])
-    if "lora" in sections:
-        done(lora_rows(reference, ours, sizes, args.folder))
+        print(f"[{time.perf_counter() - started:5.0f} s] section {section.name} done", flush=True)
+        partial = report(rows, machine(), bench, args.quick, command + f"  (partial: up to {section.name})")
+        args.output.write_text(partial, encoding="utf-8")  # a run cut short still leaves its figures
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    notes.append(f"this process' peak RSS {peak:,.0f} MiB; total run {time.perf_counter() - started:.0f} s")
-    text = report(rows, machine(), notes, sizes, args.quick)
+    bench.notes.append(
+        f"this process' peak RSS {peak:,.0f} MiB; total run {time.perf_counter() - started:.0f} s"
+    )
+    text = report(rows, machine(), bench, args.quick, command)
     args.output.write_text(text, encoding="utf-8")
     print("\n" + text)
 
