@@ -147,17 +147,24 @@ class Bench:
     def models(self) -> tuple[Reference, Any, Refiners | None]:
         """diffusers', our and refiners' SD1.5 on the same tensors (UNet and text encoder in `dtype`, VAE fp32)."""
         if self._models is None:
+            gc.collect()  # a previous section's models (Chains hold reference cycles) go before these come
             note = enable_refiners() if self.use_refiners else "skipped (--no-refiners)"
             reference = diffusers_sd15()
-            if self.device.type != "cpu" or self.dtype != torch.float32:
+            # refiners' key map is traced on the CPU; off the CPU it gets its own copy of the weights
+            refiners = None if note else refiners_sd15(reference, self.folder)
+            moved = self.device.type != "cpu" or self.dtype != torch.float32
+            if moved:
                 reference.unet.to(self.device, self.dtype)
                 reference.text_encoder.to(self.device, self.dtype)
                 reference.autoencoder.to(self.device)
-            ours = ours_sd15(reference)
+                if refiners is not None:
+                    refiners.unet.to(self.device, self.dtype)
+                    refiners.text_encoder.to(self.device, self.dtype)
+                    refiners.autoencoder.to(self.device)
+            ours = ours_sd15(reference)  # on the reference's tensors, wherever they are
             ours.unet.to(self.device, self.dtype)  # no-ops where the tensors are already shared
             ours.text_encoder.to(self.device, self.dtype)
             ours.autoencoder.to(self.device)
-            refiners = None if note else refiners_sd15(reference, self.folder)
             if note:
                 self.notes.append(f"refiners: {note}")
             self._models = (reference, ours, refiners)
@@ -1294,6 +1301,7 @@ def main() -> None:
             print(f"section {section.name} failed: {error!r}", flush=True)
             gc.collect()
             continue
+        gc.collect()  # the section's own models go now (fluxion Chains hold reference cycles)
         rows.extend(new)
         for row in new:
             figures = ", ".join(
