@@ -237,6 +237,7 @@ def ip_adapter() -> dict:
                 "image_weights": "",
                 "start_percent": 0.0,
                 "end_percent": 1.0,
+                "outside_mask": "blend",
             },
         },
         "8": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
@@ -257,6 +258,7 @@ def apply_ip_adapter(model: list, ipadapter: list, weight: float = 0.8, **inputs
             "image_weights": "",
             "start_percent": 0.0,
             "end_percent": 1.0,
+            "outside_mask": "blend",
         },
     }
 

@@ -420,7 +420,16 @@ class _Entry:
     base_scale: float  # alpha/rank, or 1 for DoRA (its inner LoRA holds alpha/rank)
 
 
-def _find_parent(root: fl.Chain, module: fl.Module) -> fl.Chain:
+def _parents(root: fl.Chain) -> dict[int, fl.Chain]:
+    """id(module) → the Chain holding it, for every module of `root`'s tree (one walk)."""
+    return {id(child): chain for chain in root.modules() if isinstance(chain, fl.Chain) for child in chain}
+
+
+def _find_parent(root: fl.Chain, module: fl.Module, parents: dict[int, fl.Chain] | None = None) -> fl.Chain:
+    """The Chain holding `module`, from `parents` (see `_parents`) when given, else by walking `root`."""
+    parent = parents.get(id(module)) if parents is not None else None
+    if parent is not None and any(child is module for child in parent):
+        return parent
     parent = root.find_parent(module)
     if parent is None:
         raise ValueError(f"{module.describe()} is not in {type(root).__name__}")
@@ -579,9 +588,12 @@ class SDLoraManager:
         if strict and report.not_applied:
             raise LoraMismatchError(f"{report}")
         entries: list[_Entry] = []
+        parents: dict[str, dict[int, fl.Chain]] = {}
         try:
             for key, target, lora, base in built:
-                site = self._site(key, target)
+                if key not in self._sites and key[0] not in parents:
+                    parents[key[0]] = _parents(self.models[key[0]])
+                site = self._site(key, target, parents.get(key[0]))
                 entries.append(_Entry(site, lora, base))
                 assert site.adapter is not None
                 site.adapter.add_lora(lora)
@@ -594,14 +606,16 @@ class SDLoraManager:
             self._refuse({id(entry.site): entry.site for entry in entries}.values())
         return report
 
-    def _site(self, key: tuple[str, str], target: fl.WeightedModule) -> _Site:
+    def _site(
+        self, key: tuple[str, str], target: fl.WeightedModule, parents: dict[int, fl.Chain] | None = None
+    ) -> _Site:
         site = self._sites.get(key)
         if site is None:
             root = self.models[key[0]]
             site = _Site(key[0], target, root)
             site.adapter = LoraAdapter(target)
             if not self.fused:
-                site.adapter.inject(_find_parent(root, target))
+                site.adapter.inject(_find_parent(root, target, parents))
             self._sites[key] = site
         return site
 

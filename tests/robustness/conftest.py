@@ -144,15 +144,6 @@ def robustness_folders(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is far faster than two on a loaded 2-core machine (no thread thrashing)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
 def robustness_host(request, tmp_path, monkeypatch):
     """Tests using the models get the shared folders; every test its own output/temp and no pending cancel."""
     if "robustness_folders" in request.fixturenames:
