@@ -104,6 +104,24 @@ def interpolate(x: Tensor, size: tuple[int, int] | torch.Size, mode: str = "near
     return out if batched else out.squeeze(0)
 
 
+def center_crop_resize(pixels: Tensor, height: int, width: int, mode: str = "bilinear") -> Tensor:
+    """(B, C, H, W) → (B, C, height, width): centre-cropped to the new aspect ratio, then resized with `mode`.
+
+    The same as ComfyUI's `common_upscale(samples, width, height, mode, "center")`.
+    """
+    old_height, old_width = pixels.shape[-2:]
+    old_aspect, new_aspect = old_width / old_height, width / height
+    x = y = 0
+    if old_aspect > new_aspect:
+        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
+    pixels = pixels.narrow(-2, y, old_height - 2 * y).narrow(-1, x, old_width - 2 * x)
+    if pixels.shape[-2:] == (height, width):
+        return pixels.contiguous()
+    return torch.nn.functional.interpolate(pixels, size=(height, width), mode=mode)
+
+
 def summarize_tensor(tensor: Any) -> str:
     """Shape, dtype, device, min/max/mean of a tensor, for logs and error messages."""
     return tensor_summary(tensor)

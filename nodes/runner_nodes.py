@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
+from ..fluxion.utils import center_crop_resize as crop_resize
 from .host import input_directory, output_directory, temp_directory
 
 
@@ -201,16 +202,7 @@ class LoadImage:
 def center_crop_resize(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """IMAGE (B, H, W, C) to `width` x `height`: centre-cropped to that aspect, then bilinear (ComfyUI's
     `common_upscale(..., "bilinear", "center")`)."""
-    samples = images.movedim(-1, 1)
-    old_height, old_width = samples.shape[-2:]
-    old_aspect, new_aspect = old_width / old_height, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-    cropped = samples.narrow(-2, y, old_height - 2 * y).narrow(-1, x, old_width - 2 * x)
-    return torch.nn.functional.interpolate(cropped, size=(height, width), mode="bilinear").movedim(1, -1)
+    return crop_resize(images.movedim(-1, 1), height, width, mode="bilinear").movedim(1, -1)
 
 
 class ImageBatch:

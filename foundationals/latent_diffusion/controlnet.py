@@ -35,6 +35,7 @@ from torch import dtype as DType
 
 from ...fluxion import layers as fl
 from ...fluxion.adapters.adapter import Adapter
+from ...fluxion.utils import center_crop_resize
 from ..model_files import ModelFileError
 from .model_config import SD15_UNET, UNetConfig
 from .model_patch import SamplingRun, Undo
@@ -202,18 +203,7 @@ def prepare_hint(image: Tensor, height: int, width: int) -> Tensor:
         image = image[None]
     if image.dim() != 4:
         raise ValueError(f"a hint image must be (B, H, W, C), got shape {tuple(image.shape)}")
-    pixels = image.movedim(-1, 1)
-    old_height, old_width = pixels.shape[-2:]
-    old_aspect, new_aspect = old_width / old_height, width / height
-    x = y = 0
-    if old_aspect > new_aspect:
-        x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-    pixels = pixels.narrow(-2, y, old_height - 2 * y).narrow(-1, x, old_width - 2 * x)
-    if pixels.shape[-2:] == (height, width):
-        return pixels.contiguous()
-    return F.interpolate(pixels, size=(height, width), mode="nearest-exact")
+    return center_crop_resize(image.movedim(-1, 1), height, width, mode="nearest-exact")
 
 
 def broadcast_batch(tensor: Tensor, batch_size: int) -> Tensor:
