@@ -4,8 +4,8 @@
 (`nn.Module.compile`: the module keeps its place in the tree, its parameters and its state dict).
 Blocks of one type and structure share one compiled graph (regional compilation). Dynamo guards on
 each block's structure, so injecting or ejecting an adapter inside a compiled block makes the next
-call recompile that block (or, past `torch._dynamo.config.recompile_limit`, run it eagerly): the
-output is always the eager one's. A block wrapped by an adapter keeps its compiled call.
+call recompile that block (or, past `torch._dynamo.config.recompile_limit`, which `compile_blocks`
+raises to twice the number of blocks plus 8, run it eagerly): the output is always the eager one's. A block wrapped by an adapter keeps its compiled call.
 `uncompile(root)` goes back to eager everywhere.
 
 Weights are not frozen into the graphs: in-place weight changes (LoRA fuse / unfuse) are seen.
@@ -42,6 +42,12 @@ def compile_blocks(
     compiled modules. Calling it again recompiles them with the new options.
     """
     targets = [root] if block_types is None else list(_blocks(root, block_types))
+    # Blocks of one class share their forward's code object, and dynamo keeps `recompile_limit` graphs per
+    # code object (default 8; past it, the rest run eagerly): leave room for one graph per block, plus
+    # the recompiles adapters cause.
+    limit = 2 * len(targets) + 8
+    if torch._dynamo.config.recompile_limit < limit:
+        torch._dynamo.config.recompile_limit = limit
     for module in targets:
         module.compile(**options)
     return targets

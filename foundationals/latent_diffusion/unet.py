@@ -501,6 +501,12 @@ def compile_unet(unet: UNet, **options: Any) -> list[torch.nn.Module]:
     """Opt-in: `torch.compile` the UNet's heavy blocks in place (see `fluxion.compile`); `uncompile` undoes it.
 
     Adapters injected or ejected afterwards are picked up (the touched blocks recompile); `options`
-    go to `torch.compile` (default backend: inductor, which needs a C++ compiler on CPU).
+    go to `torch.compile` (default backend: inductor, which needs a C++ compiler on CPU). Defaults,
+    measured on the SD1.5 UNet (CPU, 32² latent, batch 2, vs diffusers eager): static shapes and
+    inductor's `layout_optimization` off, 1.00× (with it on, inductor converts convolutions to
+    channels-last around every call: 1.28×).
     """
+    options.setdefault("dynamic", False)
+    if options.get("backend", "inductor") == "inductor" and "mode" not in options:
+        options.setdefault("options", {"layout_optimization": False})
     return compile_blocks(unet, HEAVY_BLOCKS, **options)
