@@ -199,7 +199,12 @@ class Embedding(torch.nn.Embedding, WeightedModule):
         device: Device | str | None = None,
         dtype: DType | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
+        # On the meta device there is nothing to initialise; torch's `normal_` there goes through its Python
+        # decompositions and imports torch._dynamo (~2 s, most of a single-file load's time).
+        weight = None
+        if device is not None and torch.device(device).type == "meta":
+            weight = torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype)
+        super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype, _weight=weight)
 
     def basic_attributes(self) -> dict[str, object]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim}
