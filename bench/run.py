@@ -1330,9 +1330,8 @@ def report(rows: list[Row], info: dict[str, str], bench: Bench, quick: bool, com
         f"on a {sizes.lora_latent}² UNet step; SDXL UNet step batch 2 on a {sizes.sdxl_latent}² latent; "
         f"repeats {sizes.repeats} (pipeline {sizes.pipeline_repeats}; LoRA, ControlNet, IP-Adapter, SDXL "
         f"{max(1, sizes.repeats - 1)}), after one warm-up run each.",
-        "- noise: **this run was made on a machine shared with other engineers' test runs (2 cores)**: "
-        "absolute seconds vary a lot between samples; read the ratios of the same loop, and expect a few "
-        "percent of spread in them.",
+        "- noise: 2 cores that other work may share: absolute seconds vary between samples; read the "
+        "ratios of the same loop, and expect a few percent of spread in them.",
         "- GPU: `--device cuda --dtype fp16` runs every section on a CUDA device (fp16 UNet and text "
         "encoder, fp32 VAE; loading stays a CPU measurement). No GPU was available for this run, so no "
         "CUDA figures are reported here; that path has not been run yet.",
