@@ -108,6 +108,7 @@ def test_lora_stack_skips_empty_slots_and_refuses_one_file_twice(loaded):
 
 def test_regional_lora_node_first_step_is_exact_outside_the_mask(loaded):
     model, clip, _ = loaded
+    tree = repr(model.model.unet)
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1.0  # the left half, at pixel size
     given = mask.clone()
@@ -118,7 +119,7 @@ def test_regional_lora_node_first_step_is_exact_outside_the_mask(loaded):
     right, left = (..., slice(LATENT // 2, None)), (..., slice(0, LATENT // 2))
     assert torch.equal(masked[0][right], plain[0][right])
     assert (masked[0][left] - plain[0][left]).abs().max().item() > 1e-3
-    assert repr(model.model.unet) == repr(FluxionCheckpointLoader().load(SD15_CHECKPOINT)[0].model.unet)
+    assert repr(model.model.unet) == tree  # the regional LoRA and its gates are gone after the run
 
 
 def test_scheduled_lora_node_leaves_steps_outside_its_window_as_without_it(loaded):
