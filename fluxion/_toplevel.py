@@ -20,7 +20,16 @@ from pathlib import Path
 
 PACK_NAME = "comfyui_fluxion"
 TOP_LEVEL_PACKAGES = ("fluxion", "foundationals", "nodes")
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pack_root() -> Path:
+    """The pack's folder: the repository root (a checkout, an editable install, ComfyUI's custom_nodes), or,
+    for an installed wheel, the `comfyui_fluxion` folder beside this top-level copy of `fluxion`."""
+    beside = Path(__file__).resolve().parent.parent
+    return beside if (beside / "nodes").is_dir() else beside / PACK_NAME
+
+
+REPOSITORY_ROOT = _pack_root()
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -51,7 +60,12 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname.split(".")[0] not in TOP_LEVEL_PACKAGES:
+        # Only submodules of a top-level name already aliased to the pack: a plain `import nodes` elsewhere
+        # (ComfyUI's own module) is never redirected, and each top-level `__init__` aliases itself.
+        top = fullname.split(".")[0]
+        if top == fullname or top not in TOP_LEVEL_PACKAGES:
+            return None
+        if getattr(sys.modules.get(top), "__name__", None) != f"{PACK_NAME}.{top}":
             return None
         target_name = f"{PACK_NAME}.{fullname}"
         real_spec = importlib.util.find_spec(target_name)
