@@ -14,45 +14,58 @@ The maps are built from a (meta) model like the UNet's: `{their key: our key}` f
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from ...fluxion import layers as fl
-from ..latent_diffusion.controlnet import (
-    ConditionEncoder,
-    ControlNet,
-    ControlOutputs,
-    HintEmbedding,
-    ZeroConvolution,
-)
-from ..latent_diffusion.unet import CrossAttentionBlock2d, ResidualBlock
-from . import diffusers_keys, ldm_keys
-from .ldm_keys import add_block, expand_module_map, spatial_transformer_table
+from . import diffusers as diffusers_format
+from . import ldm as ldm_format
+from .ldm import add_block, expand_module_map, find_block, is_block, spatial_transformer_table
 
 LLLYASVIEL_PREFIX = "control_model."
+DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+)
+CONTROLNET_EXPECTED = (
+    "a ControlNet (lllyasviel keys input_hint_block.*, zero_convs.*, optionally under control_model., "
+    "or diffusers keys controlnet_cond_embedding.*, controlnet_down_blocks.*)"
+)
 
 
-def _hint_convolutions(controlnet: ControlNet) -> list[str]:
+def controlnet_layout(keys: Sequence[str]) -> tuple[str, str] | None:
+    """("lllyasviel" or "diffusers", key prefix) of a ControlNet file's keys, or None if it is not one."""
+    if any(key.startswith("control_model.input_hint_block.") for key in keys):
+        return "lllyasviel", "control_model."
+    if "input_hint_block.0.weight" in keys:
+        return "lllyasviel", ""
+    if "controlnet_cond_embedding.conv_in.weight" in keys:
+        return "diffusers", ""
+    return None
+
+
+def _hint_convolutions(controlnet: fl.Chain) -> list[str]:
     """Our module paths of the hint encoder's convolutions, in order."""
-    encoder = controlnet.ensure_find(ConditionEncoder)
+    encoder = find_block(controlnet, "ConditionEncoder")
     first_name, first = next(iter(controlnet.DownBlocks.named_children()))
-    holder = next(name for name, child in first.named_children() if isinstance(child, HintEmbedding))
+    holder = next(name for name, child in first.named_children() if is_block(child, "HintEmbedding"))
     prefix = f"DownBlocks.{first_name}.{holder}.ConditionEncoder"
     return [f"{prefix}.{name}" for name, child in encoder.named_children() if isinstance(child, fl.Conv2d)]
 
 
-def _outputs(controlnet: ControlNet) -> list[tuple[str, int | None]]:
+def _outputs(controlnet: fl.Chain) -> list[tuple[str, int | None]]:
     """(our conv path, skip index or None for the middle block's) of the output convolutions."""
-    outputs = controlnet.ensure_find(ControlOutputs)
+    outputs = find_block(controlnet, "ControlOutputs")
     result: list[tuple[str, int | None]] = []
     for name, child in outputs.named_children():
-        if isinstance(child, ZeroConvolution):
+        if is_block(child, "ZeroConvolution"):
             result.append((f"ControlOutputs.{name}.Conv2d", child.index))
         else:
             result.append((f"ControlOutputs.{name}", None))
     return result
 
 
-def lllyasviel_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
+def lllyasviel_controlnet_module_map(controlnet: fl.Chain) -> dict[str, str]:
     """Our module paths -> lllyasviel module paths (without the `control_model.` prefix)."""
     mapping = {
         "TimestepEncoder.RangeEncoder.Linear_1": "time_embed.0",
@@ -62,12 +75,12 @@ def lllyasviel_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
         mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "label_emb.0.0"
         mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "label_emb.0.2"
     for index, (block_name, block) in enumerate(controlnet.DownBlocks.named_children()):
-        for position, (name, child) in enumerate(ldm_keys._unet_block_children(block)):  # type: ignore[arg-type]
-            ldm_keys._add_unet_child(
+        for position, (name, child) in enumerate(ldm_format.unet_block_children(block)):  # type: ignore[arg-type]
+            ldm_format.add_unet_child(
                 mapping, f"DownBlocks.{block_name}.{name}", f"input_blocks.{index}.{position}", child
             )
     for position, (name, child) in enumerate(controlnet.MiddleBlock.named_children()):
-        ldm_keys._add_unet_child(mapping, f"MiddleBlock.{name}", f"middle_block.{position}", child)
+        ldm_format.add_unet_child(mapping, f"MiddleBlock.{name}", f"middle_block.{position}", child)
     for index, ours in enumerate(_hint_convolutions(controlnet)):
         mapping[ours] = f"input_hint_block.{2 * index}"
     for ours, skip in _outputs(controlnet):
@@ -75,7 +88,7 @@ def lllyasviel_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
     return mapping
 
 
-def diffusers_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
+def diffusers_controlnet_module_map(controlnet: fl.Chain) -> dict[str, str]:
     """Our module paths -> diffusers `ControlNetModel` module paths."""
     config = controlnet.config.unet
     mapping = {
@@ -91,7 +104,7 @@ def diffusers_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
             continue
         level, layer = divmod(index - 1, config.layers_per_block + 1)
         for name, child in block.named_children():
-            diffusers_keys._add_unet_child(
+            diffusers_format.add_unet_child(
                 mapping,
                 f"DownBlocks.{block_name}.{name}",
                 f"down_blocks.{level}",
@@ -101,16 +114,16 @@ def diffusers_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
             )
     resnet = 0
     for name, child in controlnet.MiddleBlock.named_children():
-        if isinstance(child, ResidualBlock):
+        if is_block(child, "ResidualBlock"):
             add_block(
                 mapping,
                 f"MiddleBlock.{name}",
                 f"mid_block.resnets.{resnet}",
-                diffusers_keys.UNET_RESIDUAL_BLOCK,
+                diffusers_format.UNET_RESIDUAL_BLOCK,
                 child,
             )
             resnet += 1
-        elif isinstance(child, CrossAttentionBlock2d):
+        elif is_block(child, "CrossAttentionBlock2d"):
             add_block(
                 mapping,
                 f"MiddleBlock.{name}",
@@ -128,12 +141,12 @@ def diffusers_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
     return mapping
 
 
-def lllyasviel_controlnet_key_map(controlnet: ControlNet) -> dict[str, str]:
+def lllyasviel_controlnet_key_map(controlnet: fl.Chain) -> dict[str, str]:
     """`{lllyasviel key without prefix: our key}` for every tensor of `controlnet`."""
     return expand_module_map(controlnet, lllyasviel_controlnet_module_map(controlnet))
 
 
-def diffusers_controlnet_key_map(controlnet: ControlNet) -> dict[str, str]:
+def diffusers_controlnet_key_map(controlnet: fl.Chain) -> dict[str, str]:
     """`{diffusers ControlNetModel key: our key}` for every tensor of `controlnet`."""
     return expand_module_map(controlnet, diffusers_controlnet_module_map(controlnet))
 

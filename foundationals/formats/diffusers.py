@@ -9,9 +9,7 @@ from __future__ import annotations
 from torch.nn import Module
 
 from ...fluxion import layers as fl
-from ..latent_diffusion.auto_encoder import AttentionBlock2d, Decoder, Encoder, LatentDiffusionAutoencoder
-from ..latent_diffusion.unet import CrossAttentionBlock2d, ResidualBlock, UNet
-from .ldm_keys import add_block, expand_module_map, spatial_transformer_table
+from .ldm import add_block, expand_module_map, find_block, is_block, spatial_transformer_table
 
 UNET_RESIDUAL_BLOCK = {
     "Chain.GroupNorm_1": "norm1",
@@ -37,7 +35,7 @@ AUTOENCODER_ATTENTION = {
 }
 
 
-def diffusers_unet_module_map(unet: UNet) -> dict[str, str]:
+def diffusers_unet_module_map(unet: fl.Chain) -> dict[str, str]:
     """Our module paths -> diffusers `UNet2DConditionModel` module paths."""
     config = unet.config
     per_level = config.layers_per_block
@@ -57,47 +55,47 @@ def diffusers_unet_module_map(unet: UNet) -> dict[str, str]:
         level, layer = divmod(index - 1, per_level + 1)
         theirs = f"down_blocks.{level}"
         for name, child in block.named_children():
-            _add_unet_child(mapping, f"DownBlocks.{block_name}.{name}", theirs, layer, child, "downsamplers")
+            add_unet_child(mapping, f"DownBlocks.{block_name}.{name}", theirs, layer, child, "downsamplers")
     for index, (block_name, block) in enumerate(unet.UpBlocks.named_children()):
         level, layer = divmod(index, per_level + 1)
         for name, child in block.named_children():
-            _add_unet_child(
+            add_unet_child(
                 mapping, f"UpBlocks.{block_name}.{name}", f"up_blocks.{level}", layer, child, "upsamplers"
             )
     resnet = 0
     for name, child in unet.MiddleBlock.named_children():
-        if isinstance(child, ResidualBlock):
+        if is_block(child, "ResidualBlock"):
             add_block(
                 mapping, f"MiddleBlock.{name}", f"mid_block.resnets.{resnet}", UNET_RESIDUAL_BLOCK, child
             )
             resnet += 1
-        elif isinstance(child, CrossAttentionBlock2d):
+        elif is_block(child, "CrossAttentionBlock2d"):
             table = spatial_transformer_table(child)
             add_block(mapping, f"MiddleBlock.{name}", "mid_block.attentions.0", table, child)
     return mapping
 
 
-def _add_unet_child(
+def add_unet_child(
     mapping: dict[str, str], ours: str, theirs: str, layer: int, child: fl.Module, samplers: str
 ) -> None:
-    if isinstance(child, ResidualBlock):
+    if is_block(child, "ResidualBlock"):
         add_block(mapping, ours, f"{theirs}.resnets.{layer}", UNET_RESIDUAL_BLOCK, child)
-    elif isinstance(child, CrossAttentionBlock2d):
+    elif is_block(child, "CrossAttentionBlock2d"):
         add_block(mapping, ours, f"{theirs}.attentions.{layer}", spatial_transformer_table(child), child)
     elif isinstance(child, (fl.Downsample, fl.Upsample)):
         mapping[f"{ours}.Conv2d"] = f"{theirs}.{samplers}.0.conv"
 
 
-def diffusers_unet_key_map(unet: UNet) -> dict[str, str]:
+def diffusers_unet_key_map(unet: fl.Chain) -> dict[str, str]:
     """`{diffusers UNet2DConditionModel key: our key}` for every tensor of `unet`."""
     return expand_module_map(unet, diffusers_unet_module_map(unet))
 
 
-def diffusers_autoencoder_module_map(autoencoder: LatentDiffusionAutoencoder) -> dict[str, str]:
+def diffusers_autoencoder_module_map(autoencoder: fl.Chain) -> dict[str, str]:
     """Our module paths -> diffusers `AutoencoderKL` module paths."""
     mapping: dict[str, str] = {}
     levels = len(autoencoder.config.block_channels)
-    children = list(autoencoder.ensure_find(Encoder).named_children())
+    children = list(find_block(autoencoder, "Encoder").named_children())
     mapping[f"Encoder.{children[0][0]}"] = "encoder.conv_in"
     for level, (name, chain) in enumerate(children[1 : 1 + levels]):
         _add_autoencoder_level(
@@ -110,7 +108,7 @@ def diffusers_autoencoder_module_map(autoencoder: LatentDiffusionAutoencoder) ->
     mapping[f"Encoder.{children[2 + levels][0]}.Conv2d"] = "encoder.conv_out"
     mapping[f"Encoder.{children[3 + levels][0]}"] = "quant_conv"
 
-    children = list(autoencoder.ensure_find(Decoder).named_children())
+    children = list(find_block(autoencoder, "Decoder").named_children())
     mapping[f"Decoder.{children[0][0]}"] = "post_quant_conv"
     mapping[f"Decoder.{children[1][0]}"] = "decoder.conv_in"
     _add_autoencoder_middle(mapping, f"Decoder.{children[2][0]}", "decoder.mid_block", children[2][1])
@@ -126,7 +124,7 @@ def _add_autoencoder_level(
 ) -> None:
     resnet = 0
     for name, child in level.named_children():
-        if isinstance(child, ResidualBlock):
+        if is_block(child, "ResidualBlock"):
             add_block(
                 mapping, f"{ours}.{name}", f"{theirs}.resnets.{resnet}", AUTOENCODER_RESIDUAL_BLOCK, child
             )
@@ -138,15 +136,15 @@ def _add_autoencoder_level(
 def _add_autoencoder_middle(mapping: dict[str, str], ours: str, theirs: str, middle: Module) -> None:
     resnet = 0
     for name, child in middle.named_children():
-        if isinstance(child, AttentionBlock2d):
+        if is_block(child, "AttentionBlock2d"):
             add_block(mapping, f"{ours}.{name}", f"{theirs}.attentions.0", AUTOENCODER_ATTENTION, child)
-        elif isinstance(child, ResidualBlock):
+        elif is_block(child, "ResidualBlock"):
             add_block(
                 mapping, f"{ours}.{name}", f"{theirs}.resnets.{resnet}", AUTOENCODER_RESIDUAL_BLOCK, child
             )
             resnet += 1
 
 
-def diffusers_autoencoder_key_map(autoencoder: LatentDiffusionAutoencoder) -> dict[str, str]:
+def diffusers_autoencoder_key_map(autoencoder: fl.Chain) -> dict[str, str]:
     """`{diffusers AutoencoderKL key: our key}` for every tensor of `autoencoder`."""
     return expand_module_map(autoencoder, diffusers_autoencoder_module_map(autoencoder))

@@ -11,8 +11,6 @@ from __future__ import annotations
 from torch.nn import Module
 
 from ...fluxion import layers as fl
-from ..latent_diffusion.auto_encoder import AttentionBlock2d, Decoder, Encoder, LatentDiffusionAutoencoder
-from ..latent_diffusion.unet import CrossAttentionBlock2d, ResidualBlock, TransformerBlock, UNet
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_AUTOENCODER_PREFIX = "first_stage_model."
@@ -58,11 +56,11 @@ AUTOENCODER_ATTENTION = {
 }
 
 
-def spatial_transformer_table(block: CrossAttentionBlock2d) -> dict[str, str]:
+def spatial_transformer_table(block: fl.Chain) -> dict[str, str]:
     """Ours -> LDM/diffusers names inside one spatial transformer (same names in both layouts)."""
     projection = "Linear" if any(isinstance(child, fl.Linear) for child in block) else "Conv2d"
     table = {"GroupNorm": "norm", f"{projection}_1": "proj_in", f"{projection}_2": "proj_out"}
-    names = [name for name, child in block.named_children() if isinstance(child, TransformerBlock)]
+    names = [name for name, child in block.named_children() if is_block(child, "TransformerBlock")]
     for index, name in enumerate(names):
         table.update(
             {
@@ -71,6 +69,23 @@ def spatial_transformer_table(block: CrossAttentionBlock2d) -> dict[str, str]:
             }
         )
     return table
+
+
+def is_block(module: Module, *class_names: str) -> bool:
+    """Whether `module` is one of our blocks of these class names.
+
+    Our module paths are made of class names (`DownBlocks.Chain_2.ResidualBlock`), so the key maps recognise
+    blocks by those names as well, and need not import the models they describe.
+    """
+    return type(module).__name__ in class_names
+
+
+def find_block(model: Module, class_name: str) -> Module:
+    """The first block of this class name in `model` (e.g. the autoencoder's `Encoder`)."""
+    for module in model.modules():
+        if is_block(module, class_name):
+            return module
+    raise ValueError(f"no {class_name} in {type(model).__name__}")
 
 
 def add_block(mapping: dict[str, str], ours: str, theirs: str, table: dict[str, str], block: Module) -> None:
@@ -92,16 +107,17 @@ def expand_module_map(model: fl.Module, module_map: dict[str, str]) -> dict[str,
     return keys
 
 
-def _unet_block_children(block: fl.Chain) -> list[tuple[str, fl.Module]]:
+def unet_block_children(block: fl.Chain) -> list[tuple[str, fl.Module]]:
     """The children that hold weights, in order (skip bookkeeping layers)."""
     return [
         (name, child)
         for name, child in block.named_children()
-        if isinstance(child, (fl.Conv2d, ResidualBlock, CrossAttentionBlock2d, fl.Downsample, fl.Upsample))
+        if isinstance(child, (fl.Conv2d, fl.Downsample, fl.Upsample))
+        or is_block(child, "ResidualBlock", "CrossAttentionBlock2d")
     ]
 
 
-def ldm_unet_module_map(unet: UNet) -> dict[str, str]:
+def ldm_unet_module_map(unet: fl.Chain) -> dict[str, str]:
     """Our module paths -> LDM module paths (without the "model.diffusion_model." prefix)."""
     mapping = {
         "TimestepEncoder.RangeEncoder.Linear_1": "time_embed.0",
@@ -113,22 +129,22 @@ def ldm_unet_module_map(unet: UNet) -> dict[str, str]:
     for section, ldm_section in (("DownBlocks", "input_blocks"), ("UpBlocks", "output_blocks")):
         blocks: fl.Chain = getattr(unet, section)
         for index, (block_name, block) in enumerate(blocks.named_children()):
-            for position, (name, child) in enumerate(_unet_block_children(block)):  # type: ignore[arg-type]
+            for position, (name, child) in enumerate(unet_block_children(block)):  # type: ignore[arg-type]
                 ours, theirs = f"{section}.{block_name}.{name}", f"{ldm_section}.{index}.{position}"
-                _add_unet_child(mapping, ours, theirs, child)
+                add_unet_child(mapping, ours, theirs, child)
     for position, (name, child) in enumerate(unet.MiddleBlock.named_children()):
-        _add_unet_child(mapping, f"MiddleBlock.{name}", f"middle_block.{position}", child)
+        add_unet_child(mapping, f"MiddleBlock.{name}", f"middle_block.{position}", child)
     mapping["OutputBlock.GroupNorm"] = "out.0"
     mapping["OutputBlock.Conv2d"] = "out.2"
     return mapping
 
 
-def _add_unet_child(mapping: dict[str, str], ours: str, theirs: str, child: fl.Module) -> None:
+def add_unet_child(mapping: dict[str, str], ours: str, theirs: str, child: fl.Module) -> None:
     if isinstance(child, fl.Conv2d):
         mapping[ours] = theirs
-    elif isinstance(child, ResidualBlock):
+    elif is_block(child, "ResidualBlock"):
         add_block(mapping, ours, theirs, UNET_RESIDUAL_BLOCK, child)
-    elif isinstance(child, CrossAttentionBlock2d):
+    elif is_block(child, "CrossAttentionBlock2d"):
         add_block(mapping, ours, theirs, spatial_transformer_table(child), child)
     elif isinstance(child, fl.Downsample):
         mapping[f"{ours}.Conv2d"] = f"{theirs}.op"
@@ -136,15 +152,15 @@ def _add_unet_child(mapping: dict[str, str], ours: str, theirs: str, child: fl.M
         mapping[f"{ours}.Conv2d"] = f"{theirs}.conv"
 
 
-def ldm_unet_key_map(unet: UNet) -> dict[str, str]:
+def ldm_unet_key_map(unet: fl.Chain) -> dict[str, str]:
     """`{LDM UNet key without prefix: our key}` for every tensor of `unet`."""
     return expand_module_map(unet, ldm_unet_module_map(unet))
 
 
-def ldm_autoencoder_module_map(autoencoder: LatentDiffusionAutoencoder) -> dict[str, str]:
+def ldm_autoencoder_module_map(autoencoder: fl.Chain) -> dict[str, str]:
     """Our module paths -> LDM module paths (without the "first_stage_model." prefix)."""
     mapping: dict[str, str] = {}
-    encoder = autoencoder.ensure_find(Encoder)
+    encoder = find_block(autoencoder, "Encoder")
     levels = len(autoencoder.config.block_channels)
     children = list(encoder.named_children())
     mapping[f"Encoder.{children[0][0]}"] = "encoder.conv_in"
@@ -157,7 +173,7 @@ def ldm_autoencoder_module_map(autoencoder: LatentDiffusionAutoencoder) -> dict[
     mapping[f"Encoder.{children[2 + levels][0]}.Conv2d"] = "encoder.conv_out"
     mapping[f"Encoder.{children[3 + levels][0]}"] = "quant_conv"
 
-    decoder = autoencoder.ensure_find(Decoder)
+    decoder = find_block(autoencoder, "Decoder")
     children = list(decoder.named_children())
     mapping[f"Decoder.{children[0][0]}"] = "post_quant_conv"
     mapping[f"Decoder.{children[1][0]}"] = "decoder.conv_in"
@@ -177,7 +193,7 @@ def _add_autoencoder_level(
     mapping: dict[str, str], ours: str, theirs: str, level: Module, sampler: str
 ) -> None:
     residual_blocks = [
-        (name, child) for name, child in level.named_children() if isinstance(child, ResidualBlock)
+        (name, child) for name, child in level.named_children() if is_block(child, "ResidualBlock")
     ]
     for index, (name, block) in enumerate(residual_blocks):
         add_block(mapping, f"{ours}.{name}", f"{theirs}.block.{index}", AUTOENCODER_RESIDUAL_BLOCK, block)
@@ -188,7 +204,7 @@ def _add_autoencoder_level(
 
 def _add_autoencoder_middle(mapping: dict[str, str], ours: str, theirs: str, middle: Module) -> None:
     for name, child in middle.named_children():
-        if isinstance(child, AttentionBlock2d):
+        if is_block(child, "AttentionBlock2d"):
             add_block(mapping, f"{ours}.{name}", f"{theirs}.attn_1", AUTOENCODER_ATTENTION, child)
         else:
             block_number = int(name.rsplit("_", 1)[1])  # ResidualBlock_1 / _2 -> block_1 / block_2
@@ -197,6 +213,6 @@ def _add_autoencoder_middle(mapping: dict[str, str], ours: str, theirs: str, mid
             )
 
 
-def ldm_autoencoder_key_map(autoencoder: LatentDiffusionAutoencoder) -> dict[str, str]:
+def ldm_autoencoder_key_map(autoencoder: fl.Chain) -> dict[str, str]:
     """`{LDM autoencoder key without prefix: our key}` for every tensor of `autoencoder`."""
     return expand_module_map(autoencoder, ldm_autoencoder_module_map(autoencoder))

@@ -33,8 +33,8 @@ from torch import dtype as DType
 
 from ...fluxion import layers as fl
 from ..clip.config import CLIPTextConfig
-from ..conversion.diffusers_keys import diffusers_autoencoder_key_map, diffusers_unet_key_map
-from ..conversion.ldm_keys import (
+from ..formats.diffusers import diffusers_autoencoder_key_map, diffusers_unet_key_map
+from ..formats.ldm import (
     LDM_AUTOENCODER_PREFIX,
     LDM_UNET_PREFIX,
     ldm_autoencoder_key_map,
@@ -420,7 +420,7 @@ def _load_single_file_text_encoders(
 ) -> dict[str, fl.Chain]:
     """The text encoders under `cond_stage_model.*` / `conditioner.embedders.*`, loaded by foundationals.clip."""
     from ..clip.text_encoder import load_clip_text_encoder
-    from ..conversion.clip_keys import TEXT_LAYOUTS
+    from ..formats.clip import TEXT_LAYOUTS
 
     layouts = (
         {"clip_l": "sdxl_clip_l", "clip_g": "sdxl_clip_g"}

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from foundationals.clip.config import text_preset
 from foundationals.clip.text_encoder import CLIPTextEncoder, transformer_layer_names
-from foundationals.conversion.clip_keys import (
+from foundationals.formats.clip import (
     TEXT_LAYOUTS,
     CLIPKeyError,
     convert_clip_state_dict,
@@ -33,9 +33,9 @@ from foundationals.conversion.clip_keys import (
     detect_layout,
     export_clip_state_dict,
 )
-from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
-from foundationals.conversion.ldm_keys import LDM_UNET_PREFIX, ldm_autoencoder_key_map, ldm_unet_key_map
-from foundationals.conversion.lora_keys import (
+from foundationals.formats.diffusers import diffusers_unet_key_map
+from foundationals.formats.ldm import LDM_UNET_PREFIX, ldm_autoencoder_key_map, ldm_unet_key_map
+from foundationals.formats.lora import (
     DIFFUSERS_PREFIXES,
     KNOWN_NAMESPACES,
     KOHYA_PREFIXES,
