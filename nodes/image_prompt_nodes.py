@@ -29,7 +29,6 @@ from .wires import MODEL, MODEL_FILES, ModelWire
 IP_ADAPTER = "FLUXION_IPADAPTER"
 CLIP_VISION = "FLUXION_CLIP_VISION"
 IMAGE_EMBEDS_TYPE = "FLUXION_IMAGE_EMBEDS"
-EMBEDS_EXTENSION = ".safetensors"
 KIND_NAMES = {
     IMAGE_EMBEDS: "image embeddings (for base IP-Adapters)",
     PENULTIMATE: "penultimate hidden states (for plus IP-Adapters)",

@@ -10,13 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..foundationals.latent_diffusion.adapters.ip_adapter import (
-    ImageEmbeddings,
-)
+from ..foundationals.latent_diffusion.adapters.ip_adapter import ImageEmbeddings
 from .host import input_directory, output_directory
 from .image_prompt_nodes import (
     CLIP_VISION,
-    EMBEDS_EXTENSION,
     IMAGE_EMBEDS_TYPE,
     IP_ADAPTER,
     NamedModel,
@@ -24,6 +21,8 @@ from .image_prompt_nodes import (
 )
 from .latent_nodes import require_finite
 from .runner_nodes import annotated_path, save_image_path
+
+EMBEDS_EXTENSION = ".safetensors"
 
 
 class FluxionEncodeIPAdapterEmbeds:

@@ -1,7 +1,7 @@
 """The pack's import graph, read with `ast`: which way imports go between formats, models and nodes.
 
-- `foundationals/formats/` (what each file format looks like) imports no model: only fluxion, `model_files`
-  and other formats. Models and their loaders import formats, never the other way.
+- `foundationals/formats/` (what each file format looks like) imports no model: only fluxion, `model_files`,
+  the model configs (data) and other formats. Models and their loaders import formats, never the other way.
 - Model and adapter declarations (`unet`, `auto_encoder`, `adapters/*/model.py`, ...) read no files.
 - No module of foundationals/ imports itself back through others at run time (imports under
   `if TYPE_CHECKING:` aside).
@@ -82,7 +82,12 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_formats_import_no_models() -> None:
-    allowed = ("fluxion", "foundationals.formats", "foundationals.model_files")
+    allowed = (
+        "fluxion",
+        "foundationals.formats",
+        "foundationals.model_files",
+        "foundationals.latent_diffusion.model_config",
+    )
     for module, path in _modules().items():
         imports = _runtime_imports(path)
         if module.startswith("foundationals.formats"):

@@ -14,12 +14,12 @@ The maps are built from a (meta) model like the UNet's: `{their key: our key}` f
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from ...fluxion import layers as fl
 from . import diffusers as diffusers_format
 from . import ldm as ldm_format
-from .ldm import add_block, expand_module_map, find_block, is_block, spatial_transformer_table
+from .ldm import add_block, count_matches, expand_module_map, find_block, is_block, spatial_transformer_table
 
 LLLYASVIEL_PREFIX = "control_model."
 DIFFUSERS_WEIGHT_NAMES = (
@@ -154,11 +154,6 @@ def diffusers_controlnet_key_map(controlnet: fl.Chain) -> dict[str, str]:
 # -- architecture from keys and shapes ----------------------------------------------------------------------------
 
 
-def _count(keys: Iterable[str], pattern: str) -> int:
-    regex = re.compile(pattern)
-    return len({match.group(1) for key in keys if (match := regex.match(key))})
-
-
 def hint_channels_from_shapes(
     shapes: Mapping[str, tuple[int, ...]], layout: str
 ) -> tuple[int, tuple[int, ...]]:
@@ -169,7 +164,7 @@ def hint_channels_from_shapes(
         )
         convs = [shapes[f"input_hint_block.{i}.weight"] for i in indices]
     else:
-        blocks = _count(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+        blocks = count_matches(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
         convs = [
             shapes["controlnet_cond_embedding.conv_in.weight"],
             *(shapes[f"controlnet_cond_embedding.blocks.{i}.weight"] for i in range(blocks)),
@@ -182,8 +177,8 @@ def hint_channels_from_shapes(
 def ldm_shapes_from_diffusers(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """The LDM key shapes a diffusers-layout ControlNet's UNet part would have (enough to infer its config)."""
     keys = list(shapes)
-    levels = _count(keys, r"down_blocks\.(\d+)\.")
-    per_level = _count(keys, r"down_blocks\.0\.resnets\.(\d+)\.")
+    levels = count_matches(keys, r"down_blocks\.(\d+)\.")
+    per_level = count_matches(keys, r"down_blocks\.0\.resnets\.(\d+)\.")
     result: dict[str, tuple[int, ...]] = {"input_blocks.0.0.weight": shapes["conv_in.weight"]}
     index = 1
     for level in range(levels):

@@ -6,10 +6,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
 from torch.nn import Module
 
 from ...fluxion import layers as fl
-from .ldm import add_block, expand_module_map, find_block, is_block, spatial_transformer_table
+from ..latent_diffusion.model_config import AutoencoderConfig, UNetConfig
+from .ldm import (
+    CheckpointError,
+    add_block,
+    expand_module_map,
+    find_block,
+    is_block,
+    spatial_transformer_table,
+)
 
 UNET_RESIDUAL_BLOCK = {
     "Chain.GroupNorm_1": "norm1",
@@ -148,3 +160,100 @@ def _add_autoencoder_middle(mapping: dict[str, str], ours: str, theirs: str, mid
 def diffusers_autoencoder_key_map(autoencoder: fl.Chain) -> dict[str, str]:
     """`{diffusers AutoencoderKL key: our key}` for every tensor of `autoencoder`."""
     return expand_module_map(autoencoder, diffusers_autoencoder_module_map(autoencoder))
+
+
+# -- configs from config.json --------------------------------------------------------------------------------
+
+
+def unet_config_from_diffusers(config: Mapping[str, Any], source: str = "config.json") -> UNetConfig:
+    """Our UNet config from a diffusers `UNet2DConditionModel` config.json; `CheckpointError` if it gives none."""
+    try:
+        result = _unet_config_from_diffusers(config, source)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as error:
+        raise CheckpointError(
+            f"{source}: not a usable diffusers UNet config ({type(error).__name__}: {error})"
+        ) from error
+    for option in fields(result):  # sizes must be positive ints (depths may be 0): no bools, strings, floats
+        value = getattr(result, option.name)
+        if option.name in ("use_linear_projection", "addition_embedding") or (
+            option.name == "attention_head_dim" and value is None
+        ):
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        minimum = 0 if "depth" in option.name else 1
+        if not values or not all(type(v) is int and v >= minimum for v in values):
+            raise CheckpointError(f"{source}: UNet option {option.name}={value!r} is not a valid size")
+    return result
+
+
+def _unet_config_from_diffusers(config: Mapping[str, Any], source: str) -> UNetConfig:
+    for name, allowed in (
+        ("class_embed_type", None),
+        ("encoder_hid_dim_type", None),
+        ("time_cond_proj_dim", None),
+    ):
+        if config.get(name, allowed) != allowed:
+            raise CheckpointError(f"{source}: unsupported UNet option {name}={config[name]!r}")
+    if (
+        config.get("resnet_time_scale_shift", "default") != "default"
+        or config.get("upcast_attention") is True
+    ):
+        raise CheckpointError(
+            f"{source}: unsupported UNet options (time scale shift / upcast attention: SD2-like)"
+        )
+    channels = tuple(config["block_out_channels"])
+    levels = len(channels)
+    attention = [block.startswith("CrossAttn") for block in config["down_block_types"]]
+    per_block = config.get("transformer_layers_per_block", 1)
+    depths = [per_block] * levels if isinstance(per_block, int) else list(per_block)
+    heads = config.get("num_attention_heads") or config.get(
+        "attention_head_dim", 8
+    )  # diffusers' naming quirk
+    heads = [heads] * levels if isinstance(heads, int) else list(heads)
+    head_widths = {width // count for width, count in zip(channels, heads)}
+    if len(set(heads)) > 1 and len(head_widths) > 1:
+        raise CheckpointError(
+            f"{source}: heads {heads} are neither the same count nor the same width per level"
+        )
+    context = config.get("cross_attention_dim", 768)
+    head_fields: dict[str, Any] = (
+        {"num_attention_heads": heads[0]}
+        if len(set(heads)) == 1
+        else {"attention_head_dim": head_widths.pop()}
+    )
+    result = UNetConfig(
+        in_channels=config.get("in_channels", 4),
+        out_channels=config.get("out_channels", 4),
+        block_channels=channels,
+        layers_per_block=config.get("layers_per_block", 2),
+        transformer_depth=tuple(depth if on else 0 for depth, on in zip(depths, attention)),
+        middle_transformer_depth=depths[-1],
+        context_dim=context if isinstance(context, int) else context[0],
+        use_linear_projection=bool(config.get("use_linear_projection", False)),
+        num_groups=config.get("norm_num_groups", 32),
+        **head_fields,
+    )
+    embed_type = config.get("addition_embed_type")
+    if embed_type == "text_time":
+        time_dim = config["addition_time_embed_dim"]
+        pooled = config["projection_class_embeddings_input_dim"] - result.time_ids_count * time_dim
+        result = result.with_changes(
+            addition_embedding="text_time", time_id_embedding_dim=time_dim, pooled_text_dim=pooled
+        )
+    elif embed_type is not None:
+        raise CheckpointError(f"{source}: unsupported addition_embed_type {embed_type!r}")
+    return result
+
+
+def autoencoder_config_from_diffusers(config: Mapping[str, Any]) -> AutoencoderConfig:
+    """Our autoencoder config from a diffusers `AutoencoderKL` config.json."""
+    return AutoencoderConfig(
+        image_channels=config.get("in_channels", 3),
+        latent_channels=config.get("latent_channels", 4),
+        block_channels=tuple(config["block_out_channels"]),
+        layers_per_block=config.get("layers_per_block", 2),
+        num_groups=config.get("norm_num_groups", 32),
+        scaling_factor=config.get("scaling_factor", 0.18215),
+    )

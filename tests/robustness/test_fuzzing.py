@@ -33,8 +33,17 @@ from foundationals.formats.clip import (
     detect_layout,
     export_clip_state_dict,
 )
-from foundationals.formats.diffusers import diffusers_unet_key_map
-from foundationals.formats.ldm import LDM_UNET_PREFIX, ldm_autoencoder_key_map, ldm_unet_key_map
+from foundationals.formats.diffusers import diffusers_unet_key_map, unet_config_from_diffusers
+from foundationals.formats.ldm import (
+    LDM_UNET_PREFIX,
+    CheckpointError,
+    detect_family,
+    infer_autoencoder_config,
+    infer_unet_config,
+    ldm_autoencoder_key_map,
+    ldm_unet_key_map,
+)
+from foundationals.formats.ldm import refuse_other_architectures as _refuse_other_architectures
 from foundationals.formats.lora import (
     DIFFUSERS_PREFIXES,
     KNOWN_NAMESPACES,
@@ -49,14 +58,6 @@ from foundationals.formats.lora import (
     normalize_lora,
 )
 from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
-from foundationals.latent_diffusion.checkpoint import (
-    CheckpointError,
-    _refuse_other_architectures,
-    detect_family,
-    infer_autoencoder_config,
-    infer_unet_config,
-    unet_config_from_diffusers,
-)
 from foundationals.latent_diffusion.model_config import (
     SD15_AUTOENCODER,
     TINY_8X_AUTOENCODER,

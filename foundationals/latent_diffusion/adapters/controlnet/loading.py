@@ -18,8 +18,8 @@ from ....formats.controlnet import (
     ldm_shapes_from_diffusers,
     lllyasviel_controlnet_key_map,
 )
+from ....formats.ldm import CheckpointError, infer_unet_config
 from ....model_files import ModelFileError, describe_keys, describe_model_kind, read_header, read_state_dict
-from ...checkpoint import CheckpointError, infer_unet_config
 from ...model_config import UNetConfig, unet_family
 from .model import ControlMismatchError, ControlNet, ControlNetConfig, check_controlnet_fits
 

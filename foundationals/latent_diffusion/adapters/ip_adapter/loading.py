@@ -34,7 +34,7 @@ def ip_adapter_from_state_dict(
     device: Device | str | None = None,
     dtype: DType | None = None,
 ) -> IPAdapter:
-    """An `IPAdapter` from tensors in the tencent-ailab or diffusers layout (see `conversion.ip_adapter_keys`)."""
+    """An `IPAdapter` from tensors in the tencent-ailab or diffusers layout (see `formats.ip_adapter`)."""
     layout = detect_ip_adapter_layout(list(state_dict))
     if layout is None:
         raise ValueError(
