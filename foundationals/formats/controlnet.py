@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from ...fluxion import layers as fl
 from . import diffusers as diffusers_format
 from . import ldm as ldm_format
-from .ldm import add_block, count_matches, expand_module_map, find_block, is_block, spatial_transformer_table
+from .ldm import count_matches, expand_module_map, find_block, is_block
 
 LLLYASVIEL_PREFIX = "control_model."
 DIFFUSERS_WEIGHT_NAMES = (
@@ -67,20 +67,7 @@ def _outputs(controlnet: fl.Chain) -> list[tuple[str, int | None]]:
 
 def lllyasviel_controlnet_module_map(controlnet: fl.Chain) -> dict[str, str]:
     """Our module paths -> lllyasviel module paths (without the `control_model.` prefix)."""
-    mapping = {
-        "TimestepEncoder.RangeEncoder.Linear_1": "time_embed.0",
-        "TimestepEncoder.RangeEncoder.Linear_2": "time_embed.2",
-    }
-    if controlnet.config.unet.addition_embedding == "text_time":
-        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "label_emb.0.0"
-        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "label_emb.0.2"
-    for index, (block_name, block) in enumerate(controlnet.DownBlocks.named_children()):
-        for position, (name, child) in enumerate(ldm_format.unet_block_children(block)):  # type: ignore[arg-type]
-            ldm_format.add_unet_child(
-                mapping, f"DownBlocks.{block_name}.{name}", f"input_blocks.{index}.{position}", child
-            )
-    for position, (name, child) in enumerate(controlnet.MiddleBlock.named_children()):
-        ldm_format.add_unet_child(mapping, f"MiddleBlock.{name}", f"middle_block.{position}", child)
+    mapping = ldm_format.ldm_encoder_module_map(controlnet, controlnet.config.unet)
     for index, ours in enumerate(_hint_convolutions(controlnet)):
         mapping[ours] = f"input_hint_block.{2 * index}"
     for ours, skip in _outputs(controlnet):
@@ -90,47 +77,7 @@ def lllyasviel_controlnet_module_map(controlnet: fl.Chain) -> dict[str, str]:
 
 def diffusers_controlnet_module_map(controlnet: fl.Chain) -> dict[str, str]:
     """Our module paths -> diffusers `ControlNetModel` module paths."""
-    config = controlnet.config.unet
-    mapping = {
-        "TimestepEncoder.RangeEncoder.Linear_1": "time_embedding.linear_1",
-        "TimestepEncoder.RangeEncoder.Linear_2": "time_embedding.linear_2",
-    }
-    if config.addition_embedding == "text_time":
-        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "add_embedding.linear_1"
-        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "add_embedding.linear_2"
-    for index, (block_name, block) in enumerate(controlnet.DownBlocks.named_children()):
-        if index == 0:
-            mapping[f"DownBlocks.{block_name}.Conv2d"] = "conv_in"
-            continue
-        level, layer = divmod(index - 1, config.layers_per_block + 1)
-        for name, child in block.named_children():
-            diffusers_format.add_unet_child(
-                mapping,
-                f"DownBlocks.{block_name}.{name}",
-                f"down_blocks.{level}",
-                layer,
-                child,
-                "downsamplers",
-            )
-    resnet = 0
-    for name, child in controlnet.MiddleBlock.named_children():
-        if is_block(child, "ResidualBlock"):
-            add_block(
-                mapping,
-                f"MiddleBlock.{name}",
-                f"mid_block.resnets.{resnet}",
-                diffusers_format.UNET_RESIDUAL_BLOCK,
-                child,
-            )
-            resnet += 1
-        elif is_block(child, "CrossAttentionBlock2d"):
-            add_block(
-                mapping,
-                f"MiddleBlock.{name}",
-                "mid_block.attentions.0",
-                spatial_transformer_table(child),
-                child,
-            )
+    mapping = diffusers_format.diffusers_encoder_module_map(controlnet, controlnet.config.unet)
     convolutions = _hint_convolutions(controlnet)
     mapping[convolutions[0]] = "controlnet_cond_embedding.conv_in"
     for index, ours in enumerate(convolutions[1:-1]):

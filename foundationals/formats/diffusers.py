@@ -47,35 +47,25 @@ AUTOENCODER_ATTENTION = {
 }
 
 
-def diffusers_unet_module_map(unet: fl.Chain) -> dict[str, str]:
-    """Our module paths -> diffusers `UNet2DConditionModel` module paths."""
-    config = unet.config
-    per_level = config.layers_per_block
+def diffusers_encoder_module_map(model: fl.Chain, config: UNetConfig) -> dict[str, str]:
+    """The encoder half a UNet and a ControlNet share: timestep (and SDXL) embedding, down blocks, middle block."""
     mapping = {
         "TimestepEncoder.RangeEncoder.Linear_1": "time_embedding.linear_1",
         "TimestepEncoder.RangeEncoder.Linear_2": "time_embedding.linear_2",
-        "OutputBlock.GroupNorm": "conv_norm_out",
-        "OutputBlock.Conv2d": "conv_out",
     }
     if config.addition_embedding == "text_time":
         mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "add_embedding.linear_1"
         mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "add_embedding.linear_2"
-    for index, (block_name, block) in enumerate(unet.DownBlocks.named_children()):
+    for index, (block_name, block) in enumerate(model.DownBlocks.named_children()):
         if index == 0:
             mapping[f"DownBlocks.{block_name}.Conv2d"] = "conv_in"
             continue
-        level, layer = divmod(index - 1, per_level + 1)
+        level, layer = divmod(index - 1, config.layers_per_block + 1)
         theirs = f"down_blocks.{level}"
         for name, child in block.named_children():
             add_unet_child(mapping, f"DownBlocks.{block_name}.{name}", theirs, layer, child, "downsamplers")
-    for index, (block_name, block) in enumerate(unet.UpBlocks.named_children()):
-        level, layer = divmod(index, per_level + 1)
-        for name, child in block.named_children():
-            add_unet_child(
-                mapping, f"UpBlocks.{block_name}.{name}", f"up_blocks.{level}", layer, child, "upsamplers"
-            )
     resnet = 0
-    for name, child in unet.MiddleBlock.named_children():
+    for name, child in model.MiddleBlock.named_children():
         if is_block(child, "ResidualBlock"):
             add_block(
                 mapping, f"MiddleBlock.{name}", f"mid_block.resnets.{resnet}", UNET_RESIDUAL_BLOCK, child
@@ -84,6 +74,21 @@ def diffusers_unet_module_map(unet: fl.Chain) -> dict[str, str]:
         elif is_block(child, "CrossAttentionBlock2d"):
             table = spatial_transformer_table(child)
             add_block(mapping, f"MiddleBlock.{name}", "mid_block.attentions.0", table, child)
+    return mapping
+
+
+def diffusers_unet_module_map(unet: fl.Chain) -> dict[str, str]:
+    """Our module paths -> diffusers `UNet2DConditionModel` module paths."""
+    config = unet.config
+    mapping = diffusers_encoder_module_map(unet, config)
+    mapping["OutputBlock.GroupNorm"] = "conv_norm_out"
+    mapping["OutputBlock.Conv2d"] = "conv_out"
+    for index, (block_name, block) in enumerate(unet.UpBlocks.named_children()):
+        level, layer = divmod(index, config.layers_per_block + 1)
+        for name, child in block.named_children():
+            add_unet_child(
+                mapping, f"UpBlocks.{block_name}.{name}", f"up_blocks.{level}", layer, child, "upsamplers"
+            )
     return mapping
 
 

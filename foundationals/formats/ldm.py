@@ -152,23 +152,33 @@ def unet_block_children(block: fl.Chain) -> list[tuple[str, fl.Module]]:
     ]
 
 
-def ldm_unet_module_map(unet: fl.Chain) -> dict[str, str]:
-    """Our module paths -> LDM module paths (without the "model.diffusion_model." prefix)."""
+def _add_blocks(mapping: dict[str, str], blocks: fl.Chain, section: str, ldm_section: str) -> None:
+    for index, (block_name, block) in enumerate(blocks.named_children()):
+        for position, (name, child) in enumerate(unet_block_children(block)):  # type: ignore[arg-type]
+            add_unet_child(
+                mapping, f"{section}.{block_name}.{name}", f"{ldm_section}.{index}.{position}", child
+            )
+
+
+def ldm_encoder_module_map(model: fl.Chain, config: UNetConfig) -> dict[str, str]:
+    """The encoder half a UNet and a ControlNet share: timestep (and SDXL) embedding, input and middle blocks."""
     mapping = {
         "TimestepEncoder.RangeEncoder.Linear_1": "time_embed.0",
         "TimestepEncoder.RangeEncoder.Linear_2": "time_embed.2",
     }
-    if unet.config.addition_embedding == "text_time":
+    if config.addition_embedding == "text_time":
         mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "label_emb.0.0"
         mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "label_emb.0.2"
-    for section, ldm_section in (("DownBlocks", "input_blocks"), ("UpBlocks", "output_blocks")):
-        blocks: fl.Chain = getattr(unet, section)
-        for index, (block_name, block) in enumerate(blocks.named_children()):
-            for position, (name, child) in enumerate(unet_block_children(block)):  # type: ignore[arg-type]
-                ours, theirs = f"{section}.{block_name}.{name}", f"{ldm_section}.{index}.{position}"
-                add_unet_child(mapping, ours, theirs, child)
-    for position, (name, child) in enumerate(unet.MiddleBlock.named_children()):
+    _add_blocks(mapping, model.DownBlocks, "DownBlocks", "input_blocks")
+    for position, (name, child) in enumerate(model.MiddleBlock.named_children()):
         add_unet_child(mapping, f"MiddleBlock.{name}", f"middle_block.{position}", child)
+    return mapping
+
+
+def ldm_unet_module_map(unet: fl.Chain) -> dict[str, str]:
+    """Our module paths -> LDM module paths (without the "model.diffusion_model." prefix)."""
+    mapping = ldm_encoder_module_map(unet, unet.config)
+    _add_blocks(mapping, unet.UpBlocks, "UpBlocks", "output_blocks")
     mapping["OutputBlock.GroupNorm"] = "out.0"
     mapping["OutputBlock.Conv2d"] = "out.2"
     return mapping
