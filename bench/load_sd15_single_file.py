@@ -56,7 +56,7 @@ def write_random_sd15(path: Path, dtype: torch.dtype | None = None) -> int:
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(REPOSITORY))
-    from foundationals.conversion.ldm_keys import ldm_autoencoder_key_map, ldm_unet_key_map
+    from foundationals.formats.ldm import ldm_autoencoder_key_map, ldm_unet_key_map
     from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
     from foundationals.latent_diffusion.unet import UNet
 

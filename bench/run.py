@@ -467,7 +467,7 @@ def lora_section(bench: Bench) -> list[Row]:
     """0/1/3 LoRAs unfused and fused, ours vs diffusers (peft), with our LoRA-free UNet in every loop."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from foundationals.latent_diffusion.lora import SDLoraManager
+    from foundationals.latent_diffusion.adapters.lora import SDLoraManager
 
     reference, ours, _ = bench.models()
     latent = bench.sizes.lora_latent
@@ -545,11 +545,11 @@ def lora_section(bench: Bench) -> list[Row]:
 
 def regional_section(bench: Bench) -> list[Row]:
     """A LoRA on half the image (blend / keep) against the plain model and the same LoRA everywhere: a short run."""
-    from foundationals.latent_diffusion.lora import SDLoraManager
+    from foundationals.latent_diffusion.adapters.lora import SDLoraManager
+    from foundationals.latent_diffusion.adapters.regional import Region, latent_region_mask
     from foundationals.latent_diffusion.model_patch import SamplingRun, patched
-    from foundationals.latent_diffusion.regional import Region, latent_region_mask
     from foundationals.latent_diffusion.sampling import Conditioning
-    from foundationals.latent_diffusion.stable_diffusion import make_solver
+    from foundationals.latent_diffusion.solvers import make_solver
 
     reference, ours, _ = bench.models()
     latent, steps = bench.sizes.lora_latent, 2
@@ -651,7 +651,7 @@ def diffusers_fused_output(
 
 def controlnet_section(bench: Bench) -> list[Row]:
     """A UNet step with and without one full-size SD1.5 ControlNet: ours vs diffusers' ControlNetModel + UNet."""
-    from foundationals.latent_diffusion.controlnet import ControlNetAdapter, ControlNetBranch
+    from foundationals.latent_diffusion.adapters.controlnet import ControlNetAdapter, ControlNetBranch
     from foundationals.latent_diffusion.model_config import SD15_UNET
     from foundationals.latent_diffusion.unet import DownBlocks
     from tests.support.tiny_control import diffusers_controlnet, ours_from_diffusers_controlnet
@@ -723,7 +723,7 @@ def ip_adapter_section(bench: Bench) -> list[Row]:
     from diffusers import UNet2DConditionModel
 
     from foundationals.clip.config import IMAGE_PRESETS
-    from foundationals.latent_diffusion.ip_adapter import ip_adapter_from_state_dict
+    from foundationals.latent_diffusion.adapters.ip_adapter import ip_adapter_from_state_dict
     from tests.support.tiny_ip_adapter import cross_attention_widths, tencent_ip_adapter
 
     reference, ours, _ = bench.models()
@@ -798,7 +798,7 @@ def sdxl_section(bench: Bench) -> list[Row]:
     """Full-size SDXL base UNet, one set of tensors shared by diffusers and ours (refiners skipped: memory)."""
     from diffusers import UNet2DConditionModel
 
-    from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
+    from foundationals.formats.diffusers import diffusers_unet_key_map
     from foundationals.latent_diffusion.model_config import SDXL_BASE_UNET
     from foundationals.latent_diffusion.unet import UNet
     from tests.support.tiny_sdxl import sdxl_unet_kwargs

@@ -129,7 +129,7 @@ def diffusers_sd15(seed: int = 0) -> Reference:
 def ours_sd15(reference: Reference) -> Any:
     """Our StableDiffusion on the reference's tensors (no copy)."""
     from foundationals.clip.text_encoder import load_clip_text_encoder
-    from foundationals.conversion.diffusers_keys import diffusers_autoencoder_key_map, diffusers_unet_key_map
+    from foundationals.formats.diffusers import diffusers_autoencoder_key_map, diffusers_unet_key_map
     from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
     from foundationals.latent_diffusion.stable_diffusion import StableDiffusion
     from foundationals.latent_diffusion.unet import UNet

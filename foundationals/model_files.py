@@ -28,7 +28,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -587,3 +587,26 @@ def _group_label(head: str, members: list[str]) -> str:
     while all(len(p) > depth + 1 for p in parts) and len({p[depth] for p in parts}) == 1:
         depth += 1
     return ".".join(parts[0][:depth]) + ".*"
+
+
+def describe_model_kind(keys: Sequence[str]) -> str:
+    """What a file that is not the expected adapter looks like, from its keys."""
+
+    def has(*fragments: str) -> bool:
+        return any(fragment in key for key in keys for fragment in fragments)
+
+    if has("lora_down", "lora_up", ".lora.", "lora_A", "lora_B", "hada_w", "lokr_w") or any(
+        key.startswith("lora_") for key in keys
+    ):
+        return "a LoRA"
+    if has("input_hint_block", "controlnet_cond_embedding"):
+        return "a ControlNet"
+    if has("adapter.body.", "body.0.") and has("conv_in.weight", "in_conv", "block1"):
+        return "a T2I-Adapter"
+    if has("ip_adapter", "image_proj."):
+        return "an IP-Adapter"
+    if any(key.startswith("model.diffusion_model.") for key in keys):
+        return "a Stable Diffusion checkpoint"
+    if has("up_blocks.") and has("down_blocks."):
+        return "a diffusers UNet or autoencoder"
+    return "an unknown model"

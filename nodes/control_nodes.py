@@ -8,16 +8,20 @@ from typing import Any
 
 import torch
 
-from ..foundationals.latent_diffusion.canny import canny
-from ..foundationals.latent_diffusion.controlnet import (
+from ..foundationals.latent_diffusion.adapters.controlnet import (
     CONTROL_MODES,
     ControlMismatchError,
     ControlNet,
     ControlNetPatch,
     load_controlnet,
 )
+from ..foundationals.latent_diffusion.adapters.t2i_adapter import (
+    T2IAdapter,
+    T2IAdapterPatch,
+    load_t2i_adapter,
+)
+from ..foundationals.latent_diffusion.canny import canny
 from ..foundationals.latent_diffusion.model_patch import ModelPatch
-from ..foundationals.latent_diffusion.t2i_adapter import T2IAdapter, T2IAdapterPatch, load_t2i_adapter
 from ..foundationals.model_files import read_header
 from .host import list_model_files, model_file_path
 from .latent_nodes import require_finite

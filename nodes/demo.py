@@ -24,20 +24,19 @@ from ..fluxion.utils import save_to_safetensors
 from ..foundationals.clip.config import image_preset, text_preset
 from ..foundationals.clip.image_encoder import CLIPImageEncoder, load_clip_image_encoder
 from ..foundationals.clip.text_encoder import CLIPTextEncoder, transformer_layer_names
-from ..foundationals.conversion.clip_keys import IMAGE_LAYOUTS, export_clip_state_dict
-from ..foundationals.conversion.controlnet_keys import lllyasviel_controlnet_key_map
-from ..foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
-from ..foundationals.latent_diffusion.checkpoint_export import save_single_file
-from ..foundationals.latent_diffusion.controlnet import ControlNet, ControlNetConfig
-from ..foundationals.latent_diffusion.ip_adapter import (
+from ..foundationals.formats.clip import IMAGE_LAYOUTS, export_clip_state_dict
+from ..foundationals.formats.controlnet import lllyasviel_controlnet_key_map
+from ..foundationals.latent_diffusion.adapters.controlnet import ControlNet, ControlNetConfig
+from ..foundationals.latent_diffusion.adapters.ip_adapter import (
     ImageEmbeddings,
-    cross_attention_blocks,
     ip_adapter_from_state_dict,
 )
-from ..foundationals.latent_diffusion.lora import text_encoder_lora_module_map, unet_lora_module_map
+from ..foundationals.latent_diffusion.adapters.lora import text_encoder_lora_module_map, unet_lora_module_map
+from ..foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
+from ..foundationals.latent_diffusion.checkpoint_export import save_single_file
 from ..foundationals.latent_diffusion.model_config import TINY_8X_AUTOENCODER, TINY_SDXL_UNET, TINY_UNET
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
-from ..foundationals.latent_diffusion.unet import UNet
+from ..foundationals.latent_diffusion.unet import UNet, cross_attention_blocks
 from . import host
 from .cli import register_command
 from .runner import NodeFailedError, Runner, all_node_classes

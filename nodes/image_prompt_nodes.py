@@ -1,9 +1,7 @@
-"""Image prompts: IP-Adapter (SD1.5 base/plus, SDXL) with a CLIP vision encoder, and reference-only control.
+"""Image prompts through IP-Adapter (SD1.5 base/plus, SDXL): the IP-Adapter and CLIP vision loaders and the apply node.
 
-Reference images can be encoded once into embeds (FLUXION_IMAGE_EMBEDS: an `ImageEmbeddings`, the CLIP
-embeddings before the adapter's projection), saved as safetensors into the output folder, and loaded from the
-input folder (where ComfyUI keeps reference images, and ComfyUI_IPAdapter_plus its embeds), so a workflow can
-prompt with them without the CLIP vision model.
+The apply node takes reference images (with the CLIP vision model) or embeds encoded before
+(`ip_adapter_embeds_nodes`). Reference-only control is in `reference_only_nodes`.
 """
 
 from __future__ import annotations
@@ -14,8 +12,7 @@ from pathlib import Path
 import torch
 
 from ..foundationals.clip.image_encoder import CLIPImageEncoder, load_clip_image_encoder
-from ..foundationals.latent_diffusion.controlnet import unet_family
-from ..foundationals.latent_diffusion.ip_adapter import (
+from ..foundationals.latent_diffusion.adapters.ip_adapter import (
     IMAGE_EMBEDS,
     PENULTIMATE,
     ImageEmbeddings,
@@ -23,17 +20,15 @@ from ..foundationals.latent_diffusion.ip_adapter import (
     IPAdapterPatch,
     load_ip_adapter,
 )
-from ..foundationals.latent_diffusion.reference_only import ReferenceOnlyPatch
+from ..foundationals.latent_diffusion.model_config import unet_family
 from ..foundationals.model_files import read_state_dict
-from .host import input_directory, list_model_files, model_file_path, output_directory
-from .latent_nodes import crop_to_multiple, images_to_tensor, require_finite
-from .runner_nodes import annotated_path, save_image_path
-from .wires import MODEL, MODEL_FILES, VAE, ModelWire, VaeWire
+from .host import list_model_files, model_file_path
+from .latent_nodes import require_finite
+from .wires import MODEL, MODEL_FILES, ModelWire
 
 IP_ADAPTER = "FLUXION_IPADAPTER"
 CLIP_VISION = "FLUXION_CLIP_VISION"
 IMAGE_EMBEDS_TYPE = "FLUXION_IMAGE_EMBEDS"
-EMBEDS_EXTENSION = ".safetensors"
 KIND_NAMES = {
     IMAGE_EMBEDS: "image embeddings (for base IP-Adapters)",
     PENULTIMATE: "penultimate hidden states (for plus IP-Adapters)",
@@ -345,240 +340,13 @@ class FluxionApplyIPAdapter:
         return (model.with_patch(patch),)
 
 
-class FluxionEncodeIPAdapterEmbeds:
-    """Encode reference images once into the CLIP embeds an IP-Adapter reads (to reuse, save or share)."""
-
-    DESCRIPTION = (
-        "Encodes reference images (a batch: several references) with the CLIP vision model into the embeds the "
-        "IP-Adapter needs: image embeddings for base adapters, penultimate hidden states for plus ones, with "
-        "their negatives. Feed them to Fluxion Apply IP-Adapter (embeds) or Fluxion Save IP-Adapter Embeds."
-    )
-    CATEGORY = "fluxion/image prompt"
-    FUNCTION = "encode"
-    RETURN_TYPES = (IMAGE_EMBEDS_TYPE,)
-    RETURN_NAMES = ("embeds",)
-    OUTPUT_TOOLTIPS = ("The reference images' embeds and their negatives, for this kind of IP-Adapter.",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "ipadapter": (
-                    IP_ADAPTER,
-                    {"tooltip": "The IP-Adapter the embeds are for (base or plus decides what is encoded)."},
-                ),
-                "clip_vision": (
-                    CLIP_VISION,
-                    {"tooltip": "The image encoder the IP-Adapter was trained with (ViT-H or bigG)."},
-                ),
-                "image": ("IMAGE", {"tooltip": "Reference image(s); a batch gives several references."}),
-            },
-            "optional": {
-                "negative_image": (
-                    "IMAGE",
-                    {
-                        "tooltip": "Optional negative reference: one for all, or one per image "
-                        "(default: the encoder's empty image)."
-                    },
-                ),
-            },
-        }
-
-    def encode(
-        self,
-        ipadapter: NamedModel,
-        clip_vision: NamedModel,
-        image: torch.Tensor,
-        negative_image: torch.Tensor | None = None,
-    ) -> tuple[ImageEmbeddings]:
-        return (encode_reference_images(ipadapter, clip_vision, image, negative_image),)
-
-
-class FluxionSaveIPAdapterEmbeds:
-    """Write embeds to the output folder as safetensors (ImageEmbeddings.save)."""
-
-    DESCRIPTION = (
-        "Saves IP-Adapter embeds into the output folder as `{prefix}_00001_.safetensors` (tensors positive and "
-        "negative, their kind in the metadata). Move the file to the input folder to load it with Fluxion "
-        "Load IP-Adapter Embeds."
-    )
-    CATEGORY = "fluxion/image prompt"
-    FUNCTION = "save"
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "embeds": (IMAGE_EMBEDS_TYPE, {"tooltip": "From Fluxion Encode IP-Adapter Embeds."}),
-                "filename_prefix": (
-                    "STRING",
-                    {
-                        "default": "fluxion_ipadapter_embeds",
-                        "tooltip": "File name prefix, inside the output folder (may hold a subfolder, "
-                        "e.g. embeds/portrait).",
-                    },
-                ),
-            }
-        }
-
-    def save(self, embeds: ImageEmbeddings, filename_prefix: str) -> dict:
-        folder, stem, counter, subfolder = save_image_path(filename_prefix, output_directory())
-        name = f"{stem}_{counter:05}_{EMBEDS_EXTENSION}"
-        embeds.save(folder / name)
-        return {"ui": {"embeds": [{"filename": name, "subfolder": subfolder, "type": "output"}]}}
-
-
-def list_embeds_files() -> list[str]:
-    """Embeds files (relative, '/'-separated) in the input folder, sorted."""
-    folder = input_directory()
-    if not folder.is_dir():
-        return []
-    return sorted(
-        path.relative_to(folder).as_posix() for path in folder.rglob(f"*{EMBEDS_EXTENSION}") if path.is_file()
-    )
-
-
-def embeds_file_path(name: str) -> Path:
-    """An embeds file in the input folder ('x.safetensors [output]' reads the output folder, as LoadImage)."""
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ValueError(f"embeds name {name!r} must be a path inside the input folder")
-    path = annotated_path(name)
-    if not path.is_file():
-        listing = ", ".join(list_embeds_files()) or "none"
-        raise FileNotFoundError(
-            f"IP-Adapter embeds {name!r} not found in {path.parent}. Embeds in the input folder: {listing}"
-        )
-    return path
-
-
-class FluxionLoadIPAdapterEmbeds:
-    """Read embeds saved by Fluxion Save IP-Adapter Embeds from the input folder."""
-
-    DESCRIPTION = (
-        "Loads IP-Adapter embeds (a .safetensors file written by Fluxion Save IP-Adapter Embeds) from ComfyUI's "
-        "input folder, where reference images live too (as ComfyUI_IPAdapter_plus keeps its embeds). No CLIP "
-        "vision model is needed to use them."
-    )
-    CATEGORY = "fluxion/image prompt"
-    FUNCTION = "load"
-    RETURN_TYPES = (IMAGE_EMBEDS_TYPE,)
-    RETURN_NAMES = ("embeds",)
-    OUTPUT_TOOLTIPS = ("The saved embeds, for Fluxion Apply IP-Adapter (embeds).",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "embeds_name": (
-                    list_embeds_files(),
-                    {"tooltip": "Embeds file (.safetensors) in the input folder."},
-                )
-            }
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, embeds_name: str) -> bool | str:
-        """The file must exist ('name [output]' names one in the output folder, which the list does not show)."""
-        try:
-            embeds_file_path(embeds_name)
-        except (ValueError, FileNotFoundError) as error:
-            return str(error)
-        return True
-
-    @classmethod
-    def IS_CHANGED(cls, embeds_name: str) -> str:
-        """The file's size and time: a re-saved file loads again."""
-        stat = embeds_file_path(embeds_name).stat()
-        return f"{stat.st_size}-{stat.st_mtime_ns}"
-
-    def load(self, embeds_name: str) -> tuple[ImageEmbeddings]:
-        embeds = ImageEmbeddings.load(embeds_file_path(embeds_name))
-        require_finite(embeds.positive, f"the embeds in {embeds_name}")
-        return (embeds,)
-
-
-class FluxionReferenceOnly:
-    """Reference-only control: the generation attends to a reference image's features (no extra model)."""
-
-    DESCRIPTION = (
-        "Makes the generation follow a reference image's content and style: the reference's latents, noised to "
-        "each step, run through the UNet and its self-attention features are shared with the generation."
-    )
-    CATEGORY = "fluxion/image prompt"
-    FUNCTION = "apply"
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with reference-only control in its stack.",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        fraction = {"min": 0.0, "max": 1.0, "step": 0.01}
-        return {
-            "required": {
-                "model": (MODEL, {"tooltip": "The model to control."}),
-                "vae": (VAE, {"tooltip": "Autoencoder, to encode the reference image."}),
-                "image": (
-                    "IMAGE",
-                    {"tooltip": "The reference image (same size as the generation works best)."},
-                ),
-                "strength": (
-                    "FLOAT",
-                    dict(
-                        fraction,
-                        default=1.0,
-                        tooltip="Share of attention blocks that look at the reference (0 = off).",
-                    ),
-                ),
-                "style_fidelity": (
-                    "FLOAT",
-                    dict(fraction, default=0.5, tooltip="0 favours the prompt, 1 the reference's style."),
-                ),
-                "start_percent": (
-                    "FLOAT",
-                    dict(fraction, default=0.0, tooltip="Fraction of the steps after which it starts."),
-                ),
-                "end_percent": (
-                    "FLOAT",
-                    dict(fraction, default=1.0, tooltip="Fraction of the steps after which it stops."),
-                ),
-            }
-        }
-
-    def apply(
-        self,
-        model: ModelWire,
-        vae: VaeWire,
-        image: torch.Tensor,
-        strength: float,
-        style_fidelity: float,
-        start_percent: float,
-        end_percent: float,
-    ) -> tuple[ModelWire]:
-        sd = vae.model
-        require_finite(image, "the reference image")
-        pixels = images_to_tensor(crop_to_multiple(image, sd.autoencoder.config.downscale_factor))
-        latents = sd.encode_image(pixels[:1])
-        patch = ReferenceOnlyPatch(latents, strength, style_fidelity, start_percent, end_percent)
-        return (model.with_patch(patch),)
-
-
 NODE_CLASS_MAPPINGS = {
     "FluxionIPAdapterLoader": FluxionIPAdapterLoader,
     "FluxionCLIPVisionLoader": FluxionCLIPVisionLoader,
     "FluxionApplyIPAdapter": FluxionApplyIPAdapter,
-    "FluxionEncodeIPAdapterEmbeds": FluxionEncodeIPAdapterEmbeds,
-    "FluxionSaveIPAdapterEmbeds": FluxionSaveIPAdapterEmbeds,
-    "FluxionLoadIPAdapterEmbeds": FluxionLoadIPAdapterEmbeds,
-    "FluxionReferenceOnly": FluxionReferenceOnly,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxionIPAdapterLoader": "Fluxion Load IP-Adapter",
     "FluxionCLIPVisionLoader": "Fluxion Load CLIP Vision",
     "FluxionApplyIPAdapter": "Fluxion Apply IP-Adapter",
-    "FluxionEncodeIPAdapterEmbeds": "Fluxion Encode IP-Adapter Embeds",
-    "FluxionSaveIPAdapterEmbeds": "Fluxion Save IP-Adapter Embeds",
-    "FluxionLoadIPAdapterEmbeds": "Fluxion Load IP-Adapter Embeds",
-    "FluxionReferenceOnly": "Fluxion Reference-Only",
 }

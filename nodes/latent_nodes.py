@@ -11,6 +11,7 @@ from ..foundationals.latent_diffusion.limits import (  # one implementation, sha
     MAX_RESOLUTION,
     check_size,
 )
+from ..foundationals.latent_diffusion.resizing import resize_mask
 from .wires import VAE, VaeWire
 
 LATENT_FACTOR = 8  # SD1.5 and SDXL autoencoders downscale by 8
@@ -46,19 +47,6 @@ def crop_to_multiple(images: torch.Tensor, factor: int) -> torch.Tensor:
         )
     top, left = (images.shape[1] - height) // 2, (images.shape[2] - width) // 2
     return images[:, top : top + height, left : left + width]
-
-
-def mask_to_latent(mask: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
-    """ComfyUI MASK (B, H, W) or (H, W) -> (batch, 1, height, width) resized to the latents, values in [0, 1]."""
-    mask = mask.float()
-    if mask.dim() == 2:
-        mask = mask[None]
-    if mask.dim() == 3:
-        mask = mask[:, None]
-    mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
-    if mask.shape[0] != batch:
-        mask = mask.repeat(-(-batch // mask.shape[0]), 1, 1, 1)[:batch]
-    return mask.clamp(0, 1)
 
 
 class FluxionEmptyLatent:
@@ -133,7 +121,7 @@ class FluxionVAEEncode:
             mask = mask if mask.dim() == 3 else mask[None]
             if mask.shape[-2:] == pixels.shape[1:3]:
                 mask = mask[:, top : top + images.shape[1], left : left + images.shape[2]]
-            pixel_mask = mask_to_latent(mask, image.shape[0], image.shape[2], image.shape[3])
+            pixel_mask = resize_mask(mask.float(), image.shape[2:], "bilinear", image.shape[0]).clamp(0, 1)
             result["noise_mask"] = pixel_mask[:, 0].cpu()
             if model.is_inpainting_model:
                 keep = (pixel_mask < 0.5).to(image.dtype)

@@ -8,19 +8,24 @@ from typing import Any
 
 import torch
 
-from ..foundationals.conversion.lora_keys import LoraFile, normalize_lora
-from ..foundationals.latent_diffusion.controlnet import describe_model_kind
-from ..foundationals.latent_diffusion.lora import (
+from ..foundationals.formats.lora import LoraFile, normalize_lora
+from ..foundationals.latent_diffusion.adapters.lora import (
     LORA_SCHEDULE_CONTEXT,
     LoraMismatchError,
     SDLoraManager,
     model_family,
     set_lora_progress,
 )
+from ..foundationals.latent_diffusion.adapters.regional import Region, latent_region_mask, new_region_name
 from ..foundationals.latent_diffusion.model_patch import SamplingRun, Undo
-from ..foundationals.latent_diffusion.regional import Region, latent_region_mask, new_region_name
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
-from ..foundationals.model_files import ModelFileError, describe_keys, read_metadata, read_state_dict
+from ..foundationals.model_files import (
+    ModelFileError,
+    describe_keys,
+    describe_model_kind,
+    read_metadata,
+    read_state_dict,
+)
 from .host import list_model_files, model_file_path
 from .latent_nodes import require_finite
 from .wires import CLIP, MODEL, ClipWire, ModelWire

@@ -7,12 +7,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..foundationals.latent_diffusion.controlnet import unet_family
+from ..foundationals.latent_diffusion.model_config import unet_family
 from ..foundationals.latent_diffusion.model_patch import SamplingRun, patched
+from ..foundationals.latent_diffusion.resizing import resize_mask
 from ..foundationals.latent_diffusion.sampling import Conditioning
-from ..foundationals.latent_diffusion.stable_diffusion import SCHEDULES, SOLVERS, make_solver
+from ..foundationals.latent_diffusion.solvers import SCHEDULES, SOLVERS, make_solver
 from .host import ProgressReporter, is_hosted, throw_if_interrupted
-from .latent_nodes import check_size, mask_to_latent, require_finite
+from .latent_nodes import check_size, require_finite
 from .wires import CONDITIONING, MODEL, ModelWire
 
 # Approximate linear maps from SD latents to RGB, for step previews only.
@@ -86,7 +87,9 @@ def sample_latents(
     mask = latent.get("noise_mask")
     if mask is not None:
         require_finite(mask, "the latents' noise mask")
-    latent_mask = mask_to_latent(mask, batch, height, width) if mask is not None else None
+    latent_mask = (
+        None if mask is None else resize_mask(mask.float(), (height, width), "bilinear", batch).clamp(0, 1)
+    )
     if latent_mask is not None and not latent_mask.any() and not sd.is_inpainting_model:
         latent_mask = None  # nothing to repaint: behave as plain image-to-image
     masked_image_latents = latent.get("fluxion_masked_image_latents")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..foundationals.latent_diffusion.model_patch import patched
-from ..foundationals.latent_diffusion.sampling import Conditioning
-from ..foundationals.latent_diffusion.stable_diffusion import SizeConditioning
+from ..foundationals.latent_diffusion.sampling import Conditioning, SizeConditioning
 from .wires import CLIP, CONDITIONING, ClipWire
 
 _SIZE = {"default": 1024, "min": 0, "max": 16384, "step": 8}

@@ -19,7 +19,7 @@ from torch import device as Device
 from torch import dtype as DType
 
 from ...fluxion import layers as fl
-from ..conversion.clip_keys import (
+from ..formats.clip import (
     IMAGE_LAYOUTS,
     IMAGE_PATCH_EMBEDDING,
     IMAGE_POSITION_EMBEDDING,

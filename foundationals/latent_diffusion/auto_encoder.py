@@ -240,3 +240,47 @@ def _blend_tiles(
             total[rows_out, columns_out] += weight
     assert output is not None and total is not None
     return output / total
+
+
+def encode_retrying_in_float32(
+    autoencoder: LatentDiffusionAutoencoder, image: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """(B, 3, H, W) in [0, 1] -> scaled latents (posterior mean, or a sample with `generator`).
+
+    An fp16 autoencoder whose result overflows (SDXL's does) runs again in fp32, the generator rewound
+    so that the sample comes from the same place in its stream.
+    """
+    state = generator.get_state() if generator is not None else None
+    with torch.no_grad():
+        latents = autoencoder.encode(image * 2 - 1, generator=generator)
+        if _overflowed(autoencoder, latents):
+            if generator is not None and state is not None:
+                generator.set_state(state)
+            latents = _float32_copy(autoencoder).encode(image.float() * 2 - 1, generator=generator)
+    return latents.float()
+
+
+def decode_retrying_in_float32(autoencoder: LatentDiffusionAutoencoder, latents: Tensor) -> Tensor:
+    """Scaled latents -> (B, 3, H, W) in [0, 1].
+
+    SDXL's autoencoder overflows in fp16: when an fp16 decode gives NaN or inf, it is decoded again by
+    an fp32 copy of the autoencoder (the shared model is left as it is), as diffusers' `force_upcast`.
+    """
+    with torch.no_grad():
+        image = autoencoder.decode(latents)
+        if _overflowed(autoencoder, image):
+            image = _float32_copy(autoencoder).decode(latents.float())
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _overflowed(autoencoder: LatentDiffusionAutoencoder, result: Tensor) -> bool:
+    """Whether an fp16 autoencoder's result holds NaN or inf (fp16 tops out at 65504)."""
+    return autoencoder.dtype == torch.float16 and not bool(result.isfinite().all())
+
+
+def _float32_copy(autoencoder: LatentDiffusionAutoencoder) -> LatentDiffusionAutoencoder:
+    """A float32 autoencoder on the same device with the same weights, built on meta: no random init."""
+    copy = LatentDiffusionAutoencoder(autoencoder.config, device="meta")
+    weights = {key: value.float() for key, value in autoencoder.state_dict().items()}
+    copy.load_state_dict(weights, assign=True)
+    return copy

@@ -19,9 +19,8 @@ read: no random init and no second copy of fp32 weights. Every unmapped or missi
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,49 +32,35 @@ from torch import dtype as DType
 
 from ...fluxion import layers as fl
 from ..clip.config import CLIPTextConfig
-from ..conversion.diffusers_keys import diffusers_autoencoder_key_map, diffusers_unet_key_map
-from ..conversion.ldm_keys import (
+from ..formats.diffusers import (
+    autoencoder_config_from_diffusers,
+    diffusers_autoencoder_key_map,
+    diffusers_unet_key_map,
+    unet_config_from_diffusers,
+)
+from ..formats.ldm import (
+    IGNORED_KEYS,
+    IGNORED_PREFIXES,
     LDM_AUTOENCODER_PREFIX,
     LDM_UNET_PREFIX,
+    TEXT_ENCODER_PREFIXES,
+    CheckpointError,
+    detect_family,
+    infer_autoencoder_config,
+    infer_unet_config,
     ldm_autoencoder_key_map,
     ldm_unet_key_map,
+    refuse_other_architectures,
 )
 from .auto_encoder import LatentDiffusionAutoencoder
 from .model_config import (
     SD15_AUTOENCODER,
     SDXL_AUTOENCODER,
-    UNET_PRESETS,
-    AutoencoderConfig,
     UNetConfig,
 )
 from .unet import UNet
 
-TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.")
-# Keys of full LDM training checkpoints that hold no inference weights (noise schedule buffers, EMA copies).
-IGNORED_PREFIXES = ("model_ema.",)
-IGNORED_KEYS = frozenset(
-    {
-        "betas",
-        "alphas_cumprod",
-        "alphas_cumprod_prev",
-        "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod",
-        "log_one_minus_alphas_cumprod",
-        "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod",
-        "posterior_variance",
-        "posterior_log_variance_clipped",
-        "posterior_mean_coef1",
-        "posterior_mean_coef2",
-        "logvar",
-        "lvlb_weights",
-    }
-)
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class CheckpointError(ValueError):
-    """A file that is not a loadable SD checkpoint; the message names the file and says what it looks like."""
 
 
 class TensorFile:
@@ -145,169 +130,6 @@ class StableDiffusionCheckpoint:
     text_encoders: dict[str, fl.Chain] = field(default_factory=dict)  # "clip_l", "clip_g"
 
 
-# -- Architecture and family from keys and shapes ------------------------------------------------------------
-
-
-def _count(keys: Iterable[str], pattern: str) -> int:
-    """How many distinct values the `(\\d+)` group of `pattern` takes among `keys`."""
-    regex = re.compile(pattern)
-    return len({match.group(1) for key in keys if (match := regex.match(key))})
-
-
-def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> UNetConfig:
-    """A UNet config from LDM UNet key shapes (no prefix); heads from the matching preset, else SD's defaults.
-
-    Shapes that form no Stable Diffusion UNet (a tensor of the wrong rank, a zero width, levels that do not
-    line up) raise `CheckpointError` naming `source`.
-    """
-    try:
-        config = _infer_unet_config(shapes, source)
-    except (IndexError, TypeError, ValueError) as error:
-        if isinstance(error, CheckpointError):
-            raise
-        raise CheckpointError(
-            f"{source}: the UNet key shapes form no Stable Diffusion UNet ({type(error).__name__}: {error})"
-        ) from error
-    sizes = (config.in_channels, config.out_channels, config.context_dim, *config.block_channels)
-    if min(sizes) <= 0:
-        raise CheckpointError(f"{source}: the UNet key shapes give a zero width ({config})")
-    return config
-
-
-def _infer_unet_config(shapes: Mapping[str, tuple[int, ...]], source: str) -> UNetConfig:
-    try:
-        conv_in = shapes["input_blocks.0.0.weight"]
-        out_channels = shapes["out.2.weight"][0]
-    except KeyError as error:
-        raise CheckpointError(f"{source}: no LDM UNet input/output convolution ({error.args[0]})") from error
-    keys = list(shapes)
-    levels: list[list[tuple[int, int]]] = [[]]
-    for index in range(1, _count(keys, r"input_blocks\.(\d+)\.") + 1):
-        if f"input_blocks.{index}.0.op.weight" in shapes:
-            levels.append([])
-        elif f"input_blocks.{index}.0.out_layers.3.weight" in shapes:
-            width = shapes[f"input_blocks.{index}.0.out_layers.3.weight"][0]
-            depth = _count(keys, rf"input_blocks\.{index}\.1\.transformer_blocks\.(\d+)\.")
-            levels[-1].append((width, depth))
-    layers_per_block = len(levels[0])
-    if layers_per_block == 0 or any(len(level) != layers_per_block for level in levels):
-        raise CheckpointError(f"{source}: irregular UNet levels {levels} (not a Stable Diffusion UNet)")
-    context = [shape[1] for key, shape in shapes.items() if key.endswith("attn2.to_k.weight")]
-    projection = [shape for key, shape in shapes.items() if key.endswith("proj_in.weight")]
-    config = UNetConfig(
-        in_channels=conv_in[1],
-        out_channels=out_channels,
-        block_channels=tuple(level[0][0] for level in levels),
-        layers_per_block=layers_per_block,
-        transformer_depth=tuple(level[0][1] for level in levels),
-        middle_transformer_depth=_count(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        context_dim=context[0] if context else 768,
-        use_linear_projection=bool(projection) and len(projection[0]) == 2,
-    )
-    if "label_emb.0.0.weight" in shapes:
-        config = config.with_changes(addition_embedding="text_time")
-        addition_dim = shapes["label_emb.0.0.weight"][1]
-    else:
-        addition_dim = None
-    return _with_heads(config, addition_dim)
-
-
-def _with_heads(config: UNetConfig, addition_dim: int | None) -> UNetConfig:
-    """Fill in what shapes cannot tell (heads, time-id width) from a preset of the same shape, else SD's."""
-    unseen = (
-        "in_channels",
-        "num_attention_heads",
-        "attention_head_dim",
-        "pooled_text_dim",
-        "time_id_embedding_dim",
-    )
-    shape_fields = [f.name for f in fields(UNetConfig) if f.name not in unseen]
-    for preset in UNET_PRESETS.values():
-        if all(getattr(preset, name) == getattr(config, name) for name in shape_fields) and (
-            addition_dim is None or preset.addition_embedding_dim == addition_dim
-        ):
-            return preset.with_changes(in_channels=config.in_channels)
-    if addition_dim is not None:
-        time_ids = config.time_ids_count * config.time_id_embedding_dim
-        config = config.with_changes(pooled_text_dim=addition_dim - time_ids)
-    if config.use_linear_projection and all(width % 64 == 0 for width in config.block_channels):
-        return config.with_changes(attention_head_dim=64)  # SDXL and SD2 count heads by their width
-    return config  # 8 heads everywhere, as SD1.5
-
-
-def detect_family(config: UNetConfig, source: str = "checkpoint") -> str:
-    """SD1.5 / SD1.5 inpainting / SDXL from a UNet config; a clear error for architectures we don't run."""
-    sdxl = config.addition_embedding == "text_time"
-    if config.context_dim == 1024 and not sdxl:
-        raise CheckpointError(
-            f"{source}: unsupported: this looks like SD2.x (cross-attention context 1024 from OpenCLIP ViT-H, "
-            "usually v-prediction); supported are SD1.5 and SDXL"
-        )
-    if config.context_dim == 1280 and sdxl:
-        raise CheckpointError(f"{source}: unsupported: this looks like the SDXL refiner (context 1280)")
-    if config.in_channels not in (4, 9):
-        raise CheckpointError(
-            f"{source}: unsupported: a UNet with {config.in_channels} input channels "
-            "(8: instruct-pix2pix); supported are 4 (text-to-image) and 9 (inpainting)"
-        )
-    family = "sdxl" if sdxl else "sd15"
-    if config.in_channels == 9:
-        return f"{family}_inpainting"
-    return "sdxl_base" if sdxl else family
-
-
-def _refuse_other_architectures(keys: list[str], source: str) -> None:
-    def has(fragment: str) -> bool:
-        return any(fragment in key for key in keys)
-
-    if has("joint_blocks.") and has("context_block"):
-        raise CheckpointError(
-            f"{source}: unsupported: this looks like Stable Diffusion 3 (MMDiT joint_blocks.*)"
-        )
-    if has("double_blocks.") and has("single_blocks."):
-        raise CheckpointError(
-            f"{source}: unsupported: this looks like Flux (double_blocks.* / single_blocks.*)"
-        )
-    if any(key.startswith("cond_stage_model.model.") for key in keys):
-        raise CheckpointError(
-            f"{source}: unsupported: this looks like SD2.x (OpenCLIP text encoder cond_stage_model.model.*)"
-        )
-    if not any(key.startswith(LDM_UNET_PREFIX + "input_blocks.") for key in keys):
-        preview = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-        raise CheckpointError(
-            f"{source}: not a Stable Diffusion checkpoint: no UNet keys ({LDM_UNET_PREFIX}input_blocks.*); "
-            f"it holds {len(keys)} tensors: {preview or 'none'}"
-        )
-
-
-def infer_autoencoder_config(
-    shapes: Mapping[str, tuple[int, ...]], scaling_factor: float, source: str = "checkpoint"
-) -> AutoencoderConfig:
-    """An autoencoder config from LDM autoencoder key shapes (no prefix); `CheckpointError` if they form none."""
-    keys = list(shapes)
-    levels = _count(keys, r"encoder\.down\.(\d+)\.")
-    if levels == 0 or "post_quant_conv.weight" not in shapes:
-        raise CheckpointError(f"{source}: incomplete autoencoder (no encoder.down.* or post_quant_conv)")
-    try:
-        config = AutoencoderConfig(
-            image_channels=shapes["encoder.conv_in.weight"][1],
-            latent_channels=shapes["post_quant_conv.weight"][0],
-            block_channels=tuple(
-                shapes[f"encoder.down.{level}.block.0.conv1.weight"][0] for level in range(levels)
-            ),
-            layers_per_block=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
-            scaling_factor=scaling_factor,
-        )
-    except (KeyError, IndexError, TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"{source}: the autoencoder key shapes form no SD autoencoder ({type(error).__name__}: {error})"
-        ) from error
-    sizes = (config.image_channels, config.latent_channels, config.layers_per_block, *config.block_channels)
-    if min(sizes) <= 0:
-        raise CheckpointError(f"{source}: the autoencoder key shapes give a zero width ({config})")
-    return config
-
-
 # -- Filling a meta model -----------------------------------------------------------------------------------
 
 
@@ -366,7 +188,7 @@ def load_single_file(
     file = TensorFile(path)
     source = str(file.path)
     keys = file.keys()
-    _refuse_other_architectures(keys, source)
+    refuse_other_architectures(keys, source)
     unet_shapes = {
         key[len(LDM_UNET_PREFIX) :]: file.shape(key) for key in keys if key.startswith(LDM_UNET_PREFIX)
     }
@@ -420,7 +242,7 @@ def _load_single_file_text_encoders(
 ) -> dict[str, fl.Chain]:
     """The text encoders under `cond_stage_model.*` / `conditioner.embedders.*`, loaded by foundationals.clip."""
     from ..clip.text_encoder import load_clip_text_encoder
-    from ..conversion.clip_keys import TEXT_LAYOUTS
+    from ..formats.clip import TEXT_LAYOUTS
 
     layouts = (
         {"clip_l": "sdxl_clip_l", "clip_g": "sdxl_clip_g"}
@@ -446,100 +268,6 @@ def _load_single_file_text_encoders(
 
 
 # -- Diffusers folders --------------------------------------------------------------------------------------
-
-
-def unet_config_from_diffusers(config: Mapping[str, Any], source: str = "config.json") -> UNetConfig:
-    """Our UNet config from a diffusers `UNet2DConditionModel` config.json; `CheckpointError` if it gives none."""
-    try:
-        result = _unet_config_from_diffusers(config, source)
-    except CheckpointError:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as error:
-        raise CheckpointError(
-            f"{source}: not a usable diffusers UNet config ({type(error).__name__}: {error})"
-        ) from error
-    for option in fields(result):  # sizes must be positive ints (depths may be 0): no bools, strings, floats
-        value = getattr(result, option.name)
-        if option.name in ("use_linear_projection", "addition_embedding") or (
-            option.name == "attention_head_dim" and value is None
-        ):
-            continue
-        values = value if isinstance(value, tuple) else (value,)
-        minimum = 0 if "depth" in option.name else 1
-        if not values or not all(type(v) is int and v >= minimum for v in values):
-            raise CheckpointError(f"{source}: UNet option {option.name}={value!r} is not a valid size")
-    return result
-
-
-def _unet_config_from_diffusers(config: Mapping[str, Any], source: str) -> UNetConfig:
-    for name, allowed in (
-        ("class_embed_type", None),
-        ("encoder_hid_dim_type", None),
-        ("time_cond_proj_dim", None),
-    ):
-        if config.get(name, allowed) != allowed:
-            raise CheckpointError(f"{source}: unsupported UNet option {name}={config[name]!r}")
-    if (
-        config.get("resnet_time_scale_shift", "default") != "default"
-        or config.get("upcast_attention") is True
-    ):
-        raise CheckpointError(
-            f"{source}: unsupported UNet options (time scale shift / upcast attention: SD2-like)"
-        )
-    channels = tuple(config["block_out_channels"])
-    levels = len(channels)
-    attention = [block.startswith("CrossAttn") for block in config["down_block_types"]]
-    per_block = config.get("transformer_layers_per_block", 1)
-    depths = [per_block] * levels if isinstance(per_block, int) else list(per_block)
-    heads = config.get("num_attention_heads") or config.get(
-        "attention_head_dim", 8
-    )  # diffusers' naming quirk
-    heads = [heads] * levels if isinstance(heads, int) else list(heads)
-    head_widths = {width // count for width, count in zip(channels, heads)}
-    if len(set(heads)) > 1 and len(head_widths) > 1:
-        raise CheckpointError(
-            f"{source}: heads {heads} are neither the same count nor the same width per level"
-        )
-    context = config.get("cross_attention_dim", 768)
-    head_fields: dict[str, Any] = (
-        {"num_attention_heads": heads[0]}
-        if len(set(heads)) == 1
-        else {"attention_head_dim": head_widths.pop()}
-    )
-    result = UNetConfig(
-        in_channels=config.get("in_channels", 4),
-        out_channels=config.get("out_channels", 4),
-        block_channels=channels,
-        layers_per_block=config.get("layers_per_block", 2),
-        transformer_depth=tuple(depth if on else 0 for depth, on in zip(depths, attention)),
-        middle_transformer_depth=depths[-1],
-        context_dim=context if isinstance(context, int) else context[0],
-        use_linear_projection=bool(config.get("use_linear_projection", False)),
-        num_groups=config.get("norm_num_groups", 32),
-        **head_fields,
-    )
-    embed_type = config.get("addition_embed_type")
-    if embed_type == "text_time":
-        time_dim = config["addition_time_embed_dim"]
-        pooled = config["projection_class_embeddings_input_dim"] - result.time_ids_count * time_dim
-        result = result.with_changes(
-            addition_embedding="text_time", time_id_embedding_dim=time_dim, pooled_text_dim=pooled
-        )
-    elif embed_type is not None:
-        raise CheckpointError(f"{source}: unsupported addition_embed_type {embed_type!r}")
-    return result
-
-
-def autoencoder_config_from_diffusers(config: Mapping[str, Any]) -> AutoencoderConfig:
-    """Our autoencoder config from a diffusers `AutoencoderKL` config.json."""
-    return AutoencoderConfig(
-        image_channels=config.get("in_channels", 3),
-        latent_channels=config.get("latent_channels", 4),
-        block_channels=tuple(config["block_out_channels"]),
-        layers_per_block=config.get("layers_per_block", 2),
-        num_groups=config.get("norm_num_groups", 32),
-        scaling_factor=config.get("scaling_factor", 0.18215),
-    )
 
 
 def _component_file(folder: Path) -> TensorFile:

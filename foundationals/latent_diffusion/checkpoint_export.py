@@ -12,8 +12,8 @@ from pathlib import Path
 from torch import Tensor
 
 from ..clip.text_encoder import CLIPTextEncoder, transformer_layer_names
-from ..conversion.clip_keys import TEXT_LAYOUTS, export_clip_state_dict
-from ..conversion.ldm_keys import (
+from ..formats.clip import TEXT_LAYOUTS, export_clip_state_dict
+from ..formats.ldm import (
     LDM_AUTOENCODER_PREFIX,
     LDM_UNET_PREFIX,
     ldm_autoencoder_key_map,

@@ -138,3 +138,10 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     "tiny_8x": TINY_8X_AUTOENCODER,
     "tiny": TINY_AUTOENCODER,
 }
+
+
+def unet_family(config: UNetConfig) -> str:
+    """SD1.5, SD2.x or SDXL, from a UNet config (the name error messages use)."""
+    if config.addition_embedding == "text_time":
+        return "SDXL"
+    return "SD2.x" if config.context_dim == 1024 else "SD1.5"

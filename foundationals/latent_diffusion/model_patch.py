@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from torch import Tensor
 
 from ...fluxion import layers as fl
-from .regional import Region, blend_region_predictions
+from .adapters.regional import Region, blend_region_predictions
 
 if TYPE_CHECKING:
     from .stable_diffusion import StableDiffusion

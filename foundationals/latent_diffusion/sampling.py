@@ -51,6 +51,26 @@ class Conditioning:
         )
 
 
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning: original size, crop top-left and target size, in pixels."""
+
+    original_size: tuple[int, int] = (1024, 1024)
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] = (1024, 1024)
+
+    @classmethod
+    def for_image(cls, height: int, width: int) -> SizeConditioning:
+        """diffusers' default for a (height, width) output: original = target = that size, no crop."""
+        return cls((height, width), (0, 0), (height, width))
+
+    def time_ids(self) -> Tensor:
+        """(1, 6) as diffusers' `add_time_ids`: (height, width, top, left, target height, target width)."""
+        return torch.tensor(
+            [[*self.original_size, *self.crop_top_left, *self.target_size]], dtype=torch.float32
+        )
+
+
 def concatenate(first: Conditioning, second: Conditioning) -> Conditioning:
     """Stack two conditionings along the batch (CFG's `[negative, positive]`)."""
 

@@ -1,9 +1,4 @@
-"""Stable Diffusion 1.5 / SDXL pipelines: text-to-image, image-to-image and inpainting.
-
-One object holds the models (UNet, autoencoder, text encoder(s)); each pipeline encodes the
-prompts, draws the initial noise with ComfyUI's and diffusers' convention
-(`torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`), runs `sampling.denoise`
-and decodes. The sampler node calls the same functions, so both give identical results.
+"""Stable Diffusion 1.5 / SDXL: the models of one checkpoint (UNet, autoencoder, text encoder(s)).
 
 SDXL follows diffusers' `StableDiffusionXL*Pipeline`s: time ids from `SizeConditioning` (default: the
 output size, no crop; the negative's the same unless given), an empty negative prompt as all zeros
@@ -14,7 +9,6 @@ output size, no crop; the negative's the same unless given), an empty negative p
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from copy import deepcopy
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,100 +21,23 @@ from ..clip.config import CLIPTextConfig
 from ..clip.prompt_encoding import encode_sd15_prompt, encode_sdxl_prompt
 from ..clip.prompt_weighting import EmbeddingLookup
 from ..clip.text_encoder import CLIPTextEncoder
-from .auto_encoder import LatentDiffusionAutoencoder
+from . import pipelines
+from .adapters.regional import sample_keeping_outside
+from .auto_encoder import LatentDiffusionAutoencoder, decode_retrying_in_float32, encode_retrying_in_float32
 from .checkpoint import CheckpointError, load_checkpoint
 from .limits import check_size
 from .model_patch import SamplingRun
-from .regional import outside_of_regions
-from .sampling import Conditioning, InpaintingInputs, StepCallback, denoise, prepare_latents
-from .solvers import (
-    DDIM,
-    DDPM,
-    LCM,
-    DPMSolver,
-    DPMSolverSDE,
-    Euler,
-    EulerAncestral,
-    PredictionType,
-    SigmaSchedule,
-    Solver,
-    SolverParams,
-    TimestepSpacing,
-)
+from .sampling import Conditioning, InpaintingInputs, SizeConditioning, StepCallback, denoise, prepare_latents
+from .solvers import PredictionType, Solver
 from .unet import UNet
-
-SOLVERS: dict[str, type[Solver]] = {
-    "ddim": DDIM,
-    "ddpm": DDPM,
-    "dpmpp_2m": DPMSolver,
-    "dpmpp_2m_sde": DPMSolverSDE,
-    "euler": Euler,
-    "euler_ancestral": EulerAncestral,
-    "lcm": LCM,
-}
-"""Solver names as the sampler node lists them."""
-
-SCHEDULES: tuple[str, ...] = ("normal", "karras", "trailing", "linspace")
-"""`normal` is the models' own (leading) spacing; `karras` uses Karras sigmas where the solver has sigmas."""
-
-_SIGMA_SOLVERS = (DPMSolver, DPMSolverSDE, Euler, EulerAncestral)
-
-
-def make_solver(
-    name: str,
-    steps: int,
-    schedule: str = "normal",
-    denoise_strength: float = 1.0,
-    prediction_type: PredictionType = PredictionType.EPSILON,
-    device: torch.device | str = "cpu",
-) -> Solver:
-    """A solver by name, with the schedule's spacing, starting where `denoise_strength` says (1 = all steps)."""
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    solver_class = SOLVERS[name]
-    if schedule == "karras" and not issubclass(solver_class, _SIGMA_SOLVERS):
-        raise ValueError(
-            f"the karras schedule needs a sigma-based solver (dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral), not {name}"
-        )
-    spacing = {"trailing": TimestepSpacing.TRAILING, "linspace": TimestepSpacing.LINSPACE}.get(
-        schedule, TimestepSpacing.LEADING
-    )
-    params = SolverParams(
-        timesteps_spacing=spacing,
-        sigma_schedule=SigmaSchedule.KARRAS if schedule == "karras" else None,
-        prediction_type=prediction_type,
-    )
-    solver = solver_class(num_inference_steps=steps, params=params, device=device)
-    if denoise_strength < 1.0:
-        solver = solver.rebuild(first_inference_step=solver.first_step_from_strength(denoise_strength))
-    return solver
-
-
-@dataclass(frozen=True)
-class SizeConditioning:
-    """SDXL's micro-conditioning: original size, crop top-left and target size, in pixels."""
-
-    original_size: tuple[int, int] = (1024, 1024)
-    crop_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] = (1024, 1024)
-
-    @classmethod
-    def for_image(cls, height: int, width: int) -> SizeConditioning:
-        """diffusers' default for a (height, width) output: original = target = that size, no crop."""
-        return cls((height, width), (0, 0), (height, width))
-
-    def time_ids(self) -> Tensor:
-        """(1, 6) as diffusers' `add_time_ids`: (height, width, top, left, target height, target width)."""
-        return torch.tensor(
-            [[*self.original_size, *self.crop_top_left, *self.target_size]], dtype=torch.float32
-        )
 
 
 @dataclass
 class StableDiffusion:
-    """The models of one checkpoint and the pipelines that use them."""
+    """The models of one checkpoint: prompt encoding, VAE encode/decode and the shared sampling path.
+
+    The pipelines (`pipelines.py`) are bound as methods: `text_to_image`, `image_to_image`, `inpaint`.
+    """
 
     unet: UNet
     autoencoder: LatentDiffusionAutoencoder
@@ -207,31 +124,12 @@ class StableDiffusion:
         )
 
     def encode_image(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> scaled latents (posterior mean, or a sample with `generator`).
-
-        An fp16 autoencoder whose result overflows (SDXL's does) runs again in fp32, the generator rewound
-        so that the sample comes from the same place in its stream.
-        """
-        state = generator.get_state() if generator is not None else None
-        with torch.no_grad():
-            latents = self.autoencoder.encode(image * 2 - 1, generator=generator)
-            if _overflowed(self.autoencoder, latents):
-                if generator is not None and state is not None:
-                    generator.set_state(state)
-                latents = _float32_copy(self.autoencoder).encode(image.float() * 2 - 1, generator=generator)
-        return latents.float()
+        """(B, 3, H, W) in [0, 1] -> scaled latents; an fp16 autoencoder that overflows is retried in fp32."""
+        return encode_retrying_in_float32(self.autoencoder, image, generator)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Scaled latents -> (B, 3, H, W) in [0, 1].
-
-        SDXL's autoencoder overflows in fp16: when an fp16 decode gives NaN or inf, it is decoded again by
-        an fp32 copy of the autoencoder (the shared model is left as it is), as diffusers' `force_upcast`.
-        """
-        with torch.no_grad():
-            image = self.autoencoder.decode(latents)
-            if _overflowed(self.autoencoder, image):
-                image = _float32_copy(self.autoencoder).decode(latents.float())
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        """Scaled latents -> (B, 3, H, W) in [0, 1]; an fp16 autoencoder that overflows is retried in fp32."""
+        return decode_retrying_in_float32(self.autoencoder, latents)
 
     def sample(
         self,
@@ -310,208 +208,9 @@ class StableDiffusion:
                     predict=predict,
                     **options,
                 )
-            return self._sample_keeping_outside(
-                run, solver, latents, positive, negative, generator, callback, predict, options
+            return sample_keeping_outside(
+                self.unet, run, solver, latents, positive, negative, generator, callback, predict, options
             )
-
-    def _sample_keeping_outside(
-        self,
-        run: SamplingRun,
-        solver: Solver,
-        latents: Tensor,
-        positive: Conditioning,
-        negative: Conditioning | None,
-        generator: torch.Generator,
-        callback: StepCallback | None,
-        predict: Callable[[Tensor], Tensor],
-        options: dict[str, Any],
-    ) -> Tensor:
-        """Sample without the run's regions, then with them, holding the outside to the first trajectory.
-
-        Both passes draw the same random numbers as a run without regions would (the generator's state is
-        copied), so the latents outside every region end exactly as that run's. Progress counts both.
-        """
-        total = 2 * len(solver.inference_steps)
-        base_generator = torch.Generator(generator.device)
-        base_generator.set_state(generator.get_state())
-        trajectory: list[Tensor] = []
-
-        def record(done: int, _: int, current: Tensor) -> None:
-            trajectory.append(current.clone())
-            if callback is not None:
-                callback(done, total, current)
-
-        with run.without_regions():
-            denoise(
-                self.unet,
-                deepcopy(solver),
-                latents,
-                positive,
-                negative,
-                generator=base_generator,
-                callback=record,
-                predict=predict,
-                **options,
-            )
-        outside = outside_of_regions(run.regions, latents.shape[0]).to(latents)
-
-        def hold_outside(index: int, current: Tensor) -> Tensor:
-            return outside * trajectory[index] + (1 - outside) * current
-
-        def report(done: int, _: int, current: Tensor) -> None:
-            if callback is not None:
-                callback(len(trajectory) + done, total, current)
-
-        return denoise(
-            self.unet,
-            solver,
-            latents,
-            positive,
-            negative,
-            generator=generator,
-            callback=report,
-            predict=predict,
-            after_step=hold_outside,
-            **options,
-        )
-
-    def text_to_image(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        width: int = 512,
-        height: int = 512,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        seed: int = 0,
-        batch_size: int = 1,
-        solver: str = "ddim",
-        schedule: str = "normal",
-        callback: StepCallback | None = None,
-        size: SizeConditioning | None = None,
-        negative_size: SizeConditioning | None = None,
-        zero_empty_negative: bool = True,
-    ) -> Tensor:
-        """(B, 3, height, width) image in [0, 1]. SDXL options: see `encode_prompts`."""
-        check_size(batch_size, height, width, "text_to_image")
-        positive, negative = self.encode_prompts(
-            prompt,
-            negative_prompt,
-            size or SizeConditioning.for_image(height, width),
-            negative_size,
-            zero_empty_negative,
-            guidance_scale,
-        )
-        factor = self.autoencoder.config.downscale_factor
-        shape = (batch_size, self.latent_channels, height // factor, width // factor)
-        sampler = make_solver(
-            solver, steps, schedule, prediction_type=self.prediction_type, device=self.device
-        )
-        latents = self.sample(shape, positive, negative, sampler, guidance_scale, seed, callback=callback)
-        return self.decode_latents(latents)
-
-    def image_to_image(
-        self,
-        image: Tensor,
-        prompt: str,
-        negative_prompt: str = "",
-        strength: float = 0.75,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        seed: int = 0,
-        solver: str = "ddim",
-        schedule: str = "normal",
-        callback: StepCallback | None = None,
-        size: SizeConditioning | None = None,
-        negative_size: SizeConditioning | None = None,
-        zero_empty_negative: bool = True,
-    ) -> Tensor:
-        """Re-draw `image` ((B, 3, H, W) in [0, 1]) with `strength` of noise (1 = ignore it)."""
-        height, width = image.shape[-2:]
-        check_size(image.shape[0], height, width, "image_to_image")
-        positive, negative = self.encode_prompts(
-            prompt,
-            negative_prompt,
-            size or SizeConditioning.for_image(height, width),
-            negative_size,
-            zero_empty_negative,
-            guidance_scale,
-        )
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = self.encode_image(image, generator=generator)  # a posterior sample, as diffusers' img2img
-        sampler = make_solver(solver, steps, schedule, strength, self.prediction_type, device=self.device)
-        result = self.sample(
-            tuple(latents.shape),  # type: ignore[arg-type]
-            positive,
-            negative,
-            sampler,
-            guidance_scale,
-            seed,
-            latents,
-            callback=callback,
-            generator=generator,
-        )
-        return self.decode_latents(result)
-
-    def inpaint(
-        self,
-        image: Tensor,
-        mask: Tensor,
-        prompt: str,
-        negative_prompt: str = "",
-        strength: float = 1.0,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        seed: int = 0,
-        solver: str = "ddim",
-        schedule: str = "normal",
-        callback: StepCallback | None = None,
-        size: SizeConditioning | None = None,
-        negative_size: SizeConditioning | None = None,
-        zero_empty_negative: bool = True,
-    ) -> Tensor:
-        """Repaint where `mask` ((B, 1, H, W), 1 = repaint) is set; 9-channel models or latent blending."""
-        height, width = image.shape[-2:]
-        check_size(image.shape[0], height, width, "inpaint")
-        positive, negative = self.encode_prompts(
-            prompt,
-            negative_prompt,
-            size or SizeConditioning.for_image(height, width),
-            negative_size,
-            zero_empty_negative,
-            guidance_scale,
-        )
-        generator = torch.Generator("cpu").manual_seed(seed)
-        factor = self.autoencoder.config.downscale_factor
-        shape = (image.shape[0], self.latent_channels, height // factor, width // factor)
-        # diffusers' order of draws: source sample (when needed), initial noise, masked-image sample
-        needs_source = not self.is_inpainting_model or strength < 1.0
-        latents = self.encode_image(image, generator=generator) if needs_source else None
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        masked_image_latents = None
-        if self.is_inpainting_model:
-            keep = (mask < 0.5).to(image.dtype)
-            masked_image = image * keep + 0.5 * (1 - keep)  # masked pixels gray (0 in [-1, 1]), as diffusers
-            masked_image_latents = self.encode_image(masked_image, generator=generator)
-        else:  # diffusers samples the masked image's latents even for a model that ignores them
-            torch.randn(shape, generator=generator, dtype=self.autoencoder.dtype)
-        latent_mask = torch.nn.functional.interpolate(mask.float(), size=shape[-2:], mode="nearest")
-        sampler = make_solver(solver, steps, schedule, strength, self.prediction_type, device=self.device)
-        result = self.sample(
-            shape,
-            positive,
-            negative,
-            sampler,
-            guidance_scale,
-            seed,
-            latents,
-            inpainting_mask=latent_mask,
-            masked_image_latents=masked_image_latents,
-            callback=callback,
-            generator=generator,
-            noise=noise,
-        )
-        return self.decode_latents(result)
 
     def encode_prompts(
         self,
@@ -536,15 +235,6 @@ class StableDiffusion:
             return positive, self.zero_conditioning(positive, negative_size)
         return positive, self.encode_prompt(negative_prompt, size=negative_size)
 
-
-def _overflowed(autoencoder: LatentDiffusionAutoencoder, result: Tensor) -> bool:
-    """Whether an fp16 autoencoder's result holds NaN or inf (fp16 tops out at 65504)."""
-    return autoencoder.dtype == torch.float16 and not bool(result.isfinite().all())
-
-
-def _float32_copy(autoencoder: LatentDiffusionAutoencoder) -> LatentDiffusionAutoencoder:
-    """A float32 autoencoder on the same device with the same weights, built on meta: no random init."""
-    copy = LatentDiffusionAutoencoder(autoencoder.config, device="meta")
-    weights = {key: value.float() for key, value in autoencoder.state_dict().items()}
-    copy.load_state_dict(weights, assign=True)
-    return copy
+    text_to_image = pipelines.text_to_image
+    image_to_image = pipelines.image_to_image
+    inpaint = pipelines.inpaint

@@ -314,7 +314,7 @@ class ResidualConcatenator(fl.Concatenate):
         super().__init__(fl.Identity(), fl.UseContext("unet", "residuals").compose(itemgetter(index)), dim=1)
 
 
-def _skip_channels(config: UNetConfig) -> list[int]:
+def skip_channels(config: UNetConfig) -> list[int]:
     """Channels of every skip connection, in the order `DownBlocks` stores them."""
     channels = [config.block_channels[0]]
     for level, width in enumerate(config.block_channels):
@@ -392,7 +392,7 @@ class UpBlocks(fl.Chain):
         self, config: UNetConfig, device: Device | str | None = None, dtype: DType | None = None
     ) -> None:
         temb = config.timestep_embedding_dim
-        skips = _skip_channels(config)
+        skips = skip_channels(config)
         blocks: list[fl.Chain] = []
         previous = config.block_channels[-1]
         for level in reversed(range(len(config.block_channels))):
@@ -438,7 +438,7 @@ class UNet(fl.Chain):
         dtype: DType | None = None,
     ) -> None:
         self.config = config
-        self.skip_connection_count = len(_skip_channels(config))
+        self.skip_connection_count = len(skip_channels(config))
         super().__init__(
             TimestepEncoder(config, device, dtype),
             DownBlocks(config, device, dtype),
@@ -491,6 +491,12 @@ class UNet(fl.Chain):
     def _require_text_time(self, method: str) -> None:
         if self.config.addition_embedding != "text_time":
             raise ValueError(f"{method}: this UNet has no text_time embedding (only SDXL-like configs do)")
+
+
+def cross_attention_blocks(unet: UNet, block_type: type[fl.Module] = CrossAttentionBlock) -> list[Any]:
+    """Blocks of a type in diffusers' processor order (down, up, middle): the order of IP-Adapter files."""
+    sections = [unet.ensure_find(DownBlocks), unet.ensure_find(UpBlocks), unet.ensure_find(MiddleBlock)]
+    return [block for section in sections for block in section.layers(block_type)]
 
 
 HEAVY_BLOCKS: tuple[type[fl.Module], ...] = (ResidualBlock, CrossAttentionBlock2d)

@@ -38,8 +38,8 @@ from ...fluxion.utils import save_to_safetensors, tensor_to_image
 from ..clip.prompt_weighting import tokenize_prompt
 from ..clip.text_encoder import TEXT_CONTEXT, CLIPTextHiddenState
 from ..clip.tokenizer import CLIPTokenizer
-from ..conversion.lora_keys import TEXT_ENCODER, TEXT_ENCODER_2, UNET, flat, unet_module_pairs
-from ..latent_diffusion.lora import SDLoraManager, text_encoder_lora_module_map, unet_lora_module_map
+from ..formats.lora import TEXT_ENCODER, TEXT_ENCODER_2, UNET, flat, unet_module_pairs
+from ..latent_diffusion.adapters.lora import SDLoraManager, text_encoder_lora_module_map, unet_lora_module_map
 from ..latent_diffusion.solvers.solver import PredictionType, SolverParams, cumulative_alphas
 from ..latent_diffusion.stable_diffusion import StableDiffusion
 from ..latent_diffusion.unet import CrossAttentionBlock2d, ResidualBlock

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from foundationals.latent_diffusion.ip_adapter import ImageEmbeddings
+from foundationals.latent_diffusion.adapters.ip_adapter import ImageEmbeddings
 from nodes import host
 from nodes.checkpoint_nodes import FluxionCheckpointLoader
 from nodes.demo import (
@@ -21,11 +21,9 @@ from nodes.demo import (
     SD15_CHECKPOINT,
     write_demo_files,
 )
-from nodes.image_prompt_nodes import (
-    FluxionApplyIPAdapter,
-    FluxionCLIPVisionLoader,
+from nodes.image_prompt_nodes import FluxionApplyIPAdapter, FluxionCLIPVisionLoader, FluxionIPAdapterLoader
+from nodes.ip_adapter_embeds_nodes import (
     FluxionEncodeIPAdapterEmbeds,
-    FluxionIPAdapterLoader,
     FluxionLoadIPAdapterEmbeds,
     FluxionSaveIPAdapterEmbeds,
 )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from foundationals.latent_diffusion.model_patch import SamplingRun, patched
-from foundationals.latent_diffusion.stable_diffusion import make_solver
+from foundationals.latent_diffusion.solvers import make_solver
 from nodes import host
 from nodes.checkpoint_nodes import FluxionCheckpointLoader
 from nodes.demo import DEMO_LOCON, DEMO_LORA, DEMO_LORA_2, SD15_CHECKPOINT, write_demo_files

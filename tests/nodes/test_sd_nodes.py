@@ -8,7 +8,7 @@ import psutil
 import pytest
 import torch
 
-from foundationals.latent_diffusion.stable_diffusion import make_solver
+from foundationals.latent_diffusion.solvers import make_solver
 from nodes import host
 from nodes.checkpoint_nodes import FluxionCheckpointLoader
 from nodes.contract import check_node_contract, check_workflow_contract

@@ -16,15 +16,16 @@ from fluxion.utils import save_to_safetensors
 from foundationals.clip.config import image_preset, text_preset
 from foundationals.clip.image_encoder import CLIPImageEncoder
 from foundationals.clip.text_encoder import CLIPTextEncoder, transformer_layer_names
-from foundationals.conversion.clip_keys import IMAGE_LAYOUTS, export_clip_state_dict
-from foundationals.conversion.controlnet_keys import lllyasviel_controlnet_key_map
+from foundationals.formats.clip import IMAGE_LAYOUTS, export_clip_state_dict
+from foundationals.formats.controlnet import lllyasviel_controlnet_key_map
+from foundationals.formats.t2i_adapter import t2i_adapter_key_map
+from foundationals.latent_diffusion.adapters.controlnet import ControlNet, ControlNetConfig
+from foundationals.latent_diffusion.adapters.lora import text_encoder_lora_module_map, unet_lora_module_map
+from foundationals.latent_diffusion.adapters.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from foundationals.latent_diffusion.checkpoint_export import save_single_file
-from foundationals.latent_diffusion.controlnet import ControlNet, ControlNetConfig
-from foundationals.latent_diffusion.lora import text_encoder_lora_module_map, unet_lora_module_map
 from foundationals.latent_diffusion.model_config import TINY_8X_AUTOENCODER, TINY_SDXL_UNET, TINY_UNET
 from foundationals.latent_diffusion.stable_diffusion import StableDiffusion
-from foundationals.latent_diffusion.t2i_adapter import T2IAdapter, T2IAdapterConfig, t2i_adapter_key_map
 from foundationals.latent_diffusion.unet import UNet
 from nodes import host
 from nodes.demo import (

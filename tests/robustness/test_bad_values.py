@@ -13,17 +13,13 @@ import torch
 
 from foundationals.latent_diffusion import limits
 from foundationals.latent_diffusion.canny import canny
-from foundationals.latent_diffusion.stable_diffusion import SOLVERS
+from foundationals.latent_diffusion.solvers import SOLVERS
 from nodes import latent_nodes
 from nodes.control_nodes import FluxionApplyControl, FluxionCanny, FluxionControlLoader
 from nodes.demo import DEMO_CLIP_VISION, DEMO_CONTROLNET, DEMO_IP_ADAPTER, EXAMPLES
-from nodes.image_prompt_nodes import (
-    FluxionApplyIPAdapter,
-    FluxionCLIPVisionLoader,
-    FluxionIPAdapterLoader,
-    FluxionReferenceOnly,
-)
+from nodes.image_prompt_nodes import FluxionApplyIPAdapter, FluxionCLIPVisionLoader, FluxionIPAdapterLoader
 from nodes.latent_nodes import MAX_BATCH_PIXELS, FluxionEmptyLatent, FluxionVAEDecode, FluxionVAEEncode
+from nodes.reference_only_nodes import FluxionReferenceOnly
 from nodes.runner import Runner
 from nodes.sampler_nodes import sample_latents
 from nodes.text_nodes import FluxionTextEncode

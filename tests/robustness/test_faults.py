@@ -36,14 +36,10 @@ from nodes.demo import (
     kohya_lora,
     tiny_sd15,
 )
-from nodes.image_prompt_nodes import (
-    FluxionApplyIPAdapter,
-    FluxionCLIPVisionLoader,
-    FluxionIPAdapterLoader,
-    FluxionReferenceOnly,
-)
+from nodes.image_prompt_nodes import FluxionApplyIPAdapter, FluxionCLIPVisionLoader, FluxionIPAdapterLoader
 from nodes.latent_nodes import FluxionEmptyLatent
 from nodes.lora_nodes import FluxionLoraLoader
+from nodes.reference_only_nodes import FluxionReferenceOnly
 from nodes.runner import NodeFailedError, Runner
 from nodes.sampler_nodes import sample_latents
 from nodes.text_nodes import FluxionTextEncode

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from foundationals.clip.config import text_preset
 from foundationals.clip.text_encoder import CLIPTextEncoder, transformer_layer_names
-from foundationals.conversion.clip_keys import (
+from foundationals.formats.clip import (
     TEXT_LAYOUTS,
     CLIPKeyError,
     convert_clip_state_dict,
@@ -33,9 +33,18 @@ from foundationals.conversion.clip_keys import (
     detect_layout,
     export_clip_state_dict,
 )
-from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
-from foundationals.conversion.ldm_keys import LDM_UNET_PREFIX, ldm_autoencoder_key_map, ldm_unet_key_map
-from foundationals.conversion.lora_keys import (
+from foundationals.formats.diffusers import diffusers_unet_key_map, unet_config_from_diffusers
+from foundationals.formats.ldm import (
+    LDM_UNET_PREFIX,
+    CheckpointError,
+    detect_family,
+    infer_autoencoder_config,
+    infer_unet_config,
+    ldm_autoencoder_key_map,
+    ldm_unet_key_map,
+)
+from foundationals.formats.ldm import refuse_other_architectures as _refuse_other_architectures
+from foundationals.formats.lora import (
     DIFFUSERS_PREFIXES,
     KNOWN_NAMESPACES,
     KOHYA_PREFIXES,
@@ -49,14 +58,6 @@ from foundationals.conversion.lora_keys import (
     normalize_lora,
 )
 from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
-from foundationals.latent_diffusion.checkpoint import (
-    CheckpointError,
-    _refuse_other_architectures,
-    detect_family,
-    infer_autoencoder_config,
-    infer_unet_config,
-    unet_config_from_diffusers,
-)
 from foundationals.latent_diffusion.model_config import (
     SD15_AUTOENCODER,
     TINY_8X_AUTOENCODER,

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from diffusers import ControlNetModel, T2IAdapter
 
-from foundationals.conversion.controlnet_keys import diffusers_controlnet_key_map
-from foundationals.latent_diffusion.controlnet import ControlNet, ControlNetConfig
+from foundationals.formats.controlnet import diffusers_controlnet_key_map
+from foundationals.latent_diffusion.adapters.controlnet import ControlNet, ControlNetConfig
 from foundationals.latent_diffusion.model_config import TINY_UNET, UNetConfig
 
 TINY_HINT_CHANNELS = (8, 16, 16)  # two stride-2 stages: hints 4x the latents, as the tiny autoencoder

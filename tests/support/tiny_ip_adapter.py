@@ -13,7 +13,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from foundationals.clip.config import CLIPImageConfig, image_preset
 from foundationals.latent_diffusion.model_patch import SamplingRun, patched
-from foundationals.latent_diffusion.stable_diffusion import StableDiffusion, make_solver
+from foundationals.latent_diffusion.solvers import make_solver
+from foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 
 TINY_IMAGE = image_preset("tiny")  # 32 wide hidden states, 24 wide projected embedding, 32x32 pixels
 PLUS_DIM, PLUS_INNER, PLUS_QUERIES = 64, 64, 6  # resampler width, attention width (1 head of 64), tokens

@@ -20,7 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from foundationals.clip.config import text_preset
 from foundationals.clip.text_encoder import load_clip_text_encoder
 from foundationals.clip.tokenizer import VOCABULARY_PATH, bytes_to_unicode
-from foundationals.conversion.diffusers_keys import diffusers_autoencoder_key_map, diffusers_unet_key_map
+from foundationals.formats.diffusers import diffusers_autoencoder_key_map, diffusers_unet_key_map
 from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from foundationals.latent_diffusion.model_config import (
     TINY_AUTOENCODER,

@@ -33,8 +33,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from foundationals.clip.config import CLIPTextConfig, text_preset
 from foundationals.clip.text_encoder import load_clip_text_encoder
-from foundationals.conversion.diffusers_keys import diffusers_autoencoder_key_map, diffusers_unet_key_map
-from foundationals.conversion.ldm_keys import ldm_autoencoder_key_map, ldm_unet_key_map
+from foundationals.formats.diffusers import diffusers_autoencoder_key_map, diffusers_unet_key_map
+from foundationals.formats.ldm import ldm_autoencoder_key_map, ldm_unet_key_map
 from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from foundationals.latent_diffusion.model_config import (
     TINY_AUTOENCODER,

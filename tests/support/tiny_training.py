@@ -17,8 +17,8 @@ from transformers import CLIPTextConfig as TransformersTextConfig
 from transformers import CLIPTextModel
 
 from foundationals.clip.text_encoder import CLIPTextEncoder, transformer_layer_names
-from foundationals.conversion.clip_keys import TRANSFORMERS_LAYER_KEYS, TRANSFORMERS_TEXT_KEYS
-from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
+from foundationals.formats.clip import TRANSFORMERS_LAYER_KEYS, TRANSFORMERS_TEXT_KEYS
+from foundationals.formats.diffusers import diffusers_unet_key_map
 from foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 from foundationals.latent_diffusion.unet import UNet
 from tests.support.tiny_sd import diffusers_unet

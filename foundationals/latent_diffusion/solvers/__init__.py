@@ -5,6 +5,7 @@ from .ddpm import DDPM
 from .dpm_solver import DPMSolver, DPMSolverSDE
 from .euler import Euler, EulerAncestral
 from .lcm import LCM
+from .registry import SCHEDULES, SOLVERS, make_solver
 from .solver import (
     NoiseSchedule,
     PredictionType,
@@ -23,6 +24,8 @@ __all__ = [
     "Euler",
     "EulerAncestral",
     "LCM",
+    "SCHEDULES",
+    "SOLVERS",
     "NoiseSchedule",
     "PredictionType",
     "SigmaSchedule",
@@ -30,4 +33,5 @@ __all__ = [
     "SolverParams",
     "TimestepSpacing",
     "first_inference_step_from_strength",
+    "make_solver",
 ]

@@ -20,7 +20,7 @@ from foundationals.clip.text_encoder import (
     load_clip_text_encoder,
     load_clip_text_encoder_from_folder,
 )
-from foundationals.conversion.clip_keys import CLIPKeyError
+from foundationals.formats.clip import CLIPKeyError
 
 TOLERANCE = 1e-4  # measured 0.0 for every layout
 

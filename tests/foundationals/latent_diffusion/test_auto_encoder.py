@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
-from foundationals.conversion.diffusers_keys import diffusers_autoencoder_key_map
+from foundationals.formats.diffusers import diffusers_autoencoder_key_map
 from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, _blend_tiles, _tile_starts
 from foundationals.latent_diffusion.model_config import AUTOENCODER_PRESETS, AutoencoderConfig
 

@@ -20,7 +20,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from foundationals.conversion.ldm_keys import ldm_autoencoder_key_map, ldm_unet_key_map
+from foundationals.formats.ldm import ldm_autoencoder_key_map, ldm_unet_key_map
 from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from foundationals.latent_diffusion.checkpoint import CheckpointError, load_checkpoint, load_single_file
 from foundationals.latent_diffusion.model_config import AUTOENCODER_PRESETS, UNET_PRESETS, UNetConfig

@@ -27,10 +27,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
+from foundationals.formats.diffusers import diffusers_unet_key_map
 from foundationals.latent_diffusion.auto_encoder import Decoder, Encoder, LatentDiffusionAutoencoder
 from foundationals.latent_diffusion.model_config import TINY_SDXL_UNET, UNET_PRESETS
-from foundationals.latent_diffusion.stable_diffusion import SizeConditioning
+from foundationals.latent_diffusion.sampling import SizeConditioning
 from foundationals.latent_diffusion.unet import UNet
 from tests.support.tiny_sdxl import (
     SDXL_SCHEDULER,

@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 
 import fluxion.layers as fl
 from fluxion.model_converter import convert_by_tracing
-from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
+from foundationals.formats.diffusers import diffusers_unet_key_map
 from foundationals.latent_diffusion.model_config import UNET_PRESETS, UNetConfig
 from foundationals.latent_diffusion.unet import (
     CrossAttentionBlock,

@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from foundationals.clip.config import CLIPTextConfig
 from foundationals.clip.text_encoder import CLIPTextEncoder
+from foundationals.latent_diffusion.adapters.lora import SDLoraManager
 from foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
-from foundationals.latent_diffusion.lora import SDLoraManager
 from foundationals.latent_diffusion.model_config import TINY_8X_AUTOENCODER, TINY_SDXL_UNET
 from foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 from foundationals.latent_diffusion.unet import UNet

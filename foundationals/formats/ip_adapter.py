@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
+
+from ..model_files import ModelFileError, read_metadata, read_state_dict
 
 BASE, PLUS = "base", "plus"
 TENCENT, DIFFUSERS = "tencent", "diffusers"
@@ -191,3 +195,32 @@ def tencent_projection_to_ours(image_proj: Mapping[str, Tensor]) -> dict[str, Te
         for tencent, ours in PLUS_LAYER_KEYS_TO_OURS.items():
             out[ours.format(layer=name)] = image_proj[tencent.format(L=layer)]
     return out
+
+
+# -- saved image embeddings (ours: a safetensors file with tensors "positive", "negative") --------------------
+
+EMBEDDINGS_FORMAT = "fluxion.ip_adapter_image_embeddings"
+EMBEDDINGS_WHAT = "IP-Adapter image embeddings"
+
+
+def write_image_embeddings(path: str | Path, positive: Tensor, negative: Tensor, kind: str) -> None:
+    """Write reference-image embeddings: tensors "positive", "negative"; metadata format and kind."""
+    save_file(
+        {"positive": positive.contiguous().cpu(), "negative": negative.contiguous().cpu()},
+        str(path),
+        metadata={"format": EMBEDDINGS_FORMAT, "kind": kind},
+    )
+
+
+def read_image_embeddings(path: str | Path) -> tuple[Tensor, Tensor, str]:
+    """(positive, negative, kind) from a file written by `write_image_embeddings`."""
+    metadata = read_metadata(path, what=EMBEDDINGS_WHAT)
+    if metadata.get("format") != EMBEDDINGS_FORMAT:
+        raise ModelFileError(
+            path,
+            EMBEDDINGS_WHAT,
+            f"its metadata format is {metadata.get('format')!r}",
+            f"{EMBEDDINGS_FORMAT!r} (written by ImageEmbeddings.save)",
+        )
+    tensors = read_state_dict(path, what=EMBEDDINGS_WHAT, keys=["positive", "negative"])
+    return tensors["positive"], tensors["negative"], metadata.get("kind", "")

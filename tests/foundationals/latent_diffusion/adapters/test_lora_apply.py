@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import fluxion.layers as fl
 from fluxion.adapters.lora import LoraAdapter
-from foundationals.conversion.lora_keys import TEXT_ENCODER, UNET, LoraNamespace, UNetLayout, normalize_lora
-from foundationals.latent_diffusion.lora import LoraMismatchError, SDLoraManager
+from foundationals.formats.lora import TEXT_ENCODER, UNET, LoraNamespace, UNetLayout, normalize_lora
+from foundationals.latent_diffusion.adapters.lora import LoraMismatchError, SDLoraManager
 
 warnings.filterwarnings("ignore")
 
@@ -261,7 +261,7 @@ def tiny_sd15_pair():
     transformers = pytest.importorskip("transformers")
     from foundationals.clip.config import CLIPTextConfig
     from foundationals.clip.text_encoder import load_clip_text_encoder
-    from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
+    from foundationals.formats.diffusers import diffusers_unet_key_map
     from foundationals.latent_diffusion.model_config import TINY_UNET
     from foundationals.latent_diffusion.unet import UNet
 
@@ -418,7 +418,7 @@ def test_sdxl_lora_on_sd15_model_names_both_and_leaves_the_model_unchanged():
 
 
 def test_scheduled_lora_acts_only_within_its_fraction_of_sampling():
-    from foundationals.latent_diffusion.lora import set_lora_progress
+    from foundationals.latent_diffusion.adapters.lora import set_lora_progress
 
     unet, text, manager = toy_model()
     base = run_toy(unet, text)

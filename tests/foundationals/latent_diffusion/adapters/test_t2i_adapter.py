@@ -13,17 +13,18 @@ import torch
 from diffusers import DDIMScheduler, MultiAdapter, StableDiffusionAdapterPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from foundationals.conversion.diffusers_keys import diffusers_unet_key_map
-from foundationals.latent_diffusion.controlnet import ControlMismatchError, ControlNetPatch
-from foundationals.latent_diffusion.model_config import TINY_SDXL_UNET
-from foundationals.latent_diffusion.model_patch import SamplingRun, patched
-from foundationals.latent_diffusion.stable_diffusion import StableDiffusion, make_solver
-from foundationals.latent_diffusion.t2i_adapter import (
+from foundationals.formats.diffusers import diffusers_unet_key_map
+from foundationals.latent_diffusion.adapters.controlnet import ControlMismatchError, ControlNetPatch
+from foundationals.latent_diffusion.adapters.t2i_adapter import (
     T2IAdapter,
     T2IAdapterConfig,
     T2IAdapterPatch,
     load_t2i_adapter,
 )
+from foundationals.latent_diffusion.model_config import TINY_SDXL_UNET
+from foundationals.latent_diffusion.model_patch import SamplingRun, patched
+from foundationals.latent_diffusion.solvers import make_solver
+from foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 from foundationals.latent_diffusion.unet import UNet
 from foundationals.model_files import ModelFileError
 from tests.support.tiny_control import (
@@ -72,7 +73,7 @@ def reference_adapter(kind: str, seed: int = 0):
 
 def ours_from(reference, kind: str) -> T2IAdapter:
     """Our adapter on the reference's weights, through its diffusers-layout file."""
-    from foundationals.latent_diffusion.t2i_adapter import t2i_adapter_key_map
+    from foundationals.formats.t2i_adapter import t2i_adapter_key_map
 
     adapter = T2IAdapter(KINDS[kind][0], device="meta")
     state = reference.state_dict()

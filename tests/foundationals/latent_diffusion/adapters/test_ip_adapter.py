@@ -19,7 +19,7 @@ from PIL import Image
 
 from foundationals.clip.config import IMAGE_PRESETS
 from foundationals.clip.image_encoder import CLIPImageEncoder, load_clip_image_encoder_from_folder
-from foundationals.latent_diffusion.ip_adapter import (
+from foundationals.latent_diffusion.adapters.ip_adapter import (
     ImageAttention,
     ImageEmbeddings,
     ImageProjection,

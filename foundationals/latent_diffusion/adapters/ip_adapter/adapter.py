@@ -24,165 +24,36 @@ output is multiplied by the mask resized (bilinear) to that block's token grid.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from itertools import count
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from ...fluxion import layers as fl
-from ...fluxion.adapters.adapter import Adapter
-from ..clip.image_encoder import CLIPImageEncoder, CLIPImageHiddenState, preprocess_images
-from ..conversion.ip_adapter_keys import (
+from .....fluxion import layers as fl
+from .....fluxion.adapters.adapter import Adapter
+from ....clip.image_encoder import CLIPImageEncoder, CLIPImageHiddenState, preprocess_images
+from ....formats.ip_adapter import (
     BASE,
-    DIFFUSERS,
     PLUS,
-    detect_ip_adapter_layout,
-    diffusers_to_tencent,
-    plus_depth,
-    projection_kind,
-    tencent_key_value_weights,
-    tencent_projection_to_ours,
 )
-from ..model_files import ModelFileError, read_metadata, read_state_dict
-from .model_patch import SamplingRun, Undo
-from .regional import Region, latent_region_mask, new_region_name
-from .unet import CrossAttentionBlock, DownBlocks, MiddleBlock, UNet, UpBlocks
+from ...model_patch import SamplingRun, Undo
+from ...resizing import resize_mask
+from ...unet import CrossAttentionBlock, UNet, cross_attention_blocks
+from ..regional import Region, latent_region_mask, new_region_name
 
 if TYPE_CHECKING:
-    from .stable_diffusion import StableDiffusion
+    from ...stable_diffusion import StableDiffusion
+
+from .embeddings import IMAGE_EMBEDS, PENULTIMATE, ImageEmbeddings
+from .model import ImageProjection, PerceiverResampler
 
 COMBINE_MODES = ("concat", "average")
-IMAGE_EMBEDS, PENULTIMATE = "image_embeds", "penultimate_hidden_states"
-EMBEDDINGS_FORMAT = "fluxion.ip_adapter_image_embeddings"
-PERCEIVER_HEAD_DIM = 64  # tencent-ailab's Resampler and diffusers both use 64-wide heads
 FAMILIES = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
 ENCODERS_BY_EMBEDDING = {768: "ViT-L", 1024: "ViT-H", 1280: "bigG"}  # projected image embedding width
 ENCODERS_BY_HIDDEN = {1024: "ViT-L", 1280: "ViT-H", 1664: "bigG"}  # hidden-state width
-
-
-# -- image projections -------------------------------------------------------------------------------------
-
-
-class ImageProjection(fl.Chain):
-    """IP-Adapter base: the image embedding to `num_tokens` context tokens (Linear, reshape, LayerNorm)."""
-
-    def __init__(
-        self,
-        image_embedding_dim: int,
-        context_dim: int,
-        num_tokens: int = 4,
-        device: Device | str | None = None,
-        dtype: DType | None = None,
-    ) -> None:
-        self.num_tokens = num_tokens
-        super().__init__(
-            fl.Linear(image_embedding_dim, num_tokens * context_dim, device=device, dtype=dtype),
-            fl.Reshape(num_tokens, context_dim),
-            fl.LayerNorm(context_dim, device=device, dtype=dtype),
-        )
-
-
-def _query_and_memory(features: Tensor, latents: Tensor) -> tuple[Tensor, Tensor]:
-    return latents, torch.cat([features, latents], dim=1)
-
-
-def _split_keys_values(query: Tensor, keys_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    keys, values = keys_values.chunk(2, dim=-1)
-    return query, keys, values
-
-
-class PerceiverAttention(fl.Chain):
-    """The latents attend to the image features and to themselves (keys/values from both)."""
-
-    def __init__(
-        self,
-        dim: int,
-        inner_dim: int,
-        num_heads: int,
-        device: Device | str | None = None,
-        dtype: DType | None = None,
-    ) -> None:
-        super().__init__(
-            fl.Parallel(
-                fl.Chain(
-                    fl.UseContext("perceiver_resampler", "features"),
-                    fl.LayerNorm(dim, device=device, dtype=dtype),
-                ),
-                fl.LayerNorm(dim, device=device, dtype=dtype),
-            ),
-            fl.Lambda(_query_and_memory),
-            fl.Distribute(
-                fl.Linear(dim, inner_dim, bias=False, device=device, dtype=dtype),
-                fl.Linear(dim, 2 * inner_dim, bias=False, device=device, dtype=dtype),
-            ),
-            fl.Lambda(_split_keys_values),
-            fl.ScaledDotProductAttention(num_heads),
-            fl.Linear(inner_dim, dim, bias=False, device=device, dtype=dtype),
-        )
-
-
-class PerceiverFeedForward(fl.Residual):
-    """LayerNorm then a GELU MLP (width x4, no biases), added to its input."""
-
-    def __init__(self, dim: int, device: Device | str | None = None, dtype: DType | None = None) -> None:
-        super().__init__(
-            fl.LayerNorm(dim, device=device, dtype=dtype),
-            fl.Linear(dim, 4 * dim, bias=False, device=device, dtype=dtype),
-            fl.GeLU(),
-            fl.Linear(4 * dim, dim, bias=False, device=device, dtype=dtype),
-        )
-
-
-class PerceiverLayer(fl.Chain):
-    """Residual perceiver attention, then the residual feed-forward."""
-
-    def __init__(
-        self,
-        dim: int,
-        inner_dim: int,
-        num_heads: int,
-        device: Device | str | None = None,
-        dtype: DType | None = None,
-    ) -> None:
-        super().__init__(
-            fl.Residual(PerceiverAttention(dim, inner_dim, num_heads, device, dtype)),
-            PerceiverFeedForward(dim, device, dtype),
-        )
-
-
-class PerceiverResampler(fl.Chain):
-    """IP-Adapter plus: `num_queries` learned latents read the image's hidden states through perceiver layers."""
-
-    def __init__(
-        self,
-        embedding_dim: int,
-        dim: int,
-        output_dim: int,
-        num_queries: int,
-        inner_dim: int,
-        depth: int = 4,
-        device: Device | str | None = None,
-        dtype: DType | None = None,
-    ) -> None:
-        self.num_tokens = num_queries
-        heads = max(1, inner_dim // PERCEIVER_HEAD_DIM)
-        super().__init__(
-            fl.Linear(embedding_dim, dim, device=device, dtype=dtype),
-            fl.SetContext("perceiver_resampler", "features"),
-            fl.Parameter(num_queries, dim, device=device, dtype=dtype),
-            *(PerceiverLayer(dim, inner_dim, heads, device, dtype) for _ in range(depth)),
-            fl.Linear(dim, output_dim, device=device, dtype=dtype),
-            fl.LayerNorm(output_dim, device=device, dtype=dtype),
-        )
-
-    def init_context(self) -> dict[str, dict[str, Any]]:
-        return {"perceiver_resampler": {"features": None}}
 
 
 # -- the decoupled cross-attention --------------------------------------------------------------------------
@@ -206,9 +77,7 @@ class ImageAttentionWeight(fl.ContextModule):
         if mask is None:
             return x
         height, width = self.use_context("spatial_transformer")["image"].shape[-2:]
-        grid = torch.nn.functional.interpolate(
-            mask[:, None].to(device=x.device, dtype=x.dtype), size=(height, width), mode="bilinear"
-        )
+        grid = resize_mask(mask[:, None].to(device=x.device, dtype=x.dtype), (height, width), "bilinear")
         grid = grid.flatten(1)[..., None]  # (B_mask, tokens, 1)
         if grid.shape[0] not in (1, x.shape[0]):
             raise ValueError(
@@ -283,12 +152,6 @@ class ImageCrossAttention(fl.Sum, Adapter[fl.Module]):
         branch = list(self)[-1]
         assert isinstance(branch, ImageAttention)
         return branch
-
-
-def cross_attention_blocks(unet: UNet, block_type: type[fl.Module] = CrossAttentionBlock) -> list[Any]:
-    """Blocks of a type in diffusers' processor order (down, up, middle): the order of IP-Adapter files."""
-    sections = [unet.ensure_find(DownBlocks), unet.ensure_find(UpBlocks), unet.ensure_find(MiddleBlock)]
-    return [block for section in sections for block in section.layers(block_type)]
 
 
 def _text_attention_slot(block: CrossAttentionBlock) -> tuple[fl.Attention, fl.Module]:
@@ -514,111 +377,6 @@ class IPAdapterInjection:
             adapter.eject()
         self.adapters = []
         self.unet.provider.contexts.pop(self.context, None)
-
-
-# -- files --------------------------------------------------------------------------------------------------
-
-
-def ip_adapter_from_state_dict(
-    state_dict: dict[str, Tensor],
-    name: str = "ip-adapter",
-    device: Device | str | None = None,
-    dtype: DType | None = None,
-) -> IPAdapter:
-    """An `IPAdapter` from tensors in the tencent-ailab or diffusers layout (see `conversion.ip_adapter_keys`)."""
-    layout = detect_ip_adapter_layout(list(state_dict))
-    if layout is None:
-        raise ValueError(
-            f"{name}: not an IP-Adapter (expected image_proj.* and ip_adapter.N.to_k_ip/to_v_ip, or a diffusers "
-            f"UNet's encoder_hid_proj.* and *.attn2.processor.to_k_ip.0; found {sorted(state_dict)[:4]} ...)"
-        )
-    if layout == DIFFUSERS:
-        state_dict = diffusers_to_tencent(state_dict)
-    image_proj = {
-        key.removeprefix("image_proj."): value
-        for key, value in state_dict.items()
-        if key.startswith("image_proj.")
-    }
-    kind = projection_kind(image_proj)
-    key_values = tencent_key_value_weights(state_dict)
-    if kind == BASE:
-        context_dim = int(image_proj["norm.weight"].shape[0])
-        weight = image_proj["proj.weight"]
-        projection: ImageProjection | PerceiverResampler = ImageProjection(
-            int(weight.shape[1]), context_dim, int(weight.shape[0]) // context_dim, device="meta"
-        )
-    else:
-        queries, dim = image_proj["latents"].shape[-2:]
-        projection = PerceiverResampler(
-            embedding_dim=int(image_proj["proj_in.weight"].shape[1]),
-            dim=int(dim),
-            output_dim=int(image_proj["proj_out.weight"].shape[0]),
-            num_queries=int(queries),
-            inner_dim=int(image_proj["layers.0.0.to_q.weight"].shape[0]),
-            depth=plus_depth(image_proj),
-            device="meta",
-        )
-    tensors = tencent_projection_to_ours(image_proj)
-    if device is not None or dtype is not None:
-        tensors = {key: value.to(device=device, dtype=dtype) for key, value in tensors.items()}
-        key_values = [
-            (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for k, v in key_values
-        ]
-    projection.load_state_dict(tensors, strict=True, assign=True)
-    return IPAdapter(projection, key_values, name)
-
-
-def load_ip_adapter(
-    path: str | Path, device: Device | str | None = None, dtype: DType | None = None
-) -> IPAdapter:
-    """An IP-Adapter file (`.bin` / `.safetensors`, tencent-ailab or diffusers layout), named after the file."""
-    path = Path(path)
-    state_dict = read_state_dict(path, what="IP-Adapter")
-    try:
-        return ip_adapter_from_state_dict(state_dict, path.stem, device=device, dtype=dtype)
-    except ValueError as error:
-        raise ModelFileError(path, "IP-Adapter", str(error), "an IP-Adapter base or plus file") from error
-
-
-# -- image embeddings ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageEmbeddings:
-    """CLIP embeddings of reference images and their negatives, before any IP-Adapter projection.
-
-    `positive`/`negative`: (N, D) image embeddings (base adapters) or (N, S, D) penultimate hidden states (plus).
-    """
-
-    positive: Tensor
-    negative: Tensor
-    kind: str
-
-    def __post_init__(self) -> None:
-        if self.kind not in (IMAGE_EMBEDS, PENULTIMATE):
-            raise ValueError(f"kind must be {IMAGE_EMBEDS!r} or {PENULTIMATE!r}, got {self.kind!r}")
-
-    def save(self, path: str | Path) -> None:
-        """Write a safetensors file: tensors "positive", "negative"; metadata format and kind."""
-        save_file(
-            {"positive": self.positive.contiguous().cpu(), "negative": self.negative.contiguous().cpu()},
-            str(path),
-            metadata={"format": EMBEDDINGS_FORMAT, "kind": self.kind},
-        )
-
-    @staticmethod
-    def load(path: str | Path) -> ImageEmbeddings:
-        """Read a file written by `save`."""
-        metadata = read_metadata(path, what="IP-Adapter image embeddings")
-        if metadata.get("format") != EMBEDDINGS_FORMAT:
-            raise ModelFileError(
-                path,
-                "IP-Adapter image embeddings",
-                f"its metadata format is {metadata.get('format')!r}",
-                f"{EMBEDDINGS_FORMAT!r} (written by ImageEmbeddings.save)",
-            )
-        tensors = read_state_dict(path, what="IP-Adapter image embeddings", keys=["positive", "negative"])
-        return ImageEmbeddings(tensors["positive"], tensors["negative"], metadata.get("kind", ""))
 
 
 # -- the sampling patch -------------------------------------------------------------------------------------

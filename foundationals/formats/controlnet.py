@@ -14,60 +14,60 @@ The maps are built from a (meta) model like the UNet's: `{their key: our key}` f
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 
 from ...fluxion import layers as fl
-from ..latent_diffusion.controlnet import (
-    ConditionEncoder,
-    ControlNet,
-    ControlOutputs,
-    HintEmbedding,
-    ZeroConvolution,
-)
-from ..latent_diffusion.unet import CrossAttentionBlock2d, ResidualBlock
-from . import diffusers_keys, ldm_keys
-from .ldm_keys import add_block, expand_module_map, spatial_transformer_table
+from . import diffusers as diffusers_format
+from . import ldm as ldm_format
+from .ldm import count_matches, expand_module_map, find_block, is_block
 
 LLLYASVIEL_PREFIX = "control_model."
+DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+)
+CONTROLNET_EXPECTED = (
+    "a ControlNet (lllyasviel keys input_hint_block.*, zero_convs.*, optionally under control_model., "
+    "or diffusers keys controlnet_cond_embedding.*, controlnet_down_blocks.*)"
+)
 
 
-def _hint_convolutions(controlnet: ControlNet) -> list[str]:
+def controlnet_layout(keys: Sequence[str]) -> tuple[str, str] | None:
+    """("lllyasviel" or "diffusers", key prefix) of a ControlNet file's keys, or None if it is not one."""
+    if any(key.startswith("control_model.input_hint_block.") for key in keys):
+        return "lllyasviel", "control_model."
+    if "input_hint_block.0.weight" in keys:
+        return "lllyasviel", ""
+    if "controlnet_cond_embedding.conv_in.weight" in keys:
+        return "diffusers", ""
+    return None
+
+
+def _hint_convolutions(controlnet: fl.Chain) -> list[str]:
     """Our module paths of the hint encoder's convolutions, in order."""
-    encoder = controlnet.ensure_find(ConditionEncoder)
+    encoder = find_block(controlnet, "ConditionEncoder")
     first_name, first = next(iter(controlnet.DownBlocks.named_children()))
-    holder = next(name for name, child in first.named_children() if isinstance(child, HintEmbedding))
+    holder = next(name for name, child in first.named_children() if is_block(child, "HintEmbedding"))
     prefix = f"DownBlocks.{first_name}.{holder}.ConditionEncoder"
     return [f"{prefix}.{name}" for name, child in encoder.named_children() if isinstance(child, fl.Conv2d)]
 
 
-def _outputs(controlnet: ControlNet) -> list[tuple[str, int | None]]:
+def _outputs(controlnet: fl.Chain) -> list[tuple[str, int | None]]:
     """(our conv path, skip index or None for the middle block's) of the output convolutions."""
-    outputs = controlnet.ensure_find(ControlOutputs)
+    outputs = find_block(controlnet, "ControlOutputs")
     result: list[tuple[str, int | None]] = []
     for name, child in outputs.named_children():
-        if isinstance(child, ZeroConvolution):
+        if is_block(child, "ZeroConvolution"):
             result.append((f"ControlOutputs.{name}.Conv2d", child.index))
         else:
             result.append((f"ControlOutputs.{name}", None))
     return result
 
 
-def lllyasviel_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
+def lllyasviel_controlnet_module_map(controlnet: fl.Chain) -> dict[str, str]:
     """Our module paths -> lllyasviel module paths (without the `control_model.` prefix)."""
-    mapping = {
-        "TimestepEncoder.RangeEncoder.Linear_1": "time_embed.0",
-        "TimestepEncoder.RangeEncoder.Linear_2": "time_embed.2",
-    }
-    if controlnet.config.unet.addition_embedding == "text_time":
-        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "label_emb.0.0"
-        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "label_emb.0.2"
-    for index, (block_name, block) in enumerate(controlnet.DownBlocks.named_children()):
-        for position, (name, child) in enumerate(ldm_keys._unet_block_children(block)):  # type: ignore[arg-type]
-            ldm_keys._add_unet_child(
-                mapping, f"DownBlocks.{block_name}.{name}", f"input_blocks.{index}.{position}", child
-            )
-    for position, (name, child) in enumerate(controlnet.MiddleBlock.named_children()):
-        ldm_keys._add_unet_child(mapping, f"MiddleBlock.{name}", f"middle_block.{position}", child)
+    mapping = ldm_format.ldm_encoder_module_map(controlnet, controlnet.config.unet)
     for index, ours in enumerate(_hint_convolutions(controlnet)):
         mapping[ours] = f"input_hint_block.{2 * index}"
     for ours, skip in _outputs(controlnet):
@@ -75,49 +75,9 @@ def lllyasviel_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
     return mapping
 
 
-def diffusers_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
+def diffusers_controlnet_module_map(controlnet: fl.Chain) -> dict[str, str]:
     """Our module paths -> diffusers `ControlNetModel` module paths."""
-    config = controlnet.config.unet
-    mapping = {
-        "TimestepEncoder.RangeEncoder.Linear_1": "time_embedding.linear_1",
-        "TimestepEncoder.RangeEncoder.Linear_2": "time_embedding.linear_2",
-    }
-    if config.addition_embedding == "text_time":
-        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_1"] = "add_embedding.linear_1"
-        mapping["TimestepEncoder.TextTimeEmbedding.RangeEncoder.Linear_2"] = "add_embedding.linear_2"
-    for index, (block_name, block) in enumerate(controlnet.DownBlocks.named_children()):
-        if index == 0:
-            mapping[f"DownBlocks.{block_name}.Conv2d"] = "conv_in"
-            continue
-        level, layer = divmod(index - 1, config.layers_per_block + 1)
-        for name, child in block.named_children():
-            diffusers_keys._add_unet_child(
-                mapping,
-                f"DownBlocks.{block_name}.{name}",
-                f"down_blocks.{level}",
-                layer,
-                child,
-                "downsamplers",
-            )
-    resnet = 0
-    for name, child in controlnet.MiddleBlock.named_children():
-        if isinstance(child, ResidualBlock):
-            add_block(
-                mapping,
-                f"MiddleBlock.{name}",
-                f"mid_block.resnets.{resnet}",
-                diffusers_keys.UNET_RESIDUAL_BLOCK,
-                child,
-            )
-            resnet += 1
-        elif isinstance(child, CrossAttentionBlock2d):
-            add_block(
-                mapping,
-                f"MiddleBlock.{name}",
-                "mid_block.attentions.0",
-                spatial_transformer_table(child),
-                child,
-            )
+    mapping = diffusers_format.diffusers_encoder_module_map(controlnet, controlnet.config.unet)
     convolutions = _hint_convolutions(controlnet)
     mapping[convolutions[0]] = "controlnet_cond_embedding.conv_in"
     for index, ours in enumerate(convolutions[1:-1]):
@@ -128,22 +88,17 @@ def diffusers_controlnet_module_map(controlnet: ControlNet) -> dict[str, str]:
     return mapping
 
 
-def lllyasviel_controlnet_key_map(controlnet: ControlNet) -> dict[str, str]:
+def lllyasviel_controlnet_key_map(controlnet: fl.Chain) -> dict[str, str]:
     """`{lllyasviel key without prefix: our key}` for every tensor of `controlnet`."""
     return expand_module_map(controlnet, lllyasviel_controlnet_module_map(controlnet))
 
 
-def diffusers_controlnet_key_map(controlnet: ControlNet) -> dict[str, str]:
+def diffusers_controlnet_key_map(controlnet: fl.Chain) -> dict[str, str]:
     """`{diffusers ControlNetModel key: our key}` for every tensor of `controlnet`."""
     return expand_module_map(controlnet, diffusers_controlnet_module_map(controlnet))
 
 
 # -- architecture from keys and shapes ----------------------------------------------------------------------------
-
-
-def _count(keys: Iterable[str], pattern: str) -> int:
-    regex = re.compile(pattern)
-    return len({match.group(1) for key in keys if (match := regex.match(key))})
 
 
 def hint_channels_from_shapes(
@@ -156,7 +111,7 @@ def hint_channels_from_shapes(
         )
         convs = [shapes[f"input_hint_block.{i}.weight"] for i in indices]
     else:
-        blocks = _count(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+        blocks = count_matches(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
         convs = [
             shapes["controlnet_cond_embedding.conv_in.weight"],
             *(shapes[f"controlnet_cond_embedding.blocks.{i}.weight"] for i in range(blocks)),
@@ -169,8 +124,8 @@ def hint_channels_from_shapes(
 def ldm_shapes_from_diffusers(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """The LDM key shapes a diffusers-layout ControlNet's UNet part would have (enough to infer its config)."""
     keys = list(shapes)
-    levels = _count(keys, r"down_blocks\.(\d+)\.")
-    per_level = _count(keys, r"down_blocks\.0\.resnets\.(\d+)\.")
+    levels = count_matches(keys, r"down_blocks\.(\d+)\.")
+    per_level = count_matches(keys, r"down_blocks\.0\.resnets\.(\d+)\.")
     result: dict[str, tuple[int, ...]] = {"input_blocks.0.0.weight": shapes["conv_in.weight"]}
     index = 1
     for level in range(levels):

@@ -20,29 +20,25 @@ summed in order, so nothing accumulates across UNet calls.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from ...fluxion import layers as fl
-from ...fluxion.adapters.adapter import Adapter
-from ...fluxion.utils import center_crop_resize
-from ..model_files import ModelFileError
-from .model_config import SD15_UNET, UNetConfig
-from .model_patch import SamplingRun, Undo
-from .unet import DownBlocks, MiddleBlock, TimestepEncoder, UNet, _skip_channels
+from .....fluxion import layers as fl
+from .....fluxion.adapters.adapter import Adapter
+from ...model_config import SD15_UNET, UNetConfig, unet_family
+from ...model_patch import SamplingRun, Undo
+from ...resizing import broadcast_batch, resize_hint, resize_mask
+from ...unet import DownBlocks, MiddleBlock, TimestepEncoder, UNet, skip_channels
 
 if TYPE_CHECKING:
-    from .stable_diffusion import StableDiffusion
+    from ...stable_diffusion import StableDiffusion
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet", "guess")
 """balanced: plain; prompt: A1111 "My prompt is more important" (residual i x 0.825**(last - i));
@@ -133,7 +129,7 @@ class ControlOutputs(fl.Parallel):
     ) -> None:
         skips = [
             ZeroConvolution(index, channels, device, dtype)
-            for index, channels in enumerate(_skip_channels(config))
+            for index, channels in enumerate(skip_channels(config))
         ]
         width = config.block_channels[-1]
         super().__init__(*skips, fl.Conv2d(width, width, 1, device=device, dtype=dtype))
@@ -149,7 +145,7 @@ class ControlNet(fl.Chain):
         dtype: DType | None = None,
     ) -> None:
         self.config = config
-        self.residual_count = len(_skip_channels(config.unet)) + 1
+        self.residual_count = len(skip_channels(config.unet)) + 1
         down_blocks = DownBlocks(config.unet, device, dtype)
         first: fl.Chain = down_blocks[0]  # type: ignore[assignment]
         first.insert(1, HintEmbedding(config, device, dtype))
@@ -194,36 +190,6 @@ class ControlNet(fl.Chain):
 # -- hints, masks, schedules (shared with the T2I-Adapter) ------------------------------------------------------
 
 
-def prepare_hint(image: Tensor, height: int, width: int) -> Tensor:
-    """ComfyUI IMAGE (B,H,W,C in [0, 1]) -> (B,C,height,width): center crop to the aspect ratio, nearest-exact resize.
-
-    The same as ComfyUI's `common_upscale(hint, width, height, "nearest-exact", "center")`.
-    """
-    if image.dim() == 3:
-        image = image[None]
-    if image.dim() != 4:
-        raise ValueError(f"a hint image must be (B, H, W, C), got shape {tuple(image.shape)}")
-    return center_crop_resize(image.movedim(-1, 1), height, width, mode="nearest-exact")
-
-
-def broadcast_batch(tensor: Tensor, batch_size: int) -> Tensor:
-    """Repeat a batch cyclically to `batch_size` items (ComfyUI's broadcast of hints and masks)."""
-    if tensor.shape[0] == batch_size:
-        return tensor
-    repeats = math.ceil(batch_size / tensor.shape[0])
-    return tensor.repeat(repeats, *([1] * (tensor.dim() - 1)))[:batch_size]
-
-
-def mask_for(mask: Tensor, size: tuple[int, int], batch_size: int) -> Tensor:
-    """A MASK ((H,W), (B,H,W) or (B,1,H,W)) as (batch_size, 1, *size): area-resized, batch broadcast."""
-    if mask.dim() == 2:
-        mask = mask[None]
-    if mask.dim() == 3:
-        mask = mask[:, None]
-    resized = F.interpolate(mask.float(), size=size, mode="area") if mask.shape[-2:] != size else mask
-    return broadcast_batch(resized, batch_size)
-
-
 def is_step_active(step: int, num_steps: int, start: float, end: float) -> bool:
     """diffusers' `controlnet_keep`: step i of N is controlled unless `i/N < start` or `(i+1)/N > end`."""
     return not (step / num_steps < start or (step + 1) / num_steps > end)
@@ -231,13 +197,6 @@ def is_step_active(step: int, num_steps: int, start: float, end: float) -> bool:
 
 class ControlMismatchError(ValueError):
     """A ControlNet or T2I-Adapter built for another model family (or shape) than the UNet it is applied to."""
-
-
-def unet_family(config: UNetConfig) -> str:
-    """SD1.5, SD2.x or SDXL, from a UNet config (the name error messages use)."""
-    if config.addition_embedding == "text_time":
-        return "SDXL"
-    return "SD2.x" if config.context_dim == 1024 else "SD1.5"
 
 
 def check_controlnet_fits(config: ControlNetConfig, unet: UNetConfig, what: str = "this ControlNet") -> None:
@@ -347,7 +306,7 @@ class ControlNetBranch(fl.ContextModule):
         outputs = self._scaled(outputs)
         if self._mask is not None:
             mask = self._batched(self._mask, x, doubled=not conditional_only, is_mask=True)
-            outputs = [o * mask_for(mask, tuple(o.shape[-2:]), o.shape[0]).to(o) for o in outputs]  # type: ignore[arg-type]
+            outputs = [o * resize_mask(mask.float(), o.shape[-2:], "area", o.shape[0]).to(o) for o in outputs]
         if conditional_only:
             outputs = [torch.cat([torch.zeros_like(o), o]) for o in outputs]
         return outputs
@@ -373,7 +332,7 @@ class ControlNetBranch(fl.ContextModule):
                 prepared = broadcast_batch(source if source.dim() > 2 else source[None], batch)
             else:
                 factor = self.controlnet.config.downscale_factor
-                hint = prepare_hint(source, x.shape[-2] * factor, x.shape[-1] * factor)
+                hint = resize_hint(source, x.shape[-2] * factor, x.shape[-1] * factor)
                 prepared = broadcast_batch(hint, batch)
             self._prepared[key] = torch.cat([prepared, prepared]) if guided else prepared
         return self._prepared[key]
@@ -455,134 +414,3 @@ class ControlNetPatch:
             adapter.eject()
 
         return undo
-
-
-# -- loading ------------------------------------------------------------------------------------------------------
-
-DIFFUSERS_WEIGHT_NAMES = (
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "diffusion_pytorch_model.bin",
-)
-CONTROLNET_EXPECTED = (
-    "a ControlNet (lllyasviel keys input_hint_block.*, zero_convs.*, optionally under control_model., "
-    "or diffusers keys controlnet_cond_embedding.*, controlnet_down_blocks.*)"
-)
-
-
-def describe_model_kind(keys: Sequence[str]) -> str:
-    """What a file that is not the expected adapter looks like, from its keys."""
-
-    def has(*fragments: str) -> bool:
-        return any(fragment in key for key in keys for fragment in fragments)
-
-    if has("lora_down", "lora_up", ".lora.", "lora_A", "lora_B", "hada_w", "lokr_w") or any(
-        key.startswith("lora_") for key in keys
-    ):
-        return "a LoRA"
-    if has("input_hint_block", "controlnet_cond_embedding"):
-        return "a ControlNet"
-    if has("adapter.body.", "body.0.") and has("conv_in.weight", "in_conv", "block1"):
-        return "a T2I-Adapter"
-    if has("ip_adapter", "image_proj."):
-        return "an IP-Adapter"
-    if any(key.startswith("model.diffusion_model.") for key in keys):
-        return "a Stable Diffusion checkpoint"
-    if has("up_blocks.") and has("down_blocks."):
-        return "a diffusers UNet or autoencoder"
-    return "an unknown model"
-
-
-def controlnet_layout(keys: Sequence[str]) -> tuple[str, str] | None:
-    """("lllyasviel" or "diffusers", key prefix) of a ControlNet file's keys, or None if it is not one."""
-    if any(key.startswith("control_model.input_hint_block.") for key in keys):
-        return "lllyasviel", "control_model."
-    if "input_hint_block.0.weight" in keys:
-        return "lllyasviel", ""
-    if "controlnet_cond_embedding.conv_in.weight" in keys:
-        return "diffusers", ""
-    return None
-
-
-def load_controlnet(
-    path: str | Path,
-    device: Device | str = "cpu",
-    dtype: DType = torch.float32,
-    base: UNetConfig | None = None,
-) -> ControlNet:
-    """A ControlNet file (lllyasviel or diffusers layout; architecture from its shapes), checked against `base`."""
-    from ..conversion.controlnet_keys import (
-        diffusers_controlnet_key_map,
-        hint_channels_from_shapes,
-        ldm_shapes_from_diffusers,
-        lllyasviel_controlnet_key_map,
-    )
-    from ..model_files import describe_keys, read_header, read_state_dict
-    from .checkpoint import CheckpointError, infer_unet_config
-
-    path = Path(path)
-    if path.is_dir():  # a diffusers ControlNet folder: its weights file (the config is read from the shapes)
-        weights = [path / name for name in DIFFUSERS_WEIGHT_NAMES if (path / name).is_file()]
-        path = weights[0] if weights else path
-    header = read_header(path, what="ControlNet")
-    keys = list(header)
-    layout = controlnet_layout(keys)
-    if layout is None:
-        found = f"this is {describe_model_kind(keys)}, not a ControlNet ({describe_keys(keys)})"
-        raise ModelFileError(path, "ControlNet", found, CONTROLNET_EXPECTED)
-    kind, prefix = layout
-    shapes = {key[len(prefix) :]: spec.shape for key, spec in header.items() if key.startswith(prefix)}
-    ldm_shapes = shapes if kind == "lllyasviel" else ldm_shapes_from_diffusers(shapes)
-    try:
-        in_channels = ldm_shapes["input_blocks.0.0.weight"][1]
-        unet_config = infer_unet_config({**ldm_shapes, "out.2.weight": (in_channels,)}, str(path))
-        conditioning_channels, hint_channels = hint_channels_from_shapes(shapes, kind)
-    except (KeyError, IndexError, CheckpointError) as error:
-        found = f"an incomplete {kind}-layout ControlNet ({error})"
-        raise ModelFileError(path, "ControlNet", found, CONTROLNET_EXPECTED) from error
-    config = ControlNetConfig(unet_config, conditioning_channels, hint_channels)
-    if base is not None:
-        try:
-            check_controlnet_fits(config, base)
-        except ControlMismatchError as error:
-            raise ModelFileError(
-                path, "ControlNet", str(error), f"a ControlNet for {unet_family(base)}"
-            ) from error
-        heads = {
-            "num_attention_heads": base.num_attention_heads,
-            "attention_head_dim": base.attention_head_dim,
-        }
-        config = ControlNetConfig(unet_config.with_changes(**heads), conditioning_channels, hint_channels)
-    controlnet = ControlNet(config, device="meta")
-    key_map = (lllyasviel_controlnet_key_map if kind == "lllyasviel" else diffusers_controlnet_key_map)(
-        controlnet
-    )
-    missing = sorted(set(key_map) - set(shapes))
-    unmapped = sorted(set(shapes) - set(key_map))
-    if missing or unmapped:
-        found = f"{kind}-layout keys that do not fit the inferred architecture: " + "; ".join(
-            part
-            for part in (
-                f"{len(missing)} missing ({', '.join(prefix + k for k in missing[:5])})" if missing else "",
-                f"{len(unmapped)} unmapped ({', '.join(prefix + k for k in unmapped[:5])})"
-                if unmapped
-                else "",
-            )
-            if part
-        )
-        raise ModelFileError(path, "ControlNet", found, CONTROLNET_EXPECTED)
-    tensors = read_state_dict(
-        path, what="ControlNet", device=device, dtype=dtype, keys=[prefix + k for k in key_map]
-    )
-    expected = {key: value.shape for key, value in controlnet.state_dict().items()}
-    state: dict[str, Tensor] = {}
-    for theirs, ours in key_map.items():
-        tensor = tensors[prefix + theirs]
-        if tensor.shape != expected[ours]:
-            if tensor.numel() != expected[ours].numel():
-                found = f"{prefix + theirs} has shape {tuple(tensor.shape)}"
-                raise ModelFileError(path, "ControlNet", found, f"shape {tuple(expected[ours])}")
-            tensor = tensor.reshape(expected[ours])  # attention projections stored as 1x1 convolutions
-        state[ours] = tensor
-    controlnet.load_state_dict(state, strict=True, assign=True)
-    return controlnet

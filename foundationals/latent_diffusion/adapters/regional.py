@@ -27,15 +27,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 from itertools import count
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ...fluxion import layers as fl
+from ....fluxion import layers as fl
+from ..resizing import resize_mask
+from ..sampling import Conditioning, Denoiser, StepCallback, denoise
+from ..solvers import Solver
+
+if TYPE_CHECKING:
+    from ..model_patch import SamplingRun
 
 REGIONS_CONTEXT = "regions"
 _REGION_IDS = count()
@@ -91,13 +97,7 @@ def latent_region_mask(mask: Tensor, latent_height: int, latent_width: int) -> T
     if not torch.isfinite(mask).all():
         raise ValueError("the region mask contains NaN or infinite values")
     mask = mask.float().clamp(0, 1)
-    if tuple(mask.shape[-2:]) == (latent_height, latent_width):
-        return mask
-    if mask.shape[-2] % latent_height == 0 and mask.shape[-1] % latent_width == 0:
-        return F.adaptive_avg_pool2d(mask, (latent_height, latent_width))
-    return F.interpolate(mask, size=(latent_height, latent_width), mode="bilinear", antialias=True).clamp(
-        0, 1
-    )
+    return resize_mask(mask, (latent_height, latent_width), "antialiased").clamp(0, 1)
 
 
 def _fit_batch(mask: Tensor, batch: int) -> Tensor:
@@ -127,12 +127,12 @@ class RegionGate(fl.ContextModule):
             return torch.zeros_like(x)
         mask: Tensor = state["mask"].to(device=x.device, dtype=x.dtype)
         if x.dim() == 4:
-            grid = F.interpolate(mask, size=x.shape[-2:], mode="bilinear")
+            grid = resize_mask(mask, x.shape[-2:], "bilinear")
             return x * _fit_batch(grid, x.shape[0])
         if x.dim() == 3:
             size = self._token_grid(x.shape[1])
             if size is not None:
-                grid = F.interpolate(mask, size=size, mode="bilinear").flatten(1)[..., None]
+                grid = resize_mask(mask, size, "bilinear").flatten(1)[..., None]
                 return x * _fit_batch(grid, x.shape[0])
         return x
 
@@ -187,3 +187,65 @@ def outside_of_regions(regions: Sequence[Region], batch: int) -> Tensor:
     """1 where no region reaches, 0 inside any region (fractional at soft edges), for a latent batch."""
     masks = [_fit_batch(region.mask, batch) for region in regions]
     return 1.0 - sum(masks[1:], masks[0]).clamp(0.0, 1.0)
+
+
+def sample_keeping_outside(
+    unet: Denoiser,
+    run: SamplingRun,
+    solver: Solver,
+    latents: Tensor,
+    positive: Conditioning,
+    negative: Conditioning | None,
+    generator: torch.Generator,
+    callback: StepCallback | None,
+    predict: Callable[[Tensor], Tensor],
+    options: dict[str, Any],
+) -> Tensor:
+    """Sample without the run's regions, then with them, holding the outside to the first trajectory.
+
+    Both passes draw the same random numbers as a run without regions would (the generator's state is
+    copied), so the latents outside every region end exactly as that run's. Progress counts both.
+    """
+    total = 2 * len(solver.inference_steps)
+    base_generator = torch.Generator(generator.device)
+    base_generator.set_state(generator.get_state())
+    trajectory: list[Tensor] = []
+
+    def record(done: int, _: int, current: Tensor) -> None:
+        trajectory.append(current.clone())
+        if callback is not None:
+            callback(done, total, current)
+
+    with run.without_regions():
+        denoise(
+            unet,
+            deepcopy(solver),
+            latents,
+            positive,
+            negative,
+            generator=base_generator,
+            callback=record,
+            predict=predict,
+            **options,
+        )
+    outside = outside_of_regions(run.regions, latents.shape[0]).to(latents)
+
+    def hold_outside(index: int, current: Tensor) -> Tensor:
+        return outside * trajectory[index] + (1 - outside) * current
+
+    def report(done: int, _: int, current: Tensor) -> None:
+        if callback is not None:
+            callback(len(trajectory) + done, total, current)
+
+    return denoise(
+        unet,
+        solver,
+        latents,
+        positive,
+        negative,
+        generator=generator,
+        callback=report,
+        predict=predict,
+        after_step=hold_outside,
+        **options,
+    )

@@ -26,14 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ...fluxion import layers as fl
-from ...fluxion.adapters.adapter import Adapter
-from .ip_adapter import cross_attention_blocks
-from .model_patch import SamplingRun, Undo
-from .unet import SelfAttentionBlock, UNet
+from ....fluxion import layers as fl
+from ....fluxion.adapters.adapter import Adapter
+from ..model_patch import SamplingRun, Undo
+from ..unet import SelfAttentionBlock, UNet, cross_attention_blocks
 
 if TYPE_CHECKING:
-    from .stable_diffusion import StableDiffusion
+    from ..stable_diffusion import StableDiffusion
 
 OFF, WRITE, READ = "off", "write", "read"
 _IDS = count()

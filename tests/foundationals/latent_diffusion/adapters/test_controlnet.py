@@ -18,8 +18,8 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from safetensors.torch import save_file
 
-from foundationals.conversion.controlnet_keys import lllyasviel_controlnet_key_map
-from foundationals.latent_diffusion.controlnet import (
+from foundationals.formats.controlnet import lllyasviel_controlnet_key_map
+from foundationals.latent_diffusion.adapters.controlnet import (
     ControlMismatchError,
     ControlNet,
     ControlNetBranch,
@@ -29,7 +29,7 @@ from foundationals.latent_diffusion.controlnet import (
 )
 from foundationals.latent_diffusion.model_config import TINY_SDXL_UNET, TINY_UNET
 from foundationals.latent_diffusion.model_patch import SamplingRun, patched
-from foundationals.latent_diffusion.stable_diffusion import make_solver
+from foundationals.latent_diffusion.solvers import make_solver
 from foundationals.model_files import ModelFileError
 from tests.support.tiny_control import diffusers_controlnet, ours_from_diffusers_controlnet
 from tests.support.tiny_sd import (

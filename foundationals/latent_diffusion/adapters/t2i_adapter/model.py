@@ -17,9 +17,7 @@ wrapped by a `T2IFeatureAdapter`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,23 +26,16 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
-from ...fluxion import layers as fl
-from ...fluxion.adapters.adapter import Adapter
-from ..model_files import ModelFileError
-from .controlnet import (
-    ControlMismatchError,
-    broadcast_batch,
-    describe_model_kind,
-    is_step_active,
-    prepare_hint,
-    unet_family,
-)
-from .model_config import UNetConfig
-from .model_patch import SamplingRun, Undo
-from .unet import ControlResidual, CrossAttentionBlock2d, DownBlocks, ResidualAccumulator, UNet
+from .....fluxion import layers as fl
+from .....fluxion.adapters.adapter import Adapter
+from ...model_config import UNetConfig, unet_family
+from ...model_patch import SamplingRun, Undo
+from ...resizing import broadcast_batch, resize_hint
+from ...unet import ControlResidual, CrossAttentionBlock2d, DownBlocks, ResidualAccumulator, UNet
+from ..controlnet.model import ControlMismatchError, is_step_active
 
 if TYPE_CHECKING:
-    from .stable_diffusion import StableDiffusion
+    from ...stable_diffusion import StableDiffusion
 
 T2I_KINDS = ("full", "light", "full_xl")
 
@@ -278,7 +269,7 @@ class T2IAdapterPatch:
     def features(self, run: SamplingRun, device: torch.device, dtype: DType) -> list[Tensor]:
         """The scaled features for the run's size and batch (both CFG halves when guided)."""
         factor = self.adapter.config.latent_factor
-        hint = prepare_hint(self.hint, run.latent_height * factor, run.latent_width * factor)
+        hint = resize_hint(self.hint, run.latent_height * factor, run.latent_width * factor)
         hint = broadcast_batch(hint, run.batch_size)
         parameter = next(self.adapter.parameters())
         with torch.no_grad():
@@ -316,150 +307,3 @@ class T2IAdapterPatch:
                 adapter.eject()
 
         return undo
-
-
-# -- loading -------------------------------------------------------------------------------------------------------
-
-T2I_EXPECTED = (
-    "a T2I-Adapter (TencentARC keys conv_in.*, body.N.block1/block2 or body.N.in_conv/body.N.body.M.*, "
-    "or diffusers keys adapter.conv_in.*, adapter.body.N.resnets.M.*)"
-)
-
-
-def t2i_adapter_key_map(adapter: T2IAdapter, layout: str) -> dict[str, str]:
-    """`{their key: our key}` for "tencentarc" or "diffusers" layout files."""
-    config = adapter.config
-    names = [
-        name
-        for name, child in adapter.named_children()
-        if isinstance(child, (AdapterBlock, LightAdapterBlock))
-    ]
-    module_map: dict[str, str] = {}
-    if config.kind != "light":
-        module_map["Conv2d"] = "adapter.conv_in" if layout == "diffusers" else "conv_in"
-    for level, name in enumerate(names):
-        block: fl.Chain = adapter[name]  # type: ignore[assignment]
-        residuals = [n for n, c in block.named_children() if isinstance(c, AdapterResidualBlock)]
-        convs = [n for n, c in block.named_children() if isinstance(c, fl.Conv2d)]
-        for position, residual in enumerate(residuals):
-            if layout == "diffusers":
-                theirs = f"adapter.body.{level}.resnets.{position}"
-            elif config.kind == "light":
-                theirs = f"body.{level}.body.{position}"
-            else:
-                theirs = f"body.{level * config.num_res_blocks + position}"
-            module_map[f"{name}.{residual}.Conv2d_1"] = f"{theirs}.block1"
-            module_map[f"{name}.{residual}.Conv2d_2"] = f"{theirs}.block2"
-        if config.kind == "light":
-            prefix = "adapter.body" if layout == "diffusers" else "body"
-            module_map[f"{name}.{convs[0]}"] = f"{prefix}.{level}.in_conv"
-            module_map[f"{name}.{convs[1]}"] = f"{prefix}.{level}.out_conv"
-        elif convs:
-            theirs = (
-                f"adapter.body.{level}" if layout == "diffusers" else f"body.{level * config.num_res_blocks}"
-            )
-            module_map[f"{name}.{convs[0]}"] = f"{theirs}.in_conv"
-    keys: dict[str, str] = {}
-    for ours in adapter.state_dict():
-        module, _, tensor = ours.rpartition(".")
-        keys[f"{module_map[module]}.{tensor}"] = ours
-    return keys
-
-
-def infer_t2i_config(
-    shapes: dict[str, tuple[int, ...]], source: str = "T2I-Adapter"
-) -> tuple[T2IAdapterConfig, str]:
-    """The adapter config and layout ("tencentarc" or "diffusers") from a file's key shapes."""
-    diffusers = any(key.startswith("adapter.") for key in shapes)
-    layout = "diffusers" if diffusers else "tencentarc"
-    shapes = {key.removeprefix("adapter."): shape for key, shape in shapes.items()}
-    in_conv = [key for key in shapes if key.endswith("in_conv.weight")]
-    light = "conv_in.weight" not in shapes
-    body = sorted({int(key.split(".")[1]) for key in shapes if key.startswith("body.")})
-    if light:
-        levels = len(body)
-        blocks_key = "resnets" if diffusers else "body"
-        num_res = len({key.split(".")[3] for key in shapes if key.startswith(f"body.0.{blocks_key}.")})
-        channels = tuple(shapes[f"body.{level}.out_conv.weight"][0] for level in range(levels))
-        unshuffled = shapes["body.0.in_conv.weight"][1]
-        kind = "light"
-    else:
-        unshuffled = shapes["conv_in.weight"][1]
-        if diffusers:
-            levels = len(body)
-            num_res = len({key.split(".")[3] for key in shapes if key.startswith("body.0.resnets.")})
-            block1 = [shapes[f"body.{level}.resnets.0.block1.weight"][0] for level in range(levels)]
-        else:
-            in_conv_levels = sorted(int(key.split(".")[1]) for key in in_conv)
-            num_res = in_conv_levels[0] if in_conv_levels else len(body)
-            levels = len(body) // num_res
-            block1 = [shapes[f"body.{level * num_res}.block1.weight"][0] for level in range(levels)]
-        channels = tuple(block1)
-        kernel = shapes["body.0.resnets.0.block2.weight" if diffusers else "body.0.block2.weight"][-1]
-        if kernel != 1 or any("skep" in key or "down_opt" in key for key in shapes):
-            raise ModelFileError(
-                source,
-                "T2I-Adapter",
-                "an adapter variant with 3x3 skip/downsample convolutions",
-                "the released full adapters (1x1 second convolution, average-pool downsampling)",
-            )
-        kind = "full"
-    in_channels = 3 if unshuffled % 3 == 0 else 1
-    factor = round((unshuffled // in_channels) ** 0.5)
-    if (
-        kind == "full" and factor == 16
-    ):  # SDXL adapters unshuffle 16x (TencentARC's Adapter_XL, ComfyUI's rule)
-        kind = "full_xl"
-    return T2IAdapterConfig(kind, channels, num_res, in_channels, factor), layout
-
-
-def load_t2i_adapter(
-    path: str | Path,
-    device: Device | str = "cpu",
-    dtype: DType = torch.float32,
-    base: UNetConfig | None = None,
-) -> T2IAdapter:
-    """A T2I-Adapter file (TencentARC or diffusers layout), checked against the base UNet when given."""
-    from ..model_files import describe_keys, read_header, read_state_dict
-
-    header = read_header(path, what="T2I-Adapter")
-    keys = list(header)
-    if (
-        not any(key.startswith(("body.", "adapter.body.")) for key in keys)
-        or describe_model_kind(keys) == "a LoRA"
-    ):
-        found = f"this is {describe_model_kind(keys)}, not a T2I-Adapter ({describe_keys(keys)})"
-        raise ModelFileError(path, "T2I-Adapter", found, T2I_EXPECTED)
-    try:
-        config, layout = infer_t2i_config({key: spec.shape for key, spec in header.items()}, str(path))
-    except (KeyError, IndexError, ValueError) as error:
-        if isinstance(error, ModelFileError):
-            raise
-        raise ModelFileError(
-            path, "T2I-Adapter", f"an incomplete T2I-Adapter ({error})", T2I_EXPECTED
-        ) from error
-    if base is not None:
-        try:
-            check_adapter_fits(config, base)
-        except ControlMismatchError as error:
-            raise ModelFileError(
-                path, "T2I-Adapter", str(error), f"a T2I-Adapter for {unet_family(base)}"
-            ) from error
-    adapter = T2IAdapter(config, device="meta")
-    key_map = t2i_adapter_key_map(adapter, layout)
-    missing, unmapped = sorted(set(key_map) - set(keys)), sorted(set(keys) - set(key_map))
-    if missing or unmapped:
-        found = (
-            f"keys that do not fit a {config.kind} adapter: missing {missing[:5]}, unmapped {unmapped[:5]}"
-        )
-        raise ModelFileError(path, "T2I-Adapter", found, T2I_EXPECTED)
-    tensors = read_state_dict(path, what="T2I-Adapter", device=device, dtype=dtype, keys=list(key_map))
-    adapter.load_state_dict(
-        {ours: tensors[theirs] for theirs, ours in key_map.items()}, strict=True, assign=True
-    )
-    return adapter
-
-
-def diffusers_config_channels(config: T2IAdapterConfig) -> Sequence[int]:
-    """diffusers' `channels` argument for this config (light adapters repeat their last width implicitly)."""
-    return config.channels[:-1] if config.kind == "light" else config.channels

@@ -21,10 +21,11 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
 from foundationals.clip.image_encoder import load_clip_image_encoder_from_folder
-from foundationals.latent_diffusion.ip_adapter import IPAdapterPatch, load_ip_adapter
+from foundationals.latent_diffusion.adapters.ip_adapter import IPAdapterPatch, load_ip_adapter
 from foundationals.latent_diffusion.model_config import TINY_SDXL_UNET
 from foundationals.latent_diffusion.model_patch import SamplingRun, patched
-from foundationals.latent_diffusion.stable_diffusion import SizeConditioning, make_solver
+from foundationals.latent_diffusion.sampling import SizeConditioning
+from foundationals.latent_diffusion.solvers import make_solver
 from tests.support.tiny_ip_adapter import (
     cross_attention_widths,
     tencent_ip_adapter,

@@ -7,10 +7,11 @@ conditioning scale 0.8. Measured max abs difference on [0, 1] images: 4.7e-6; to
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLControlNetPipeline
 
-from foundationals.latent_diffusion.controlnet import ControlNetPatch
+from foundationals.latent_diffusion.adapters.controlnet import ControlNetPatch
 from foundationals.latent_diffusion.model_config import TINY_SDXL_UNET
 from foundationals.latent_diffusion.model_patch import SamplingRun, patched
-from foundationals.latent_diffusion.stable_diffusion import SizeConditioning, make_solver
+from foundationals.latent_diffusion.sampling import SizeConditioning
+from foundationals.latent_diffusion.solvers import make_solver
 from tests.support.tiny_control import diffusers_controlnet, ours_from_diffusers_controlnet
 from tests.support.tiny_sdxl import SDXL_SCHEDULER, diffusers_sdxl_components, ours_from_diffusers
 

@@ -17,17 +17,18 @@ import pytest
 import torch
 
 from foundationals.clip.image_encoder import load_clip_image_encoder
-from foundationals.latent_diffusion.ip_adapter import IPAdapterPatch, ip_adapter_from_state_dict
-from foundationals.latent_diffusion.lora import SDLoraManager
-from foundationals.latent_diffusion.model_patch import SamplingRun, patched
-from foundationals.latent_diffusion.regional import (
+from foundationals.latent_diffusion.adapters.ip_adapter import IPAdapterPatch, ip_adapter_from_state_dict
+from foundationals.latent_diffusion.adapters.lora import SDLoraManager
+from foundationals.latent_diffusion.adapters.regional import (
     REGIONS_CONTEXT,
     Region,
     RegionGate,
     latent_region_mask,
     new_region_name,
 )
-from foundationals.latent_diffusion.stable_diffusion import StableDiffusion, make_solver
+from foundationals.latent_diffusion.model_patch import SamplingRun, patched
+from foundationals.latent_diffusion.solvers import make_solver
+from foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 from nodes.demo import kohya_lora, tencent_ip_adapter, tiny_image_encoder_file, tiny_sd15
 
 LATENT = 16
@@ -57,7 +58,7 @@ def lora(sd) -> dict[str, torch.Tensor]:
 
 
 def _unet_path(sd: StableDiffusion, kohya_module: str) -> str:
-    from foundationals.latent_diffusion.lora import unet_lora_module_map
+    from foundationals.latent_diffusion.adapters.lora import unet_lora_module_map
 
     for canonical, ours in unet_lora_module_map(sd.unet).items():
         if canonical.replace(".", "_") == kohya_module:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from foundationals.conversion.lora_keys import (
+from foundationals.formats.lora import (
     SD15,
     SDXL,
     TEXT_ENCODER,
@@ -22,7 +22,7 @@ from foundationals.conversion.lora_keys import (
     kohya_name_table,
     normalize_lora,
 )
-from foundationals.latent_diffusion.lora import load_lora_state_dict
+from foundationals.latent_diffusion.adapters.lora import load_lora_state_dict
 
 warnings.filterwarnings("ignore")
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import fluxion.layers as fl
-from foundationals.latent_diffusion.model_config import UNET_PRESETS
-from foundationals.latent_diffusion.reference_only import (
+from foundationals.latent_diffusion.adapters.reference_only import (
     ReferenceAttention,
     ReferenceOnly,
     ReferenceOnlyPatch,
     self_attention_blocks_by_width,
 )
+from foundationals.latent_diffusion.model_config import UNET_PRESETS
 from foundationals.latent_diffusion.unet import SelfAttentionBlock, UNet
 from tests.foundationals.latent_diffusion.test_unet import conditioning, reference_and_ours
 from tests.support.tiny_ip_adapter import sample_with_patches

@@ -1,0 +1,32 @@
+"""IP-Adapter: image projections (`model`), the decoupled cross-attention and its patch (`adapter`), saved image
+embeddings (`embeddings`), and reading its files (`loading`)."""
+
+from .adapter import (
+    COMBINE_MODES,
+    ImageAttention,
+    ImageCrossAttention,
+    IPAdapter,
+    IPAdapterInjection,
+    IPAdapterPatch,
+    iter_ip_adapters,
+)
+from .embeddings import IMAGE_EMBEDS, PENULTIMATE, ImageEmbeddings
+from .loading import ip_adapter_from_state_dict, load_ip_adapter
+from .model import ImageProjection, PerceiverResampler
+
+__all__ = [
+    "COMBINE_MODES",
+    "IMAGE_EMBEDS",
+    "PENULTIMATE",
+    "IPAdapter",
+    "IPAdapterInjection",
+    "IPAdapterPatch",
+    "ImageAttention",
+    "ImageCrossAttention",
+    "ImageEmbeddings",
+    "ImageProjection",
+    "PerceiverResampler",
+    "ip_adapter_from_state_dict",
+    "iter_ip_adapters",
+    "load_ip_adapter",
+]
