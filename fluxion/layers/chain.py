@@ -227,7 +227,8 @@ class Chain(ContextModule):
         """Yield `(module, parent)` for every matching module below this Chain.
 
         `predicate` is a type or a function of (module, parent). Matches are not descended
-        into unless `recurse` is True.
+        into unless `recurse` is True. A predicate raising StopIteration prunes that module and
+        everything below it; the walk goes on with its siblings (as refiners' walk does).
         """
         if predicate is None:
             predicate = Module
@@ -239,7 +240,10 @@ class Chain(ContextModule):
         else:
             matches = predicate
         for module in self:
-            found = matches(module, self)
+            try:
+                found = matches(module, self)
+            except StopIteration:
+                continue
             if found:
                 yield module, self
             if isinstance(module, Chain) and (recurse or not found):
@@ -332,10 +336,16 @@ class Chain(ContextModule):
         self._attach(new_module)
 
     def structural_copy(self: TChain) -> TChain:
-        """A new tree of Chains over the same leaf layers: adapt it without touching the original."""
+        """A new tree of Chains over the same leaf layers: adapt it without touching the original.
+
+        Raises RuntimeError when the tree holds an adapter whose target is a Chain (eject it first).
+        """
         return self._copy_tree({})
 
     def _copy_tree(self: TChain, memo: dict[int, Module]) -> TChain:
+        refuse_copy = getattr(self, "_refuse_structural_copy", None)  # adapters of Chains say no
+        if refuse_copy is not None:
+            refuse_copy()
         clone = object.__new__(type(self))
         clone.__dict__ = self.__dict__.copy()
         clone._parameters = dict(self._parameters)
