@@ -193,6 +193,28 @@ def test_converter_moves_inputs_to_the_parent_dtype():
     assert chain(torch.ones(1, 2, dtype=torch.float32)).dtype == torch.float64
 
 
+def test_converter_without_a_parent_raises_refiners_assertion_error():
+    with pytest.raises(AssertionError, match="does not have a parent"):
+        fl.Converter()(torch.ones(1, 2))
+
+
+def test_converter_whose_parent_has_no_device_or_dtype_raises_refiners_assertion_error():
+    x = torch.ones(1, 2)
+    weightless = fl.Chain(fl.Converter(), fl.ReLU())
+    with pytest.raises(AssertionError, match="parent has no device"):
+        weightless.Converter(x)
+    with pytest.raises(
+        fl.ChainError, match="parent has no device"
+    ) as caught:  # located, like any layer error
+        weightless(x)
+    assert isinstance(caught.value.__cause__, AssertionError)
+    dtype_only = fl.Chain(fl.Converter(set_device=False), fl.ReLU())
+    with pytest.raises(AssertionError, match="parent has no dtype"):
+        dtype_only.Converter(x)
+    nothing_to_convert = fl.Chain(fl.Converter(set_device=False, set_dtype=False), fl.ReLU())
+    assert torch.equal(nothing_to_convert(x), x)
+
+
 def test_sampling_layers_roundtrip_odd_sizes():
     chain = fl.Chain(fl.Downsample(4, scale_factor=2), fl.Upsample(4))
     x = torch.randn(1, 4, 7, 9)
