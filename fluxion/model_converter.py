@@ -363,7 +363,10 @@ class ModelConverter:
         ]
         if differences:
             self._log("models do not have the same basic layers:\n  " + "\n  ".join(differences))
-        unpaired = {side: self._unpaired_weighted_leaves(model) for side, model in self._models()}
+        unpaired = {
+            "source": self._unpaired_weighted_leaves(self.source_model),
+            "target": self._unpaired_weighted_leaves(self.target_model),
+        }
         if any(unpaired.values()):
             self._log(
                 f"weighted layers that are not basic layers (add them to custom_layer_mapping or set "
@@ -410,9 +413,6 @@ class ModelConverter:
 
     def _target_type(self, source_type: type[nn.Module]) -> type[nn.Module]:
         return self.custom_layer_mapping.get(source_type, source_type)
-
-    def _models(self) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module]]:
-        return ("source", self.source_model), ("target", self.target_model)
 
     def _unpaired_weighted_leaves(self, model: nn.Module) -> list[str]:
         return [
