@@ -151,8 +151,11 @@ def tensor_summary(value: Any) -> str:
         text = f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device}"
         if value.device.type == "cpu" and value.numel() > 0 and not value.is_complex():
             data = value.detach()  # no float copy: min/max in the tensor's dtype, mean accumulated in fp32
-            low, high, mean = data.min().item(), data.max().item(), data.mean(dtype=torch.float32).item()
-            text += f", min={low:.4g}, max={high:.4g}, mean={mean:.4g}"
+            try:
+                low, high, mean = data.min().item(), data.max().item(), data.mean(dtype=torch.float32).item()
+                text += f", min={low:.4g}, max={high:.4g}, mean={mean:.4g}"
+            except RuntimeError:  # layouts without reductions (sparse, ...): a summary never fails
+                pass
         return text + ")"
     if isinstance(value, (tuple, list)):
         return "(" + ", ".join(tensor_summary(item) for item in value) + ")"

@@ -96,6 +96,8 @@ def test_summary_of_a_cpu_tensor_has_statistics_without_a_float_copy():
     assert not any("_to_copy" in op or "to.dtype" in op for op in recorded.ops)
     assert "min=1, max=6, mean=3" in text
     assert "min=1, max=3, mean=2" in tensor_summary(torch.tensor([1, 2, 3]))
+    sparse = torch.eye(3).to_sparse()  # no min/max kernels: described by layout, never an error
+    assert tensor_summary(sparse) == "Tensor(shape=(3, 3), dtype=torch.float32, device=cpu)"
 
 
 def test_chain_error_on_a_meta_input_describes_it_by_layout():
