@@ -123,5 +123,5 @@ def center_crop_resize(pixels: Tensor, height: int, width: int, mode: str = "bil
 
 
 def summarize_tensor(tensor: Any) -> str:
-    """Shape, dtype, device, min/max/mean of a tensor, for logs and error messages."""
+    """Shape, dtype, device (and min/max/mean for a CPU tensor), for logs and error messages."""
     return tensor_summary(tensor)

@@ -80,6 +80,15 @@ class Adapter(Generic[T]):
             raise ValueError(f"{type(self).__name__} is not injected")
         parent.replace(old_module=self, new_module=self._occupant())
 
+    def _refuse_structural_copy(self) -> None:
+        """Refuse to copy an adapter of a Chain, as refiners does: the references it holds into the
+        tree (its target, what wraps it, private layers) cannot be kept consistent by a copy in general."""
+        if isinstance(self.target, Chain):
+            raise RuntimeError(
+                f"Chain adapters ({type(self).__name__} on a {type(self.target).__name__}) cannot be "
+                "structurally copied: eject them first"
+            )
+
     def _remap_references(self, memo: dict[int, Module]) -> None:
         """After a structural copy, point at the copy of the target."""
         self._target = [memo.get(id(self.target), self.target)]  # type: ignore[list-item]

@@ -156,7 +156,10 @@ class Parameter(WeightedModule):
 
 
 class Converter(ContextModule):
-    """Moves its tensor inputs to the parent Chain's device and/or dtype."""
+    """Moves its tensor inputs to the parent Chain's device and/or dtype.
+
+    AssertionError, as in refiners, when it has no parent or the parent has no weights to read them from.
+    """
 
     def __init__(self, set_device: bool = True, set_dtype: bool = True) -> None:
         super().__init__()
@@ -164,9 +167,17 @@ class Converter(ContextModule):
         self.set_dtype = set_dtype
 
     def forward(self, *inputs: Any) -> Any:
-        parent = self.ensure_parent
+        parent = self.parent
+        if parent is None:
+            raise AssertionError(
+                "module does not have a parent (a Converter takes its parent Chain's device/dtype)"
+            )
         device = parent.device if self.set_device else None
+        if self.set_device and device is None:
+            raise AssertionError(f"parent has no device ({type(parent).__name__} holds no weighted layer)")
         dtype = parent.dtype if self.set_dtype else None
+        if self.set_dtype and dtype is None:
+            raise AssertionError(f"parent has no dtype ({type(parent).__name__} holds no weighted layer)")
         converted = tuple(
             x.to(device=device, dtype=dtype if x.is_floating_point() else None)
             if isinstance(x, Tensor)

@@ -22,6 +22,16 @@ TChain = TypeVar("TChain", bound="Chain")
 # else (cancellation, keyboard interrupt, ...) passes through untouched.
 _LOCATED_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError, KeyError, AttributeError)
 
+# Out-of-memory errors reach the caller as themselves, only noted with the failing layer's place:
+# hosts catch them by type (ComfyUI's OOM_EXCEPTION) to free models and retry. The CUDA one is a
+# RuntimeError, so it is checked first.
+_OUT_OF_MEMORY_ERRORS = (
+    torch.cuda.OutOfMemoryError,
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),  # the same class in torch >= 2.5
+    MemoryError,
+)
+_LOCATION_NOTE = "fluxion: raised in "
+
 
 class ChainError(RuntimeError):
     """A layer failed: the message says where in the tree, its state-dict key and its inputs."""
@@ -130,19 +140,37 @@ class Chain(ContextModule):
             return layer(*args)
         except ChainError:
             raise
+        except _OUT_OF_MEMORY_ERRORS as error:
+            self._note_location(layer, name, error)
+            raise
         except _LOCATED_ERRORS as error:
             raise ChainError(self._describe_failure(layer, name, args, error)) from error
 
-    def _describe_failure(self, layer: Module, name: str, args: tuple[Any, ...], error: Exception) -> str:
+    def _locate(self, name: str) -> tuple[str, str]:
+        """The tree path (`Root.Chain.Linear_2`) and state-dict key (`Chain.Linear_2`) of child `name`."""
         parents = [self, *self.get_parents()]
-        root = parents[-1]
         key_parts: list[str] = [name]
         node: Chain = self
         for parent in parents[1:]:
             key_parts.append(next(key for key, child in parent._modules.items() if child is node))
             node = parent
         state_key = ".".join(reversed(key_parts))
-        path = f"{type(root).__name__}.{state_key}"
+        return f"{type(parents[-1]).__name__}.{state_key}", state_key
+
+    def _note_location(self, layer: Module, name: str, error: BaseException) -> None:
+        """Note the innermost failing layer on `error` (host memory only, once, never fatal)."""
+        try:
+            if not any(note.startswith(_LOCATION_NOTE) for note in getattr(error, "__notes__", ())):
+                path, state_key = self._locate(name)
+                error.add_note(
+                    f"{_LOCATION_NOTE}{path} (a {type(layer).__name__}, state-dict key {state_key!r})"
+                )
+        except MemoryError:
+            pass  # the host is out of memory too: the error itself matters more than the note
+
+    def _describe_failure(self, layer: Module, name: str, args: tuple[Any, ...], error: Exception) -> str:
+        root = self.get_parents()[-1] if self.parent is not None else self
+        path, state_key = self._locate(name)
         inputs = "\n".join(f"  input {index}: {tensor_summary(arg)}" for index, arg in enumerate(args))
         siblings = "\n".join(
             f"  {'>>' if child is layer else '  '} {key}: {child.describe() if not isinstance(child, Chain) else type(child).__name__}"
@@ -199,7 +227,8 @@ class Chain(ContextModule):
         """Yield `(module, parent)` for every matching module below this Chain.
 
         `predicate` is a type or a function of (module, parent). Matches are not descended
-        into unless `recurse` is True.
+        into unless `recurse` is True. A predicate raising StopIteration prunes that module and
+        everything below it; the walk goes on with its siblings (as refiners' walk does).
         """
         if predicate is None:
             predicate = Module
@@ -211,7 +240,10 @@ class Chain(ContextModule):
         else:
             matches = predicate
         for module in self:
-            found = matches(module, self)
+            try:
+                found = matches(module, self)
+            except StopIteration:
+                continue
             if found:
                 yield module, self
             if isinstance(module, Chain) and (recurse or not found):
@@ -304,10 +336,16 @@ class Chain(ContextModule):
         self._attach(new_module)
 
     def structural_copy(self: TChain) -> TChain:
-        """A new tree of Chains over the same leaf layers: adapt it without touching the original."""
+        """A new tree of Chains over the same leaf layers: adapt it without touching the original.
+
+        Raises RuntimeError when the tree holds an adapter whose target is a Chain (eject it first).
+        """
         return self._copy_tree({})
 
     def _copy_tree(self: TChain, memo: dict[int, Module]) -> TChain:
+        refuse_copy = getattr(self, "_refuse_structural_copy", None)  # adapters of Chains say no
+        if refuse_copy is not None:
+            refuse_copy()
         clone = object.__new__(type(self))
         clone.__dict__ = self.__dict__.copy()
         clone._parameters = dict(self._parameters)

@@ -142,14 +142,20 @@ class WeightedModule(Module):
 
 
 def tensor_summary(value: Any) -> str:
-    """Shape, dtype, device and statistics of a tensor (or a short repr of anything else)."""
+    """Shape, dtype, device of a tensor, with min/max/mean when it lives on the CPU (else a short repr).
+
+    A tensor on any other device is described by its layout only: its statistics would allocate
+    on that device and wait for it, and error messages are built when it may be out of memory.
+    """
     if isinstance(value, Tensor):
         text = f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device}"
-        if value.numel() > 0 and not value.is_complex():
-            data = value.detach().float()
-            text += (
-                f", min={data.min().item():.4g}, max={data.max().item():.4g}, mean={data.mean().item():.4g}"
-            )
+        if value.device.type == "cpu" and value.numel() > 0 and not value.is_complex():
+            data = value.detach()  # no float copy: min/max in the tensor's dtype, mean accumulated in fp32
+            try:
+                low, high, mean = data.min().item(), data.max().item(), data.mean(dtype=torch.float32).item()
+                text += f", min={low:.4g}, max={high:.4g}, mean={mean:.4g}"
+            except RuntimeError:  # layouts without reductions (sparse, ...): a summary never fails
+                pass
         return text + ")"
     if isinstance(value, (tuple, list)):
         return "(" + ", ".join(tensor_summary(item) for item in value) + ")"

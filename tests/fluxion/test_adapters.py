@@ -1,10 +1,12 @@
 """Adapter API and LoRA: injection, exact ejection, composition, hand-computed LoRA math."""
 
+import typing
+
 import pytest
 import torch
 
 import fluxion.layers as fl
-from fluxion.adapters import Adapter, Conv2dLora, LinearLora, LoraAdapter, SingleLoraAdapter
+from fluxion.adapters import Adapter, Conv2dLora, LinearLora, Lora, LoraAdapter, SingleLoraAdapter
 
 
 def model() -> fl.Chain:
@@ -15,6 +17,14 @@ def model() -> fl.Chain:
 def randomize(adapter: LoraAdapter) -> None:
     for lora in adapter.iter_loras():
         torch.nn.init.normal_(lora.up.weight)
+
+
+class Doubler(fl.Chain, Adapter[fl.Chain]):
+    """An adapter of a whole Chain: `2 * target(x)`."""
+
+    def __init__(self, target: fl.Chain) -> None:
+        with self.setup_adapter(target):
+            super().__init__(target, fl.Lambda(lambda x: x * 2))
 
 
 def test_fresh_lora_changes_nothing_and_eject_restores_the_tree():
@@ -126,11 +136,6 @@ def test_adapting_a_structural_copy_leaves_the_original_bit_identical():
 
 
 def test_custom_adapter_on_a_chain_keeps_context_and_restores():
-    class Doubler(fl.Chain, Adapter[fl.Chain]):
-        def __init__(self, target: fl.Chain) -> None:
-            with self.setup_adapter(target):
-                super().__init__(target, fl.Lambda(lambda x: x * 2))
-
     block = fl.Chain(fl.Parallel(fl.Identity(), fl.UseContext("ctx", "bias")), fl.Lambda(lambda x, b: x + b))
     net = fl.Chain(block)
     net.set_context("ctx", {"bias": 1.0})
@@ -141,6 +146,47 @@ def test_custom_adapter_on_a_chain_keeps_context_and_restores():
     assert torch.equal(net(x), (x + 1) * 2)
     adapter.eject()
     assert torch.equal(net(x), x + 1) and block.parent is net
+
+
+def test_structural_copy_refuses_a_tree_holding_an_adapter_of_a_chain():
+    net = model()
+    adapter = Doubler(net.Chain).inject()
+    with pytest.raises(RuntimeError, match=r"Chain adapters \(Doubler on a Chain\) .* eject them first"):
+        net.structural_copy()
+    with pytest.raises(RuntimeError, match="eject them first"):
+        adapter.structural_copy()
+    with pytest.raises(RuntimeError, match="eject them first"):
+        net[0:2]  # slicing copies the children
+    adapter.eject()
+    assert net.structural_copy().Chain is not net.Chain
+
+
+def test_structural_copy_of_a_lora_adapted_tree_shares_the_target_layer():
+    net = model()
+    target = net.Chain.Linear
+    SingleLoraAdapter(target, rank=2).inject(net.Chain)
+    copy = net.structural_copy()
+    copied_adapter = copy.Chain.SingleLoraAdapter
+    assert copied_adapter is not net.Chain.SingleLoraAdapter and copied_adapter.target is target
+    copied_adapter.eject()
+    assert copy.Chain.Linear is target and isinstance(net.Chain[0], SingleLoraAdapter)
+
+
+def test_adapter_and_lora_are_generic_like_refiners_and_the_concrete_classes_are_not():
+    def adapt(adapter: Adapter[fl.Linear], lora: Lora[fl.Conv2d]) -> None: ...
+
+    hints = typing.get_type_hints(adapt)
+    assert typing.get_origin(hints["adapter"]) is Adapter and typing.get_args(hints["adapter"]) == (
+        fl.Linear,
+    )
+    assert typing.get_origin(hints["lora"]) is Lora and typing.get_args(hints["lora"]) == (fl.Conv2d,)
+    assert Lora[fl.Linear] in LinearLora.__orig_bases__ and Lora[fl.Conv2d] in Conv2dLora.__orig_bases__
+    for concrete in (LoraAdapter, SingleLoraAdapter, LinearLora, Conv2dLora):  # as in refiners
+        with pytest.raises(TypeError, match="not a generic class"):
+            concrete[fl.Linear]
+    # Subscripting is for type checkers only: the classes and what they build are unchanged.
+    adapter = SingleLoraAdapter(fl.Linear(2, 2), rank=1)
+    assert isinstance(adapter, Adapter) and isinstance(adapter.lora, Lora) and isinstance(adapter, fl.Sum)
 
 
 def test_inject_errors_are_clear():

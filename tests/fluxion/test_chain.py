@@ -72,6 +72,34 @@ def test_walk_layers_find_and_find_parent():
     assert len(list(outer.walk(lambda module, parent: isinstance(module, fl.ReLU)))) == 1
 
 
+def test_walk_stops_when_the_predicate_raises_stop_iteration():
+    pruned = fl.Parallel(fl.Linear(3, 3), fl.Chain(fl.Linear(3, 3)))
+    kept = fl.Chain(fl.Linear(3, 3), fl.Chain(fl.Linear(3, 3)))
+    tree = fl.Chain(fl.Linear(3, 3), pruned, kept)
+
+    def linears_outside_parallels(module: fl.Module, parent: fl.Chain) -> bool:
+        if isinstance(module, fl.Parallel):
+            raise StopIteration  # as in refiners: skip this subtree, go on with its siblings
+        return isinstance(module, fl.Linear)
+
+    found = [module for module, _ in tree.walk(linears_outside_parallels)]
+    assert found == [tree.Linear, kept.Linear, kept.Chain.Linear]
+    assert [module for module, _ in tree.walk(linears_outside_parallels, recurse=True)] == found
+    assert len(list(tree.layers(fl.Linear))) == 5  # a type predicate never prunes
+
+
+def test_walk_prunes_only_the_subtree_where_a_nested_predicate_raises_stop_iteration():
+    deep = fl.Chain(fl.ReLU(), fl.Linear(2, 2))
+    tree = fl.Chain(fl.Chain(deep, fl.Linear(2, 2)), fl.Linear(2, 2))
+
+    def stop_at_relu_chains(module: fl.Module, parent: fl.Chain) -> bool:
+        if isinstance(module, fl.Chain) and any(isinstance(child, fl.ReLU) for child in module):
+            raise StopIteration
+        return isinstance(module, fl.Linear)
+
+    assert [module for module, _ in tree.walk(stop_at_relu_chains)] == [tree.Chain.Linear, tree.Linear]
+
+
 def test_editing_keeps_names_consistent():
     chain = small_mlp()
     chain.append(fl.Sigmoid())
@@ -163,6 +191,28 @@ def test_repr_collapses_repeated_blocks_and_shows_shapes():
 def test_converter_moves_inputs_to_the_parent_dtype():
     chain = fl.Chain(fl.Converter(), fl.Linear(2, 2, dtype=torch.float64))
     assert chain(torch.ones(1, 2, dtype=torch.float32)).dtype == torch.float64
+
+
+def test_converter_without_a_parent_raises_refiners_assertion_error():
+    with pytest.raises(AssertionError, match="does not have a parent"):
+        fl.Converter()(torch.ones(1, 2))
+
+
+def test_converter_whose_parent_has_no_device_or_dtype_raises_refiners_assertion_error():
+    x = torch.ones(1, 2)
+    weightless = fl.Chain(fl.Converter(), fl.ReLU())
+    with pytest.raises(AssertionError, match="parent has no device"):
+        weightless.Converter(x)
+    with pytest.raises(
+        fl.ChainError, match="parent has no device"
+    ) as caught:  # located, like any layer error
+        weightless(x)
+    assert isinstance(caught.value.__cause__, AssertionError)
+    dtype_only = fl.Chain(fl.Converter(set_device=False), fl.ReLU())
+    with pytest.raises(AssertionError, match="parent has no dtype"):
+        dtype_only.Converter(x)
+    nothing_to_convert = fl.Chain(fl.Converter(set_device=False, set_dtype=False), fl.ReLU())
+    assert torch.equal(nothing_to_convert(x), x)
 
 
 def test_sampling_layers_roundtrip_odd_sizes():

@@ -5,7 +5,8 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import fluxion.layers as fl
-from fluxion.model_converter import ModelConversionError, convert_by_tracing
+from fluxion.model_converter import ConversionStage, ModelConversionError, ModelConverter, convert_by_tracing
+from fluxion.utils import load_from_safetensors
 
 
 class TorchBlock(torch.nn.Module):
@@ -102,3 +103,171 @@ def test_transfers_a_hand_written_torch_block_onto_a_chain():
     x = torch.randn(2, 5, 16)
     with pytest.raises(ModelConversionError, match="MultiheadAttention"):
         convert_by_tracing(source, target, (x,))
+
+
+# -- ModelConverter (refiners' staged API) -----------------------------------------------------
+
+
+class TorchClassifier(torch.nn.Module):
+    """Imperative torch: a conv stem, a residual conv and a head whose twin layers are declared out of order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(4, 16)
+        self.res = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.head_mid = torch.nn.Linear(16, 16)  # declared first, runs second
+        self.head_in = torch.nn.Linear(16, 16)
+        self.head_out = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.silu(self.norm(self.stem(x)))
+        x = (x + self.res(x)).mean((2, 3))
+        x = self.head_mid(torch.nn.functional.gelu(self.head_in(x)))
+        return self.head_out(torch.relu(x))
+
+
+def chain_classifier(
+    activation: fl.Module | None = None,
+    hidden: int = 16,
+    with_norm: bool = True,
+    last: fl.Module | None = None,
+) -> fl.Chain:
+    """The same computation declared as a Chain (optionally altered to make conversions fail)."""
+    return fl.Chain(
+        fl.Conv2d(3, 16, 3, padding=1),
+        *([fl.GroupNorm(16, 4)] if with_norm else []),
+        activation or fl.SiLU(),
+        fl.Residual(fl.Conv2d(16, 16, 3, padding=1)),
+        fl.Lambda(lambda x: x.mean((2, 3))),
+        fl.Linear(16, hidden),
+        fl.GeLU(),
+        fl.Linear(hidden, 16),
+        fl.ReLU(),
+        fl.Linear(16, 10),
+        *([last] if last is not None else []),
+    )
+
+
+def sample_image() -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_model_converter_converts_an_imperative_torch_model_into_an_equivalent_chain():
+    torch.manual_seed(0)
+    source, target = TorchClassifier().eval(), chain_classifier()
+    x = sample_image()
+    converter = ModelConverter(source, target, verbose=False)
+    assert converter.stage == ConversionStage.INIT and not converter
+    assert converter.run((x,))
+    assert converter.stage == ConversionStage.MODELS_OUTPUT_AGREE and converter
+    with torch.no_grad():
+        assert torch.allclose(target(x), source(x), atol=1e-6, rtol=0)
+    mapping = converter.get_mapping()
+    # Twin layers pair by execution order, not by declaration order.
+    assert mapping["Linear_1"] == "head_in" and mapping["Linear_2"] == "head_mid"
+    assert mapping["Residual.Conv2d"] == "res" and mapping["GroupNorm"] == "norm"
+    assert converter.run((x,)) and converter.stage == ConversionStage.MODELS_OUTPUT_AGREE  # done stays done
+
+
+def test_model_converter_exports_the_converted_weights_only_once_done(tmp_path):
+    torch.manual_seed(0)
+    source, target = TorchClassifier().eval(), chain_classifier()
+    converter = ModelConverter(source, target, verbose=False)
+    with pytest.raises(ValueError, match="not done"):
+        converter.get_state_dict()
+    with pytest.raises(ValueError, match="not done"):
+        converter.save_to_safetensors(tmp_path / "early.safetensors")
+    assert converter.run((sample_image(),))
+    converter.save_to_safetensors(tmp_path / "half.safetensors", metadata={"source": "torch"}, half=True)
+    saved = load_from_safetensors(tmp_path / "half.safetensors")
+    assert set(saved) == set(target.state_dict()) and all(
+        value.dtype == torch.float16 for value in saved.values()
+    )
+    fresh = chain_classifier()
+    fresh.load_state_dict(converter.get_state_dict())
+    assert torch.equal(fresh.Linear_3.weight, source.head_out.weight)
+
+
+def test_model_converter_stops_at_basic_layers_match_on_a_shape_mismatch():
+    torch.manual_seed(0)
+    source, target = TorchClassifier().eval(), chain_classifier(hidden=12)
+    untouched = target.Linear_3.weight.clone()
+    converter = ModelConverter(source, target, verbose=False)
+    assert not converter.run((sample_image(),))
+    assert converter.stage == ConversionStage.BASIC_LAYERS_MATCH  # same layer types, not the same shapes
+    report = "\n".join(converter.messages)
+    assert (
+        "Linear with parameters [(16, 16), (16,)] runs 2 time(s) in the source ['head_in', 'head_mid']"
+        in report
+    )
+    assert "conversion stopped at stage BASIC_LAYERS_MATCH" in report
+    assert torch.equal(target.Linear_3.weight, untouched)  # nothing was loaded
+    with pytest.raises(ValueError, match="stage BASIC_LAYERS_MATCH"):
+        converter.get_mapping()
+
+
+def test_model_converter_stops_at_init_when_the_basic_layers_differ():
+    torch.manual_seed(0)
+    source, target = TorchClassifier().eval(), chain_classifier(with_norm=False)
+    converter = ModelConverter(source, target, verbose=False)
+    assert not converter.run((sample_image(),))
+    assert converter.stage == ConversionStage.INIT
+    assert "GroupNorm: source 1, target 0" in "\n".join(converter.messages)
+    skipping = ModelConverter(source, target, skip_init_check=True, verbose=False)
+    assert not skipping.run((sample_image(),))  # the next check still sees a GroupNorm with no counterpart
+    assert skipping.stage == ConversionStage.BASIC_LAYERS_MATCH
+
+
+def test_model_converter_stops_at_shape_and_layers_match_when_outputs_disagree():
+    torch.manual_seed(0)
+    source, x = TorchClassifier().eval(), sample_image()
+    wrong_activation = ModelConverter(source, chain_classifier(activation=fl.ReLU()), verbose=False)
+    assert not wrong_activation.run((x,))
+    assert wrong_activation.stage == ConversionStage.SHAPE_AND_LAYERS_MATCH  # weights were copied
+    assert "models diverge between norm and res in the source" in "\n".join(wrong_activation.messages)
+    # Every basic layer agrees but a layer after the last one changes the output: still caught.
+    scaled_output = ModelConverter(source, chain_classifier(last=fl.Multiply(2.0)), verbose=False)
+    assert not scaled_output.run((x,))
+    assert "final outputs differ" in "\n".join(scaled_output.messages)
+    unchecked = ModelConverter(
+        source, chain_classifier(activation=fl.ReLU()), skip_output_check=True, verbose=False
+    )
+    assert unchecked.run((x,)) and unchecked.stage == ConversionStage.SHAPE_AND_LAYERS_MATCH
+    assert unchecked.get_mapping()["Linear_3"] == "head_out"
+
+
+class TorchChannelScale(torch.nn.Module):
+    """A weighted layer that is none of torch's basic layers."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.randn(channels))
+
+    def forward(self, x: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+        return x * self.gain + shift
+
+
+class ChannelScale(fl.WeightedModule):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+def test_model_converter_pairs_custom_layers_and_takes_keyword_arguments():
+    torch.manual_seed(0)
+    source, target = TorchChannelScale(4), fl.Chain(ChannelScale(4))
+    x = torch.randn(3, 4)
+    source_args = {"positional": (x,), "keyword": {"shift": 0.0}}
+    plain = ModelConverter(source, target, verbose=False)
+    assert not plain.run(source_args, (x,)) and plain.stage == ConversionStage.INIT
+    assert "not basic layers" in plain.messages[0] and "TorchChannelScale" in plain.messages[0]
+    mapped = ModelConverter(
+        source, target, custom_layer_mapping={TorchChannelScale: ChannelScale}, verbose=False
+    )
+    assert mapped.run(source_args, (x,))
+    assert mapped.get_mapping() == {"ChannelScale": ""} and torch.equal(target.ChannelScale.gain, source.gain)
+    assert torch.allclose(target(x), source(x))
