@@ -136,13 +136,31 @@ class Workflow:
         return {"workflow": self.ui} if self.ui is not None else None
 
 
+class WorkflowFileError(WorkflowError):
+    """A workflow file that cannot be read as JSON; the message starts with its path."""
+
+
+def read_workflow_json(path: str | Path) -> Any:
+    """The decoded JSON of a workflow file, or a WorkflowFileError naming the file and what was expected."""
+    path = Path(path)
+    expected = "expected a workflow .json file (editor or API format)"
+    if path.is_dir():
+        raise WorkflowFileError(f"{path}: is a folder, {expected}")
+    if not path.exists():
+        raise WorkflowFileError(f"{path}: no such file, {expected}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise WorkflowFileError(
+            f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise WorkflowFileError(f"{path}: cannot be read ({error}), {expected}") from None
+
+
 def load_workflow(path: str | Path, node_classes: Mapping[str, type]) -> Workflow:
     """Read a workflow file in either format."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise WorkflowError(f"{path} is not valid JSON: {error}") from error
-    return parse_workflow(data, node_classes)
+    return parse_workflow(read_workflow_json(path), node_classes)
 
 
 def parse_workflow(data: Any, node_classes: Mapping[str, type]) -> Workflow:
