@@ -299,7 +299,7 @@ class Runner:
         self._instances: dict[str, tuple[type, Any]] = {}
 
     def run_workflow(self, workflow: Workflow) -> RunResult:
-        """Run a loaded workflow; PNGs get its editor graph when it came from a UI file."""
+        """Run a loaded workflow; PNGs get its editor graph when it has one (see `load_workflow`)."""
         return self.run(workflow.prompt, extra_pnginfo=workflow.extra_pnginfo)
 
     def run(

@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from nodes import cli
+from nodes.runner import all_node_classes
+from nodes.workflow import load_workflow
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -160,6 +162,39 @@ def test_a_missing_model_names_the_folder_searched_and_where_the_file_is(tmp_pat
         f"'sd15.safetensors' not found in {models / 'checkpoints'}; it is at {models / 'sd15.safetensors'}: "
         f"move it into {models / 'checkpoints'}"
     )
+
+
+def write_api_twin(ui_path, name="workflow.api.json"):
+    """The API-format file of the editor workflow at `ui_path`, written beside it, every node titled (as
+    ComfyUI's API export writes it; the editor file holds no titles)."""
+    prompt = load_workflow(ui_path, all_node_classes()).prompt
+    prompt = {node_id: {**node, "_meta": {"title": node["class_type"]}} for node_id, node in prompt.items()}
+    api_path = ui_path.with_name(name)
+    api_path.write_text(json.dumps(prompt))
+    return api_path, prompt
+
+
+def test_an_api_file_embeds_its_editor_twin_as_the_workflow(tmp_path):
+    ui_path = write_ui_workflow(tmp_path)
+    api_path, prompt = write_api_twin(ui_path)
+    assert cli.main(["run", str(api_path), "--output", str(tmp_path / "out")]) == 0
+    text = Image.open(tmp_path / "out" / "cli_00001_.png").text
+    assert json.loads(text["prompt"]) == prompt
+    assert json.loads(text["workflow"]) == json.loads(ui_path.read_text())
+
+
+def test_an_api_file_without_a_matching_twin_embeds_only_the_prompt(tmp_path, caplog):
+    ui_path = write_ui_workflow(tmp_path)
+    lonely, _ = write_api_twin(ui_path, "lonely.api.json")  # no lonely.json beside it
+    assert cli.main(["run", str(lonely), "--output", str(tmp_path / "out")]) == 0
+    assert set(Image.open(tmp_path / "out" / "cli_00001_.png").text) == {"prompt"}
+    api_path, _ = write_api_twin(ui_path)
+    ui = json.loads(ui_path.read_text())
+    ui["nodes"][1]["widgets_values"] = ["other"]  # the twin no longer gives the same prompt
+    ui_path.write_text(json.dumps(ui))
+    assert cli.main(["run", str(api_path), "--output", str(tmp_path / "out")]) == 0
+    assert set(Image.open(tmp_path / "out" / "cli_00002_.png").text) == {"prompt"}
+    assert "is not the editor twin of workflow.api.json" in caplog.text
 
 
 def test_python_dash_m_nodes_gives_one_line_and_no_traceback_for_a_missing_file(tmp_path):
