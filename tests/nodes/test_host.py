@@ -304,3 +304,18 @@ def test_hosted_memory_release_follows_comfyuis_unloading(hosted):
     assert released == [True] and "soft_empty_cache" in events
     mm.unload_all_models()  # the "unload models" button / POST /free
     assert len(released) >= 2
+
+
+def test_hosted_training_configs_find_bare_names_in_comfyuis_models_folder(hosted, tmp_path):
+    from foundationals.training import load_config
+
+    module, _, _, _ = hosted
+    touch(tmp_path / "comfy_models" / "checkpoints" / "sd15.safetensors")
+    config = tmp_path / "train.toml"
+    config.write_text(
+        '[model]\ncheckpoint = "sd15.safetensors"\n[dataset]\nfolder = "data"\n[output]\nfile = "mine.safetensors"\n'
+    )
+    loaded = load_config(config, module.model_search_paths)
+    assert loaded.model.checkpoint == str(tmp_path / "comfy_models" / "checkpoints" / "sd15.safetensors")
+    assert loaded.output.file == str(tmp_path / "comfy_models" / "loras" / "mine.safetensors")
+    assert loaded.dataset.folder == str(tmp_path / "data")  # other relative paths: beside the config
