@@ -230,9 +230,12 @@ def _find_checkpoint(name: str, model_folders: ModelFolders) -> str:
         if (folder / name).exists():
             return str(folder / name)
     searched = ", ".join(str(f) if f.is_dir() else f"{f} (no such folder)" for f in folders)
+    roots = {folder.parent for folder in folders if folder.parent.is_dir()}  # the models folders themselves
+    elsewhere = sorted(p for root in roots for p in root.rglob("*") if p.name == name)[:3]
+    where = f"; it is at {' and '.join(map(str, elsewhere))}: move it into {folders[0]}" if elsewhere else ""
     raise ConfigError(
-        f"[model] checkpoint {name!r} is not in {searched} (a bare file name is looked up in the models "
-        f"folder; write './{name}' for a file beside the config)"
+        f"[model] checkpoint {name!r} is not in {searched}{where} (a bare file name is looked up in the "
+        f"models folder; write './{name}' for a file beside the config)"
     )
 
 

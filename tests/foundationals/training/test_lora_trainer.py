@@ -370,3 +370,9 @@ def test_bare_checkpoint_and_lora_names_live_in_the_models_folders(tmp_path):
     assert config.output.file == str(tmp_path / "configs" / "o.safetensors")
     with pytest.raises(ConfigError, match=r"\[model\] checkpoint 'm.safetensors' is not in .*checkpoints"):
         parse_config(MINIMAL, tmp_path / "configs", folders)
+    (models / "m.safetensors").touch()  # directly in models/, not in models/checkpoints/
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL, tmp_path / "configs", folders)
+    assert f"; it is at {models / 'm.safetensors'}: move it into {models / 'checkpoints'} (" in str(
+        caught.value
+    )
