@@ -94,9 +94,7 @@ def check_value(node_id: str, class_type: str, spec: InputSpec, value: Any) -> A
     if choices is not None:
         if value not in choices:
             listed = spec.type if isinstance(spec.type, list) else spec.options.get("options")
-            if isinstance(listed, ModelFileNames) and isinstance(
-                value, str
-            ):  # a model file: say where we looked
+            if isinstance(listed, ModelFileNames) and isinstance(value, str):  # say where we looked
                 raise WorkflowError(missing_model_message(listed.kind, value), node_id, class_type, spec.name)
             raise fail(f"one of: {_show_choices(choices)}")
         return value

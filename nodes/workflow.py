@@ -138,7 +138,7 @@ class Workflow:
 
 
 class WorkflowFileError(WorkflowError):
-    """A workflow file that cannot be read as JSON; the message starts with its path."""
+    """A workflow path that is missing, a folder, or not readable JSON; the message starts with the path."""
 
 
 def read_workflow_json(path: str | Path) -> Any:
