@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import host
 from .runner import NodeFailedError, Runner, all_node_classes
-from .workflow import WorkflowError, load_workflow
+from .workflow import WorkflowError, WorkflowFileError, load_workflow
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,10 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
+
+
+class UsageError(Exception):
+    """A command-line argument naming no usable file or folder: `main` prints it on one line, exit status 2."""
 
 
 def register_command(
@@ -56,10 +60,21 @@ def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def use_models_dir(path: Path | None) -> None:
+    """Point the host's headless models folder at `path` (when given), which must be a folder."""
+    if path is None:
+        return
+    if not path.is_dir():
+        raise UsageError(
+            f"--models-dir {path}: no such folder (expected a folder laid out like ComfyUI's models/, "
+            "holding checkpoints/, loras/, controlnet/, ...)"
+        )
+    host.set_models_dir(path)
+
+
 def apply_folder_arguments(args: argparse.Namespace, workflow_path: Path | None = None) -> None:
     """Point the host's headless folders at what the command line asked for."""
-    if args.models_dir is not None:
-        host.set_models_dir(args.models_dir)
+    use_models_dir(args.models_dir)
     host.set_output_directory(args.output)
     host.set_temp_directory(args.output / "temp")
     input_dir = args.input_dir
@@ -79,6 +94,9 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         workflow = load_workflow(args.workflow, all_node_classes())
         result = Runner().run_workflow(workflow)
+    except WorkflowFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except WorkflowError as error:
         print(f"error: {args.workflow}: {error}", file=sys.stderr)
         return 2
@@ -110,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return COMMANDS[args.command].handler(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

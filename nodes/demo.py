@@ -231,6 +231,16 @@ def demo_embeds(model: StableDiffusion, image: np.ndarray) -> ImageEmbeddings:
     return adapter.encode_images(encoder, torch.from_numpy(image).float()[None] / 255)
 
 
+def demo_picture(size: int = 64) -> np.ndarray:
+    """The demo's input picture: a soft gradient under a square and a disc with hard edges (for Canny)."""
+    y, x = np.mgrid[0:size, 0:size]
+    scale = 256 // size
+    picture = np.stack([x * scale, y * scale, (x + y) * scale // 2], axis=-1).clip(0, 255).astype(np.uint8)
+    picture[size // 6 : size // 2, size // 8 : size // 2] = (250, 235, 190)
+    picture[np.hypot(x - size * 0.68, y - size * 0.62) < size * 0.2] = (20, 30, 160)
+    return picture
+
+
 def write_demo_files(models_dir: Path, input_dir: Path) -> None:
     """Tiny models under the file names the examples use, and the input images (and saved embeds)."""
     for folder in ("checkpoints", "loras", "controlnet", "ipadapter", "clip_vision"):
@@ -256,7 +266,7 @@ def write_demo_files(models_dir: Path, input_dir: Path) -> None:
         tiny_image_encoder_file(seed=14, projection_dim=TINY_BIGG_PROJECTION),
     )
     y, x = np.mgrid[0:64, 0:64]
-    picture = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    picture = demo_picture()
     Image.fromarray(picture, mode="RGB").save(input_dir / INPUT_IMAGE)
     alpha = np.full((64, 64), 255, dtype=np.uint8)
     alpha[16:48, 16:48] = 0  # LoadImage's mask is 1 - alpha: the transparent square is repainted
@@ -299,6 +309,16 @@ def run_examples(output: Path, report: Callable[[str], None] = print) -> list[Pa
     return written
 
 
+NEXT_STEPS = """\
+The weights were tiny and random, made on the spot: the images are noise by design. The demo shows that
+every node of every example runs, not what the models draw.
+Next, the same workflows on real checkpoints (file names as in each workflow; checkpoints/, loras/,
+controlnet/, ipadapter/, clip_vision/ as in ComfyUI's models/ folder):
+  headless:   python -m nodes run examples/workflows/sd15_txt2img.json --models-dir /path/to/ComfyUI/models
+  in ComfyUI: put this pack in ComfyUI/custom_nodes/, start ComfyUI and drag examples/workflows/sd15_txt2img.json
+              (or any PNG written here) onto the canvas."""
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", type=Path, default=Path("output"), help="where images are saved (default: ./output)"
@@ -312,7 +332,10 @@ def demo_command(args: argparse.Namespace) -> int:
     except (WorkflowError, NodeFailedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{len(images)} images written to {args.output}")
+    print(
+        f"{len(images)} images written to {args.output}, each with its workflow embedded (`prompt`, `workflow`)."
+    )
+    print(NEXT_STEPS)
     return 0
 
 

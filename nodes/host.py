@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -216,6 +216,9 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
 }
 
 
+_NAMES_SHOWN = 20
+
+
 class ModelFileNotFoundError(FileNotFoundError):
     """A model file named in a workflow is not in its folder."""
 
@@ -316,21 +319,55 @@ def _diffusers_folders(roots: list[Path]) -> list[str]:
     return sorted(found)
 
 
-def list_model_files(kind: str) -> list[str]:
+class ModelFileNames(list[str]):
+    """The names `list_model_files` gives, remembering their folder kind (so a missing name's error can name
+    the folders searched); a plain list to everything else (ComfyUI's COMBO, JSON)."""
+
+    def __init__(self, kind: str, names: Iterable[str] = ()) -> None:
+        super().__init__(names)
+        self.kind = kind
+
+
+def list_model_files(kind: str) -> ModelFileNames:
     """Names (relative paths, '/'-separated) of the model files of `kind`, sorted."""
     _check_kind(kind)
     if kind == "diffusers":  # diffusers models are folders holding model_index.json
-        return _diffusers_folders(model_search_paths(kind))
+        return ModelFileNames(kind, _diffusers_folders(model_search_paths(kind)))
     if _HOST is not None:
         _register_host_folder(kind)
-        return list(_HOST[2].get_filename_list(kind))
+        return ModelFileNames(kind, _HOST[2].get_filename_list(kind))
     found = set()
     for root in model_search_paths(kind):
         if root.is_dir():
             for path in root.rglob("*"):
                 if path.suffix.lower() in MODEL_EXTENSIONS and path.is_file():
                     found.add(path.relative_to(root).as_posix())
-    return sorted(found)
+    return ModelFileNames(kind, sorted(found))
+
+
+def models_root() -> Path:
+    """The folder holding all model folders: ComfyUI's models/ when hosted, else `models_dir()`."""
+    return Path(_HOST[2].models_dir) if _HOST is not None else models_dir()
+
+
+def missing_model_message(kind: str, name: str) -> str:
+    """Why model `name` of `kind` is not found: the folders searched, and where the file is if it lies elsewhere
+    under the models folder (else what the folders do hold)."""
+    folders = model_search_paths(kind)
+    searched = ", ".join(str(p) if p.is_dir() else f"{p} (no such folder)" for p in folders)
+    text = f"{kind} model {name!r} not found in {searched}"
+    root, wanted = models_root(), Path(name).name
+    elsewhere = sorted(p for p in root.rglob("*") if p.name == wanted)[:3] if root.is_dir() else []
+    if elsewhere:
+        places = " and ".join(str(p) for p in elsewhere)
+        return f"{text}; it is at {places}: move it into {folders[0]}"
+    available = list_model_files(kind)
+    if not available:
+        return f"{text}: no {kind} files there" if any(p.is_dir() for p in folders) else text
+    shown = ", ".join(available[:_NAMES_SHOWN]) + (
+        f" and {len(available) - _NAMES_SHOWN} more" if len(available) > _NAMES_SHOWN else ""
+    )
+    return f"{text}; available {kind}: {shown}"
 
 
 def model_file_path(kind: str, name: str) -> Path:
@@ -350,12 +387,7 @@ def model_file_path(kind: str, name: str) -> Path:
             found = candidate.is_dir() if kind == "diffusers" else candidate.is_file()
             if found:
                 return candidate
-    available = list_model_files(kind)
-    searched = ", ".join(str(p) for p in model_search_paths(kind))
-    listing = ", ".join(available) if available else "none"
-    raise ModelFileNotFoundError(
-        f"{kind} model {name!r} not found (searched {searched}). Available {kind}: {listing}"
-    )
+    raise ModelFileNotFoundError(missing_model_message(kind, name))
 
 
 # ---------------------------------------------------------------------------------------------

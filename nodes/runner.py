@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .host import Cancelled, throw_if_interrupted
+from .host import Cancelled, ModelFileNames, missing_model_message, throw_if_interrupted
 from .registry import NODE_CLASS_MAPPINGS
 from .runner_nodes import RUNNER_NODE_CLASSES
 from .workflow import InputSpec, Workflow, WorkflowError, input_specs, unknown_node_type, where
@@ -93,6 +93,9 @@ def check_value(node_id: str, class_type: str, spec: InputSpec, value: Any) -> A
     kind = spec.type_name
     if choices is not None:
         if value not in choices:
+            listed = spec.type if isinstance(spec.type, list) else spec.options.get("options")
+            if isinstance(listed, ModelFileNames) and isinstance(value, str):  # say where we looked
+                raise WorkflowError(missing_model_message(listed.kind, value), node_id, class_type, spec.name)
             raise fail(f"one of: {_show_choices(choices)}")
         return value
     if kind == "INT":
@@ -294,7 +297,7 @@ class Runner:
         self._instances: dict[str, tuple[type, Any]] = {}
 
     def run_workflow(self, workflow: Workflow) -> RunResult:
-        """Run a loaded workflow; PNGs get its editor graph when it came from a UI file."""
+        """Run a loaded workflow; PNGs get its editor graph when it has one (see `load_workflow`)."""
         return self.run(workflow.prompt, extra_pnginfo=workflow.extra_pnginfo)
 
     def run(

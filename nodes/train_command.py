@@ -27,9 +27,14 @@ from ..foundationals.training import (
     train_lora,
 )
 from . import host
-from .cli import register_command
+from .cli import register_command, use_models_dir
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _say(line: str) -> None:
+    """A line on stderr, below the progress bar (which redraws on its own line in a terminal)."""
+    print(("\n" if sys.stderr.isatty() else "") + line, file=sys.stderr)
 
 
 def _device(config: LoraTrainingConfig) -> torch.device:
@@ -71,7 +76,9 @@ def run_training(config: LoraTrainingConfig) -> Path:
             bar.description = f"train loss {progress.loss:.4f}"
             bar.update_absolute(progress.step)
             for sample in progress.samples:
-                print(f"\nsample: {sample}", file=sys.stderr)
+                _say(f"step {progress.step}: sample written to {sample}")
+            if progress.checkpoint is not None:
+                _say(f"step {progress.step}: checkpoint saved to {progress.checkpoint}")
 
         path, losses = train_lora(
             model,
@@ -98,12 +105,18 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "config", type=Path, help="training config (TOML), e.g. examples/training/finetune-lora.toml"
     )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        help="folder laid out like ComfyUI's models/, for bare checkpoint and LoRA names (default: ./models)",
+    )
 
 
 def train_command(args: argparse.Namespace) -> int:
     """Run the training a TOML config describes."""
+    use_models_dir(args.models_dir)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, host.model_search_paths)
         path = run_training(config)
     except (ConfigError, DatasetError, CheckpointError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)

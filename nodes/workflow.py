@@ -12,6 +12,7 @@ frontend-only nodes (Note, Reroute, PrimitiveNode) and muted/bypassed nodes are 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,7 @@ def widget_value_names(cls: type) -> list[str]:
 
 @dataclass
 class Workflow:
-    """A workflow ready to run: the API prompt, plus the UI graph when it came from a UI file."""
+    """A workflow ready to run: the API prompt, plus the editor graph (from a UI file, or an API file's twin)."""
 
     prompt: dict[str, dict[str, Any]]
     ui: dict[str, Any] | None = None
@@ -136,13 +137,53 @@ class Workflow:
         return {"workflow": self.ui} if self.ui is not None else None
 
 
-def load_workflow(path: str | Path, node_classes: Mapping[str, type]) -> Workflow:
-    """Read a workflow file in either format."""
+class WorkflowFileError(WorkflowError):
+    """A workflow path that is missing, a folder, or not readable JSON; the message starts with the path."""
+
+
+def read_workflow_json(path: str | Path) -> Any:
+    """The decoded JSON of a workflow file, or a WorkflowFileError naming the file and what was expected."""
+    path = Path(path)
+    expected = "expected a workflow .json file (editor or API format)"
+    if path.is_dir():
+        raise WorkflowFileError(f"{path}: is a folder, {expected}")
+    if not path.exists():
+        raise WorkflowFileError(f"{path}: no such file, {expected}")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise WorkflowError(f"{path} is not valid JSON: {error}") from error
-    return parse_workflow(data, node_classes)
+        raise WorkflowFileError(
+            f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise WorkflowFileError(f"{path}: cannot be read ({error}), {expected}") from None
+
+
+def _graph(prompt: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[Any, Any]]:
+    """A prompt without its `_meta` titles (ComfyUI's API export titles every node, the editor file only renamed ones)."""
+    return {node_id: (node.get("class_type"), node.get("inputs")) for node_id, node in prompt.items()}
+
+
+def load_workflow(path: str | Path, node_classes: Mapping[str, type]) -> Workflow:
+    """Read a workflow file in either format; an API file takes its editor twin (NAME.json beside
+    NAME.api.json) as the graph to embed in images, when the twin converts to the same prompt."""
+    path = Path(path)
+    workflow = parse_workflow(read_workflow_json(path), node_classes)
+    twin = path.with_name(path.name.removesuffix(".api.json") + ".json")
+    if workflow.ui is None and path.name.endswith(".api.json") and twin.is_file():
+        try:
+            editor = parse_workflow(read_workflow_json(twin), node_classes)
+        except WorkflowError:
+            editor = None
+        if editor is not None and editor.ui is not None and _graph(editor.prompt) == _graph(workflow.prompt):
+            workflow.ui = editor.ui
+        else:
+            logging.getLogger(__name__).warning(
+                "%s is not the editor twin of %s (it gives another prompt): images get only the prompt",
+                twin,
+                path.name,
+            )
+    return workflow
 
 
 def parse_workflow(data: Any, node_classes: Mapping[str, type]) -> Workflow:

@@ -2,7 +2,8 @@
 
 A config file has the sections `[model]`, `[lora]`, `[dataset]`, `[training]`, `[checkpointing]`,
 `[sampling]` and `[output]`; every key has a default except `model.checkpoint`, `dataset.folder` and
-`output.file`. Relative paths are resolved against the config file's folder.
+`output.file`. Relative paths are resolved against the config file's folder; given the models folders, a bare
+file name (no folder part) for `model.checkpoint` or `output.file` names a file in checkpoints/ or loras/.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,8 +215,37 @@ def validate(config: LoraTrainingConfig) -> LoraTrainingConfig:
     return config
 
 
-def parse_config(values: Mapping[str, Any], base_folder: str | Path | None = None) -> LoraTrainingConfig:
-    """A checked config from parsed TOML; relative paths are made relative to `base_folder`."""
+ModelFolders = Callable[[str], Sequence[Path]]
+"""The folders holding models of a kind ("checkpoints", "diffusers", "loras"), as ComfyUI's models/ has them."""
+
+
+def is_bare_name(path: str) -> bool:
+    """A file name with no folder part: `model.safetensors`, not `./model.safetensors` or `a/model.safetensors`."""
+    return bool(path) and Path(path).name == path and "/" not in path and "\\" not in path
+
+
+def _find_checkpoint(name: str, model_folders: ModelFolders) -> str:
+    folders = [*model_folders("checkpoints"), *model_folders("diffusers")]
+    for folder in folders:
+        if (folder / name).exists():
+            return str(folder / name)
+    searched = ", ".join(str(f) if f.is_dir() else f"{f} (no such folder)" for f in folders)
+    roots = {folder.parent for folder in folders if folder.parent.is_dir()}  # the models folders themselves
+    elsewhere = sorted(p for root in roots for p in root.rglob("*") if p.name == name)[:3]
+    where = f"; it is at {' and '.join(map(str, elsewhere))}: move it into {folders[0]}" if elsewhere else ""
+    raise ConfigError(
+        f"[model] checkpoint {name!r} is not in {searched}{where} (a bare file name is looked up in the "
+        f"models folder; write './{name}' for a file beside the config)"
+    )
+
+
+def parse_config(
+    values: Mapping[str, Any],
+    base_folder: str | Path | None = None,
+    model_folders: ModelFolders | None = None,
+) -> LoraTrainingConfig:
+    """A checked config from parsed TOML; relative paths are made relative to `base_folder`, except bare names
+    of the checkpoint and output LoRA, found in / written to `model_folders` (when given)."""
     unknown = [name for name in values if name not in _SECTION_TYPES]
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}]; allowed sections: {', '.join(_SECTION_TYPES)}")
@@ -229,6 +259,11 @@ def parse_config(values: Mapping[str, Any], base_folder: str | Path | None = Non
         bool(config.dataset.folder), "[dataset] folder is required (a folder of images and .txt captions)"
     )
     _require(bool(config.output.file), "[output] file is required (the .safetensors LoRA to write)")
+    if model_folders is not None:
+        if is_bare_name(config.model.checkpoint):
+            config.model.checkpoint = _find_checkpoint(config.model.checkpoint, model_folders)
+        if is_bare_name(config.output.file):
+            config.output.file = str(model_folders("loras")[0] / config.output.file)
     if base_folder is not None:
         base = Path(base_folder)
 
@@ -244,8 +279,8 @@ def parse_config(values: Mapping[str, Any], base_folder: str | Path | None = Non
     return validate(config)
 
 
-def load_config(path: str | Path) -> LoraTrainingConfig:
-    """Read and check a TOML training config (Python 3.11's `tomllib`)."""
+def load_config(path: str | Path, model_folders: ModelFolders | None = None) -> LoraTrainingConfig:
+    """Read and check a TOML training config (Python 3.11's `tomllib`); see `parse_config` for `model_folders`."""
     path = Path(path)
     try:
         import tomllib
@@ -258,7 +293,7 @@ def load_config(path: str | Path) -> LoraTrainingConfig:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from error
     try:
-        return parse_config(values, path.parent)
+        return parse_config(values, path.parent, model_folders)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 
@@ -269,6 +304,7 @@ __all__ = [
     "DatasetOptions",
     "LoraOptions",
     "LoraTrainingConfig",
+    "ModelFolders",
     "ModelOptions",
     "OutputOptions",
     "SamplingOptions",

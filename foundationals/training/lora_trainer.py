@@ -64,6 +64,7 @@ class TrainingProgress:
     total_steps: int
     loss: float
     samples: tuple[Path, ...] = ()
+    checkpoint: Path | None = None  # the training checkpoint saved at this step, if one was
 
 
 ProgressCallback = Callable[[TrainingProgress], None]
@@ -417,10 +418,11 @@ class LoraTrainer:
             samples: tuple[Path, ...] = ()
             if self.sampling is not None and self.sampling.every and self.step % self.sampling.every == 0:
                 samples = tuple(self.write_samples(self.sampling.folder))
+            saved = None
             if checkpoint_every and checkpoint_folder is not None and self.step % checkpoint_every == 0:
-                self.save_checkpoint(Path(checkpoint_folder) / f"checkpoint-{self.step:06d}.pt")
+                saved = self.save_checkpoint(Path(checkpoint_folder) / f"checkpoint-{self.step:06d}.pt")
             if callback is not None:
-                callback(TrainingProgress(self.step, total, loss, samples))
+                callback(TrainingProgress(self.step, total, loss, samples, saved))
         return list(self.losses)
 
     def write_samples(self, folder: str | Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import json
 import sys
 import types
 from pathlib import Path
@@ -103,16 +104,41 @@ def test_missing_model_file_lists_what_exists(headless_folders):
     touch(headless_folders["models"] / "loras" / "b.safetensors")
     with pytest.raises(host.ModelFileNotFoundError) as caught:
         host.model_file_path("loras", "c.safetensors")
-    message = str(caught.value)
-    assert message.startswith("loras model 'c.safetensors' not found (searched ")
-    assert str(headless_folders["models"] / "loras") in message
-    assert message.endswith("Available loras: a.safetensors, b.safetensors")
+    assert str(caught.value) == (
+        f"loras model 'c.safetensors' not found in {headless_folders['models'] / 'loras'}; "
+        "available loras: a.safetensors, b.safetensors"
+    )
     assert isinstance(caught.value, FileNotFoundError)
 
 
-def test_missing_model_in_an_empty_folder_says_none():
-    with pytest.raises(host.ModelFileNotFoundError, match="Available ipadapter: none$"):
+def test_missing_model_in_a_missing_folder_says_so(headless_folders):
+    with pytest.raises(host.ModelFileNotFoundError) as caught:
         host.model_file_path("ipadapter", "ip-adapter_sd15.safetensors")
+    assert str(caught.value) == (
+        f"ipadapter model 'ip-adapter_sd15.safetensors' not found in {headless_folders['models'] / 'ipadapter'} "
+        "(no such folder)"
+    )
+
+
+def test_missing_model_says_where_the_file_is_when_it_lies_elsewhere_under_the_models_folder(
+    headless_folders,
+):
+    models = headless_folders["models"]
+    touch(models / "checkpoints" / "other.safetensors")
+    touch(models / "sd15.safetensors")  # directly in models/, not in models/checkpoints/
+    with pytest.raises(host.ModelFileNotFoundError) as caught:
+        host.model_file_path("checkpoints", "sd15.safetensors")
+    assert str(caught.value) == (
+        f"checkpoints model 'sd15.safetensors' not found in {models / 'checkpoints'}; "
+        f"it is at {models / 'sd15.safetensors'}: move it into {models / 'checkpoints'}"
+    )
+
+
+def test_model_file_lists_remember_their_kind_and_stay_plain_lists(headless_folders):
+    touch(headless_folders["models"] / "loras" / "a.safetensors")
+    names = host.list_model_files("loras")
+    assert names == ["a.safetensors"] and names.kind == "loras"
+    assert json.dumps({"names": names}) == '{"names": ["a.safetensors"]}'
 
 
 def test_model_names_cannot_leave_their_folder(headless_folders):
@@ -257,8 +283,14 @@ def test_hosted_model_folders_register_what_comfyui_lacks(hosted, tmp_path):
         str(tmp_path / "comfy_models" / "ipadapter")
     ]
     assert module.model_file_path("ipadapter", "ip.safetensors").name == "ip.safetensors"
-    with pytest.raises(module.ModelFileNotFoundError, match="Available loras: none"):
-        module.model_file_path("loras", "missing.safetensors")
+    touch(tmp_path / "comfy_models" / "stray.safetensors")  # in ComfyUI's models/, not in models/loras/
+    with pytest.raises(module.ModelFileNotFoundError) as caught:
+        module.model_file_path("loras", "stray.safetensors")
+    loras = tmp_path / "comfy_models" / "loras"
+    assert str(caught.value) == (
+        f"loras model 'stray.safetensors' not found in {loras} (no such folder); "
+        f"it is at {tmp_path / 'comfy_models' / 'stray.safetensors'}: move it into {loras}"
+    )
     assert module.output_directory() == tmp_path / "comfy_output"
 
 
@@ -272,3 +304,18 @@ def test_hosted_memory_release_follows_comfyuis_unloading(hosted):
     assert released == [True] and "soft_empty_cache" in events
     mm.unload_all_models()  # the "unload models" button / POST /free
     assert len(released) >= 2
+
+
+def test_hosted_training_configs_find_bare_names_in_comfyuis_models_folder(hosted, tmp_path):
+    from foundationals.training import load_config
+
+    module, _, _, _ = hosted
+    touch(tmp_path / "comfy_models" / "checkpoints" / "sd15.safetensors")
+    config = tmp_path / "train.toml"
+    config.write_text(
+        '[model]\ncheckpoint = "sd15.safetensors"\n[dataset]\nfolder = "data"\n[output]\nfile = "mine.safetensors"\n'
+    )
+    loaded = load_config(config, module.model_search_paths)
+    assert loaded.model.checkpoint == str(tmp_path / "comfy_models" / "checkpoints" / "sd15.safetensors")
+    assert loaded.output.file == str(tmp_path / "comfy_models" / "loras" / "mine.safetensors")
+    assert loaded.dataset.folder == str(tmp_path / "data")  # other relative paths: beside the config

@@ -110,7 +110,7 @@ def write_config(folder, **sections):
     save_single_file(tiny_sd15(), folder / "tiny.safetensors")
     write_tiny_dataset(folder / "data")
     values = {
-        "model": {"checkpoint": '"tiny.safetensors"', "device": '"cpu"'},
+        "model": {"checkpoint": '"./tiny.safetensors"', "device": '"cpu"'},
         "lora": {"rank": "2"},
         "dataset": {"folder": '"data"', "resolution": "64"},
         "training": {"steps": "4", "batch_size": "2", "learning_rate": "1e-3"},
@@ -128,15 +128,41 @@ def write_config(folder, **sections):
 
 
 def test_train_command_trains_saves_checkpoints_and_the_lora(tmp_path, capsys):
-    config = write_config(tmp_path)
-    assert cli.main(["train", str(config)]) == 0
-    out = capsys.readouterr().out
-    assert "LoRA written to" in out and "loss: first" in out
-    assert (tmp_path / "out" / "trained.safetensors").is_file()
+    models = tmp_path / "my_models"
+    (models / "checkpoints").mkdir(parents=True)
+    config = write_config(
+        tmp_path, model={"checkpoint": '"tiny.safetensors"'}, output={"file": '"trained.safetensors"'}
+    )
+    (tmp_path / "tiny.safetensors").rename(models / "checkpoints" / "tiny.safetensors")  # bare names: models/
+    assert cli.main(["train", str(config), "--models-dir", str(models)]) == 0
+    captured = capsys.readouterr()
+    lora = models / "loras" / "trained.safetensors"
+    assert f"LoRA written to {lora}" in captured.out and "loss: first" in captured.out
+    assert lora.is_file()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "checkpoint-000002.pt",
         "checkpoint-000004.pt",
     ]
+    saves = [line for line in captured.err.splitlines() if "checkpoint saved" in line]
+    assert saves == [
+        f"step {step}: checkpoint saved to {tmp_path / 'checkpoints' / f'checkpoint-00000{step}.pt'}"
+        for step in (2, 4)
+    ]
+
+
+def test_train_command_names_the_models_folder_a_bare_checkpoint_name_is_not_in(tmp_path, capsys):
+    config = write_config(
+        tmp_path, model={"checkpoint": '"tiny.safetensors"'}
+    )  # the file sits beside the config
+    assert cli.main(["train", str(config), "--models-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {config}: [model] checkpoint 'tiny.safetensors' is not in {tmp_path / 'data' / 'checkpoints'} "
+        f"(no such folder), {tmp_path / 'data' / 'diffusers'} (no such folder) (a bare file name is looked up "
+        "in the models folder; write './tiny.safetensors' for a file beside the config)\n"
+    )
+    assert cli.main(["train", str(config), "--models-dir", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --models-dir {tmp_path / 'nowhere'}: no such folder")
 
 
 @pytest.mark.parametrize(
@@ -145,7 +171,7 @@ def test_train_command_trains_saves_checkpoints_and_the_lora(tmp_path, capsys):
         ({"lora": {"rnak": "4"}}, r"\[lora\] has unknown key 'rnak'; allowed keys: rank, alpha"),
         ({"dataset": {"folder": '"missing"'}}, r"dataset folder .*missing does not exist"),
         (
-            {"model": {"checkpoint": '"nothing.safetensors"'}},
+            {"model": {"checkpoint": '"./nothing.safetensors"'}},
             r"\[model\] checkpoint .*nothing.safetensors does not exist",
         ),
         ({"training": {"batch_size": "0"}}, r"\[training\] batch_size must be at least 1, got 0"),
@@ -165,7 +191,11 @@ def test_train_command_names_an_image_that_does_not_load(tmp_path, capsys):
     assert "zz.png: cannot be read as an image" in capsys.readouterr().err
 
 
-def test_example_config_is_valid():
-    config = load_config(EXAMPLE_CONFIG)
+def test_example_config_is_valid_and_names_files_in_the_models_folder(headless_folders):
+    models = headless_folders["models"]
+    (models / "checkpoints").mkdir()
+    (models / "checkpoints" / "v1-5-pruned-emaonly.safetensors").touch()
+    config = load_config(EXAMPLE_CONFIG, host.model_search_paths)
     assert config.lora.rank == 16 and config.training.mixed_precision == "bf16"
-    assert config.output.file.endswith("my_lora.safetensors")
+    assert config.model.checkpoint == str(models / "checkpoints" / "v1-5-pruned-emaonly.safetensors")
+    assert config.output.file == str(models / "loras" / "my_lora.safetensors")

@@ -98,7 +98,7 @@ def test_a_missing_required_input_is_named(prompt, name):
         ("2", "text", 5, "expected a STRING"),
         ("2", "clip_skip", 13, "expected an INT <= 12"),
         (DECODE, "tiled", "no", "expected a BOOLEAN"),
-        (LOADER, "ckpt_name", "missing.safetensors", "expected one of: "),
+        (LOADER, "ckpt_name", "missing.safetensors", "checkpoints model 'missing.safetensors' not found in "),
         (SAMPLER, "model", "v1-5-pruned-emaonly", "a link from a node output of type FLUXION_MODEL"),
         (SAMPLER, "positive", [LOADER, 0], "expected FLUXION_CONDITIONING, but output 0 of node 1"),
         (SAMPLER, "positive", [LOADER], "expected a link [node_id, output_index]"),
@@ -168,6 +168,10 @@ def test_text_that_is_not_a_workflow_is_refused(tmp_path):
     path.write_text('{"nodes": 3}')
     with pytest.raises(WorkflowError, match="not a ComfyUI workflow"):
         load_workflow(path, all_node_classes())
-    path.write_text("{not json")
-    with pytest.raises(WorkflowError, match="is not valid JSON"):
+    path.write_text('{\n  "1": {"class_type": "SaveImage",,}\n}')
+    with pytest.raises(WorkflowError) as caught:
         load_workflow(path, all_node_classes())
+    assert (
+        str(caught.value)
+        == f"{path}: not valid JSON at line 2, column 35: Expecting property name enclosed in double quotes"
+    )

@@ -350,3 +350,29 @@ def test_config_file_errors_name_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"missing\.toml: no such config file"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_bare_checkpoint_and_lora_names_live_in_the_models_folders(tmp_path):
+    models = tmp_path / "models"
+    (models / "diffusers" / "sd15").mkdir(parents=True)  # a diffusers folder, found after checkpoints/
+
+    def folders(kind):
+        return [models / kind]
+
+    values = {**MINIMAL, "model": {"checkpoint": "sd15"}}
+    config = parse_config(values, tmp_path / "configs", folders)
+    assert config.model.checkpoint == str(models / "diffusers" / "sd15")
+    assert config.output.file == str(models / "loras" / "o.safetensors")
+    assert config.dataset.folder == str(tmp_path / "configs" / "data")
+    beside = {**MINIMAL, "model": {"checkpoint": "./m.safetensors"}, "output": {"file": "./o.safetensors"}}
+    config = parse_config(beside, tmp_path / "configs", folders)
+    assert config.model.checkpoint == str(tmp_path / "configs" / "m.safetensors")
+    assert config.output.file == str(tmp_path / "configs" / "o.safetensors")
+    with pytest.raises(ConfigError, match=r"\[model\] checkpoint 'm.safetensors' is not in .*checkpoints"):
+        parse_config(MINIMAL, tmp_path / "configs", folders)
+    (models / "m.safetensors").touch()  # directly in models/, not in models/checkpoints/
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL, tmp_path / "configs", folders)
+    assert f"; it is at {models / 'm.safetensors'}: move it into {models / 'checkpoints'} (" in str(
+        caught.value
+    )
