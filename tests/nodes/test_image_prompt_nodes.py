@@ -139,7 +139,9 @@ def test_the_demo_embeds_file_is_what_the_encode_node_gives(demo_folders, models
     picture = np.array(Image.open(demo_folders / "input" / "example.png"))
     embeds = encode(adapter(), vision(), torch.from_numpy(picture).float()[None] / 255)
     saved = ImageEmbeddings.load(demo_folders / "input" / DEMO_EMBEDS)
-    assert saved.kind == embeds.kind and torch.equal(saved.positive, embeds.positive)
+    # two float paths (the demo writer and the node) may differ by a few ulps between CPUs (1.2e-7 seen on AMD)
+    assert saved.kind == embeds.kind
+    torch.testing.assert_close(saved.positive, embeds.positive, rtol=1e-5, atol=1e-6)
 
 
 def test_apply_needs_either_images_or_embeds(model):
