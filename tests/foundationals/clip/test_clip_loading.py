@@ -21,8 +21,7 @@ from foundationals.clip.text_encoder import (
     load_clip_text_encoder_from_folder,
 )
 from foundationals.formats.clip import CLIPKeyError
-
-TOLERANCE = 1e-4  # measured 0.0 for every layout
+from tests.support.parity import assert_parity
 
 
 def randomized(model, seed):
@@ -79,9 +78,9 @@ def assert_same_text_outputs(encoder, reference):
         expected = reference(IDS, output_hidden_states=True)
         output = encoder(IDS)
     hidden = output[0] if isinstance(output, tuple) else output
-    assert max_diff(hidden, expected.last_hidden_state) <= TOLERANCE
+    assert_parity("clip_loading", hidden, expected.last_hidden_state)
     if isinstance(output, tuple):
-        assert max_diff(output[1], expected.text_embeds) <= TOLERANCE
+        assert_parity("clip_loading", output[1], expected.text_embeds)
 
 
 def to_open_clip_text(state_dict, prefix=""):
@@ -165,8 +164,8 @@ def test_sdxl_single_file_loads_clip_l_and_open_clip_bigg():
     with torch.no_grad():
         expected = bigg(IDS, output_hidden_states=True)
         penultimate, pooled = CLIPTextHiddenState(encoder_g, layer=-2, final_norm=False, pooled=True)(IDS)
-    assert max_diff(penultimate, expected.hidden_states[-2]) <= TOLERANCE
-    assert max_diff(pooled, expected.text_embeds) <= TOLERANCE
+    assert_parity("clip_loading", penultimate, expected.hidden_states[-2])
+    assert_parity("clip_loading", pooled, expected.text_embeds)
 
 
 def test_open_clip_layout_equals_the_transformers_layout():
@@ -175,7 +174,7 @@ def test_open_clip_layout_equals_the_transformers_layout():
     from_open_clip = load_clip_text_encoder(to_open_clip_text(reference.state_dict()), config=TINY_BIGG)
     with torch.no_grad():
         for a, b in zip(from_transformers(IDS), from_open_clip(IDS)):
-            assert max_diff(a, b) <= TOLERANCE
+            assert_parity("clip_loading", a, b)
 
 
 def test_config_is_inferred_from_shapes_for_preset_shapes():
@@ -225,22 +224,20 @@ def test_image_encoder_folder_and_layouts(tmp_path):
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = reference(pixels, output_hidden_states=True)
-        assert max_diff(encoder(pixels), expected.image_embeds) <= TOLERANCE
-        assert max_diff(CLIPImageHiddenState(encoder)(pixels), expected.hidden_states[-2]) <= TOLERANCE
+        assert_parity("clip_loading", encoder(pixels), expected.image_embeds)
+        assert_parity("clip_loading", CLIPImageHiddenState(encoder)(pixels), expected.hidden_states[-2])
 
     state_dict = reference.state_dict()
     unprefixed = {k.removeprefix("vision_model."): v for k, v in state_dict.items()}
     config = encoder.config
     with torch.no_grad():
-        assert (
-            max_diff(load_clip_image_encoder(unprefixed, config=config)(pixels), encoder(pixels)) <= TOLERANCE
+        assert_parity(
+            "clip_loading", load_clip_image_encoder(unprefixed, config=config)(pixels), encoder(pixels)
         )
-        assert (
-            max_diff(
-                load_clip_image_encoder(to_open_clip_visual(state_dict), config=config)(pixels),
-                encoder(pixels),
-            )
-            <= TOLERANCE
+        assert_parity(
+            "clip_loading",
+            load_clip_image_encoder(to_open_clip_visual(state_dict), config=config)(pixels),
+            encoder(pixels),
         )
     no_projection = {k: v for k, v in state_dict.items() if k != "visual_projection.weight"}
     with pytest.raises(ValueError, match="no image projection"):

@@ -13,8 +13,7 @@ from transformers import CLIPTokenizer as TransformersTokenizer
 from foundationals.clip.prompt_encoding import encode_sd15_prompt, encode_sdxl_prompt
 from foundationals.clip.text_encoder import load_clip_text_encoder
 from foundationals.clip.tokenizer import VOCABULARY_PATH, bytes_to_unicode
-
-TOLERANCE = 1e-5  # measured 0.0 (the same kernels run on the same ids)
+from tests.support.parity import assert_parity
 
 
 def randomized(model, seed):
@@ -109,11 +108,11 @@ def test_sd15_conditioning_matches_diffusers_encode_prompt(sd15):
         )
         _, empty = pipeline.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt=None)
         skipped, _ = pipeline.encode_prompt(PROMPT, "cpu", 1, False, clip_skip=1)
-    assert max_diff(encode_sd15_prompt(PROMPT, encoder).embeddings, positive) <= TOLERANCE
-    assert max_diff(encode_sd15_prompt("blurry, low quality", encoder).embeddings, negative) <= TOLERANCE
-    assert max_diff(encode_sd15_prompt("", encoder).embeddings, empty) <= TOLERANCE
+    assert_parity("prompt_encoding", encode_sd15_prompt(PROMPT, encoder).embeddings, positive)
+    assert_parity("prompt_encoding", encode_sd15_prompt("blurry, low quality", encoder).embeddings, negative)
+    assert_parity("prompt_encoding", encode_sd15_prompt("", encoder).embeddings, empty)
     # diffusers' clip_skip=1 is ComfyUI's "CLIP Set Last Layer" -2: penultimate layer, final norm applied
-    assert max_diff(encode_sd15_prompt(PROMPT, encoder, layer=-2).embeddings, skipped) <= TOLERANCE
+    assert_parity("prompt_encoding", encode_sd15_prompt(PROMPT, encoder, layer=-2).embeddings, skipped)
     assert encode_sd15_prompt(PROMPT, encoder).pooled is None
 
 
@@ -125,11 +124,11 @@ def test_sdxl_conditioning_matches_diffusers_encode_prompt(sdxl):
         )
     ours = encode_sdxl_prompt(PROMPT, encoder_l, encoder_g)
     assert ours.embeddings.shape == (1, 77, 72)  # 32 (CLIP-L) + 40 (bigG) here; 768 + 1280 full size
-    assert max_diff(ours.embeddings, positive) <= TOLERANCE
-    assert max_diff(ours.pooled, pooled) <= TOLERANCE
+    assert_parity("prompt_encoding", ours.embeddings, positive)
+    assert_parity("prompt_encoding", ours.pooled, pooled)
     ours_negative = encode_sdxl_prompt("blurry", encoder_l, encoder_g)
-    assert max_diff(ours_negative.embeddings, negative) <= TOLERANCE
-    assert max_diff(ours_negative.pooled, negative_pooled) <= TOLERANCE
+    assert_parity("prompt_encoding", ours_negative.embeddings, negative)
+    assert_parity("prompt_encoding", ours_negative.pooled, negative_pooled)
 
 
 def test_sdxl_empty_negative_is_zeros_in_diffusers_and_encoded_otherwise(sdxl):
@@ -144,8 +143,8 @@ def test_sdxl_empty_negative_is_zeros_in_diffusers_and_encoded_otherwise(sdxl):
     empty = encode_sdxl_prompt("", encoder_l, encoder_g)
     assert torch.equal(empty.zeros_like().embeddings, zero_negative)
     assert torch.equal(empty.zeros_like().pooled, zero_pooled)
-    assert max_diff(empty.embeddings, negative) <= TOLERANCE  # ComfyUI encodes "" as any prompt
-    assert max_diff(empty.pooled, negative_pooled) <= TOLERANCE
+    assert_parity("prompt_encoding", empty.embeddings, negative)  # ComfyUI encodes "" as any prompt
+    assert_parity("prompt_encoding", empty.pooled, negative_pooled)
 
 
 def reference_hidden(model, ids, layer=-1, final_norm=True):
@@ -170,7 +169,7 @@ def test_emphasis_moves_weighted_tokens_away_from_the_empty_prompt(sd15, tokeniz
     for position, weight in [(2, 1.5), (3, 1.1 * 1.1), (6, 0.5)]:  # red, cat, mat (after the start token)
         expected[position] = (z[position] - z_empty[position]) * weight + z_empty[position]
     actual = encode_sd15_prompt("a (red:1.5) ((cat)) on a (mat:0.5)", encoder).embeddings
-    assert max_diff(actual[0], expected) <= TOLERANCE
+    assert_parity("prompt_encoding", actual[0], expected)
     assert max_diff(actual[0], z) > 0.1
 
 
@@ -182,7 +181,7 @@ def test_long_prompts_are_encoded_in_chunks_of_75_tokens(sd15, tokenizer_files):
     expected = reference_hidden(pipeline.text_encoder, [padded(words[:75]), padded(words[75:])])
     actual = encode_sd15_prompt(prompt, encoder).embeddings
     assert actual.shape == (1, 154, 32)
-    assert max_diff(actual, expected.reshape(1, 154, 32)) <= TOLERANCE
+    assert_parity("prompt_encoding", actual, expected.reshape(1, 154, 32))
 
 
 def test_textual_inversion_vectors_replace_token_embeddings(sd15, tokenizer_files):
@@ -210,7 +209,7 @@ def test_textual_inversion_vectors_replace_token_embeddings(sd15, tokenizer_file
 
     actual = encode_sd15_prompt("a photo of embedding:mystyle in the style", encoder, embeddings=lookup)
     assert lookups == ["mystyle"]
-    assert max_diff(actual.embeddings, expected) <= TOLERANCE
+    assert_parity("prompt_encoding", actual.embeddings, expected)
 
 
 def test_sdxl_pooled_comes_from_the_first_chunk_unweighted(sdxl):
@@ -219,5 +218,5 @@ def test_sdxl_pooled_comes_from_the_first_chunk_unweighted(sdxl):
     ours = encode_sdxl_prompt(f"(red:1.3) {long_prompt}", encoder_l, encoder_g)
     plain = encode_sdxl_prompt(f"red {long_prompt}", encoder_l, encoder_g)
     assert ours.embeddings.shape == (1, 154, 72)
-    assert max_diff(ours.pooled, plain.pooled) <= TOLERANCE
+    assert_parity("prompt_encoding", ours.pooled, plain.pooled)
     assert max_diff(ours.embeddings, plain.embeddings) > 0.01

@@ -7,7 +7,7 @@ Single files are written in the original SGM layout by diffusers' own conversion
 attention input projection, transposed text projection), no position ids or logit scale (as the official
 conversion scripts write them). Diffusers folders are written by `save_pretrained`.
 Measured max abs differences on [0, 1] images (torch 2.13 CPU, fp32): SDXL single file 8.0e-6, SDXL diffusers
-folder 8.0e-6, SD1.5 single file 1.6e-5. Tolerance: 1e-4.
+folder 8.0e-6, SD1.5 single file 1.6e-5. Tolerance: tests/support/parity.py (`sdxl_pipelines`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from foundationals.latent_diffusion.checkpoint import CheckpointError, load_checkpoint
 from foundationals.latent_diffusion.model_config import TINY_AUTOENCODER, TINY_SDXL_UNET, TINY_UNET
 from foundationals.latent_diffusion.stable_diffusion import StableDiffusion
+from tests.support.parity import assert_parity
 from tests.support.tiny_sd import (
     clip_tokenizer,
     diffusers_autoencoder,
@@ -45,7 +46,6 @@ from tests.support.tiny_sdxl import (
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-TOLERANCE = 1e-4
 HEIGHT, WIDTH = 32, 48
 
 
@@ -92,7 +92,7 @@ def test_sdxl_single_file_pipeline_equals_diffusers(sdxl):
     assert sd.unet.config == TINY_SDXL_UNET
     assert sd.autoencoder.scaling_factor == 0.13025
     assert sd.text_encoder_2 is not None and sd.text_encoder_2.config.projection_dim == 40
-    assert max_diff(text_to_image(sd), expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", text_to_image(sd), expected)
 
 
 def test_sdxl_diffusers_folder_pipeline_equals_diffusers(sdxl, tmp_path):
@@ -101,7 +101,7 @@ def test_sdxl_diffusers_folder_pipeline_equals_diffusers(sdxl, tmp_path):
         parts[name].save_pretrained(tmp_path / name)
     sd = StableDiffusion.from_checkpoint(tmp_path)  # heads and activations from the config.json files
     assert sd.is_sdxl and sd.autoencoder.scaling_factor == 0.13025
-    assert max_diff(text_to_image(sd), expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", text_to_image(sd), expected)
 
 
 def test_sdxl_single_file_in_fp16_loads_in_the_asked_dtype_with_given_text_configs(sdxl, tmp_path):
@@ -174,4 +174,4 @@ def test_sd15_single_file_pipeline_equals_diffusers(tmp_path):
     ours = sd.text_to_image(
         "a red fox in the snow", "blurry", width=32, height=32, steps=4, guidance_scale=6.0, seed=1
     )
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", ours, expected)

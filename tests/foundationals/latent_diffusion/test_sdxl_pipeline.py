@@ -6,7 +6,7 @@ Measured max abs differences on [0, 1] images (torch 2.13 CPU, fp32, diffusers 0
 Euler 9.6e-6, DPM++ 2M Karras 8.9e-6, Euler ancestral 1.0e-5; size/crop conditioning 6.4e-6; empty negatives
 (zeros / encoded) 4.9e-6 / 6.0e-6; img2img DDIM 4.6e-6, Euler ancestral 6.3e-6; inpainting by blending 1.1e-5
 (DDIM), 1.5e-5 (Euler ancestral), 1.4e-5 (strength 0.7); 9-channel inpainting 4.3e-6 / 5.8e-6; weighted long
-prompts 1.0e-5. Tolerance: 1e-4. The fp16 overflow fallback equals an fp32 run exactly.
+prompts 1.0e-5. Tolerance: tests/support/parity.py (`sdxl_pipelines`). The fp16 overflow fallback equals an fp32 run exactly.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from foundationals.latent_diffusion.auto_encoder import Decoder, Encoder, Latent
 from foundationals.latent_diffusion.model_config import TINY_SDXL_UNET, UNET_PRESETS
 from foundationals.latent_diffusion.sampling import SizeConditioning
 from foundationals.latent_diffusion.unet import UNet
+from tests.support.parity import assert_parity
 from tests.support.tiny_sdxl import (
     SDXL_SCHEDULER,
     TINY_SDXL_AUTOENCODER,
@@ -46,7 +47,6 @@ from tests.support.tiny_sdxl import (
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 SLOW = pytest.mark.skipif(os.environ.get("FLUXION_SLOW") != "1", reason="full-size model: set FLUXION_SLOW=1")
-TOLERANCE = 1e-4
 HEIGHT, WIDTH = 32, 48
 
 
@@ -107,7 +107,7 @@ def test_text_to_image_equals_diffusers(components, solver, schedule):
     )
     assert ours.shape == expected.shape == (1, 3, HEIGHT, WIDTH)
     assert expected.std() > 0.01  # a real image, not a constant
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", ours, expected)
 
 
 @pytest.mark.parametrize("zero_empty_negative", [True, False])
@@ -136,7 +136,7 @@ def test_empty_negative_prompt_is_zeros_or_encoded_as_diffusers(components, zero
         seed=3,
         zero_empty_negative=zero_empty_negative,
     )
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", ours, expected)
     other = sd.text_to_image(
         "a lighthouse",
         "",
@@ -182,7 +182,7 @@ def test_size_and_crop_conditioning_equals_diffusers(components):
         size=size,
         negative_size=negative_size,
     )
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", ours, expected)
     default = sd.text_to_image(
         "a castle", "fog", width=WIDTH, height=HEIGHT, steps=4, guidance_scale=5.0, seed=5
     )
@@ -224,7 +224,7 @@ def test_image_to_image_equals_diffusers(components, solver, strength):
         seed=7,
         solver=solver,
     )
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", ours, expected)
 
 
 def inpainting_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +262,7 @@ def test_inpainting_by_latent_blending_equals_diffusers(components, solver, stre
         seed=9,
         solver=solver,
     )
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", ours, expected)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])
@@ -286,7 +286,7 @@ def test_inpainting_with_a_9_channel_sdxl_model_equals_diffusers(components, str
         output_type="pt",
     ).images
     ours = sd.inpaint(image, mask, "a door", strength=strength, steps=6, guidance_scale=4.0, seed=2)
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", ours, expected)
 
 
 def test_weighted_long_prompts_reach_the_unet_as_encoded(components):
@@ -317,7 +317,7 @@ def test_weighted_long_prompts_reach_the_unet_as_encoded(components):
     ours = sd.text_to_image(
         prompt, "blurry", width=WIDTH, height=HEIGHT, steps=4, guidance_scale=6.0, seed=11
     )
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sdxl_pipelines", ours, expected)
 
 
 def fp16_autoencoder_that_overflows(

@@ -1,7 +1,7 @@
 """Whole SD1.5 pipelines equal diffusers' on identical tiny random weights (same seed, steps, solver).
 
 Measured max abs differences on [0, 1] images (torch 2.13 CPU, fp32): txt2img DDIM / DPM++ 2M Karras /
-Euler ~1e-6; img2img ~1e-6; inpainting (latent blending) ~1e-6. Tolerance: 1e-4.
+Euler ~1e-6; img2img ~1e-6; inpainting (latent blending) ~1e-6. Tolerance: tests/support/parity.py (`sd15_pipelines`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from diffusers import (
 )
 
 from foundationals.latent_diffusion.model_config import TINY_UNET
+from tests.support.parity import assert_parity
 from tests.support.tiny_sd import (
     clip_tokenizer,
     diffusers_autoencoder,
@@ -26,7 +27,6 @@ from tests.support.tiny_sd import (
     transformers_text_encoder,
 )
 
-TOLERANCE = 1e-4
 SD15_SCHEDULER = dict(
     beta_start=0.00085,
     beta_end=0.012,
@@ -95,7 +95,7 @@ def test_text_to_image_equals_diffusers(components, solver, schedule):
     )
     assert ours.shape == expected.shape == (1, 3, 32, 32)
     assert expected.std() > 0.01  # a real image, not a constant
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sd15_pipelines", ours, expected)
 
 
 def test_different_seeds_and_prompts_change_the_image(components):
@@ -123,7 +123,7 @@ def test_image_to_image_equals_diffusers(components):
     ours = components[1].image_to_image(
         image, "a watercolor castle", strength=0.6, steps=10, guidance_scale=5.0, seed=7, solver="ddim"
     )
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sd15_pipelines", ours, expected)
 
 
 def test_inpainting_by_latent_blending_equals_diffusers(components):
@@ -146,7 +146,7 @@ def test_inpainting_by_latent_blending_equals_diffusers(components):
         output_type="pt",
     ).images
     ours = components[1].inpaint(image, mask, "a window", steps=8, guidance_scale=5.0, seed=9, solver="ddim")
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("sd15_pipelines", ours, expected)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])
@@ -183,6 +183,6 @@ def test_inpainting_with_a_9_channel_model_equals_diffusers(components, tmp_path
     result = ours.inpaint(
         image, mask, "a door", strength=strength, steps=6, guidance_scale=4.0, seed=2, solver="ddim"
     )
-    assert max_diff(result, expected) <= TOLERANCE
+    assert_parity("sd15_pipelines", result, expected)
     with pytest.raises(ValueError, match="inpainting model"):
         ours.text_to_image("a door", width=32, height=32, steps=1)

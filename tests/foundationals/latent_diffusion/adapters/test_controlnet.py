@@ -1,8 +1,8 @@
 """ControlNet: the model, its file layouts, the patch (strength, start/end, mask, modes, stacking) against diffusers.
 
 Measured max abs differences (torch 2.13 CPU, fp32, tiny random weights): ControlNetModel residuals
-SD1.5 3e-6, SDXL 2.5e-6 (tolerance 2e-5); whole StableDiffusionControlNetPipeline images (scale,
-guess mode: 8e-6 and 7e-6 measured; start/end window, MultiControlNetModel) within the tolerance 1e-4. Files: the lllyasviel
+SD1.5 3e-6, SDXL 2.5e-6 (check `controlnet`); whole StableDiffusionControlNetPipeline images (scale,
+guess mode: 8e-6 and 7e-6 measured; start/end window, MultiControlNetModel) within the tolerance of `controlnet_pipeline` (tests/support/parity.py). Files: the lllyasviel
 layout (with and without `control_model.`, safetensors and .pth) and diffusers' `save_pretrained` load bit-identical
 weights; outputs agree to ~2e-6 (not bitwise: mmapped and in-memory tensors take different SIMD paths).
 """
@@ -31,6 +31,7 @@ from foundationals.latent_diffusion.model_config import TINY_SDXL_UNET, TINY_UNE
 from foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from foundationals.latent_diffusion.solvers import make_solver
 from foundationals.model_files import ModelFileError
+from tests.support.parity import assert_parity, check_parity
 from tests.support.tiny_control import diffusers_controlnet, ours_from_diffusers_controlnet
 from tests.support.tiny_sd import (
     clip_tokenizer,
@@ -40,8 +41,6 @@ from tests.support.tiny_sd import (
     transformers_text_encoder,
 )
 
-MODEL_TOLERANCE = 2e-5
-PIPELINE_TOLERANCE = 1e-4
 SIZE, LATENT = 32, 8  # the tiny autoencoder downscales 4x
 SD15_SCHEDULER = dict(
     beta_start=0.00085,
@@ -167,7 +166,7 @@ def test_controlnet_model_matches_diffusers(config):
     expected, result = their_residuals(reference, inputs), our_residuals(ours, inputs)
     assert len(result) == len(expected) == ours.residual_count
     assert min(r.abs().max().item() for r in expected) > 1e-2  # zero convs redrawn: real residuals
-    assert max(max_diff(a, b) for a, b in zip(result, expected)) <= MODEL_TOLERANCE
+    check_parity("controlnet", max(max_diff(a, b) for a, b in zip(result, expected)))
 
 
 def lllyasviel_state(reference, controlnet: ControlNet) -> dict[str, torch.Tensor]:
@@ -210,7 +209,7 @@ def test_lllyasviel_and_diffusers_files_give_identical_outputs(tmp_path):
         outputs.append(our_residuals(controlnet, inputs))
         states.append(controlnet.state_dict())
     for result in outputs:
-        assert max(max_diff(a, b) for a, b in zip(result, expected)) <= MODEL_TOLERANCE
+        check_parity("controlnet", max(max_diff(a, b) for a, b in zip(result, expected)))
     for state in states[
         1:
     ]:  # identical weights; outputs may differ by ~1e-7 (memory alignment of mmapped tensors)
@@ -234,7 +233,7 @@ def test_controlnet_pipeline_matches_diffusers(parts, options, theirs):
     result = run_ours(parts[1], [ControlNetPatch(parts[3][0], as_image(hint), **options)])
     if "strength" in options:
         assert max_diff(result, run_ours(parts[1], [])) > 1e-3  # the control changes the image
-    assert max_diff(result, expected) <= PIPELINE_TOLERANCE
+    assert_parity("controlnet_pipeline", result, expected)
 
 
 def test_two_controlnets_match_multicontrolnet(parts):
@@ -251,7 +250,7 @@ def test_two_controlnets_match_multicontrolnet(parts):
         ControlNetPatch(parts[3][0], as_image(first), 0.6, 0.0, 0.75),
         ControlNetPatch(parts[3][1], as_image(second), 1.1, 0.5, 1.0),
     ]
-    assert max_diff(run_ours(parts[1], patches), expected) <= PIPELINE_TOLERANCE
+    assert_parity("controlnet_pipeline", run_ours(parts[1], patches), expected)
 
 
 def test_outside_start_end_the_trajectory_is_the_uncontrolled_one(parts):
@@ -310,7 +309,7 @@ def test_prompt_and_controlnet_modes_scale_and_split_the_batch(parts):
         assert max_diff(soft, plain * 0.825 ** (count - 1 - index)) <= 1e-6
     for plain, conditional in zip(found["balanced"], found["controlnet"]):
         assert torch.equal(conditional[:1], torch.zeros_like(conditional[:1]))
-        assert max_diff(conditional[1:], plain[1:]) <= MODEL_TOLERANCE
+        assert_parity("controlnet", conditional[1:], plain[1:])
 
 
 def test_undo_restores_the_unet_exactly(parts):

@@ -4,7 +4,7 @@ The IP-Adapter files are written in tencent-ailab's layout from random tensors (
 `.safetensors`), the CLIP vision encoder is a transformers model saved with `save_pretrained`; diffusers
 loads both offline from the folder. Measured max abs differences on [0, 1] images (torch 2.13 CPU, fp32,
 4 DDIM steps, guidance 5): base 1.1e-5, plus 2.0e-5 (the adapter itself moves the image by ~0.5).
-Tolerance 1e-4. SDXL base, one UNet call against diffusers' UNet with the same file: see the test.
+Tolerance: tests/support/parity.py (`ip_adapter`). SDXL base, one UNet call against diffusers' UNet with the same file: see the test.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from foundationals.latent_diffusion.model_patch import SamplingRun
 from foundationals.latent_diffusion.unet import UNet
 from foundationals.model_files import ModelFileError
 from tests.foundationals.latent_diffusion.test_unet import conditioning, reference_and_ours
+from tests.support.parity import assert_parity
 from tests.support.tiny_ip_adapter import (
     cross_attention_widths,
     sample_with_patches,
@@ -48,7 +49,6 @@ from tests.support.tiny_sd import (
     transformers_text_encoder,
 )
 
-TOLERANCE = 1e-4
 SD15_SCHEDULER = dict(
     beta_start=0.00085,
     beta_end=0.012,
@@ -137,7 +137,7 @@ def test_sd15_ip_adapter_matches_diffusers(setup, kind):
     ours = sample_with_patches(setup["sd"], [patch])
     without = sample_with_patches(setup["sd"], [])
     assert max_diff(without, expected) > 0.05  # the adapter really changes the image
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("ip_adapter", ours, expected)
 
 
 def test_two_images_concatenated_match_diffusers_multi_image_input(setup):
@@ -158,7 +158,7 @@ def test_two_images_concatenated_match_diffusers_multi_image_input(setup):
     ours = sample_with_patches(
         setup["sd"], [IPAdapterPatch(adapter, embeddings, scale=0.6, combine="concat")]
     )
-    assert max_diff(ours, expected) <= TOLERANCE
+    assert_parity("ip_adapter", ours, expected)
 
 
 def test_scale_zero_equals_no_adapter_exactly(setup):

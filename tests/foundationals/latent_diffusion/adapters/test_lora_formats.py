@@ -23,6 +23,7 @@ from foundationals.formats.lora import (
     normalize_lora,
 )
 from foundationals.latent_diffusion.adapters.lora import load_lora_state_dict
+from tests.support.parity import check_parity
 
 warnings.filterwarnings("ignore")
 
@@ -168,7 +169,7 @@ def our_deltas(lora_file, shapes):
 def assert_same_deltas(ours, reference):
     assert set(ours) == set(reference)
     worst = max((ours[key] - reference[key]).abs().max().item() for key in reference)
-    assert worst < 1e-6, worst
+    check_parity("lora_deltas", worst)
 
 
 @pytest.fixture(scope="module")

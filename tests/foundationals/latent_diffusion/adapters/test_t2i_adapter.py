@@ -1,9 +1,9 @@
 """T2I-Adapter: models, file layouts, the patch and stacking with ControlNet, against diffusers.
 
 Measured max abs differences (torch 2.13 CPU, fp32, tiny random weights): T2IAdapter features (full,
-light, full_xl) within tolerance 1e-5; StableDiffusionAdapterPipeline images (single: 8e-6 measured; MultiAdapter),
-within tolerance 1e-4; one UNet call with a ControlNet and a T2I-Adapter stacked, and an SDXL UNet
-with a full_adapter_xl (features inside the down blocks and after the middle block): tolerance 2e-5.
+light, full_xl) within `t2i_adapter`'s tolerance; StableDiffusionAdapterPipeline images (single: 8e-6 measured; MultiAdapter),
+within `t2i_adapter_pipeline`'s; one UNet call with a ControlNet and a T2I-Adapter stacked, and an SDXL UNet
+with a full_adapter_xl (features inside the down blocks and after the middle block): `t2i_adapter` (tolerances: tests/support/parity.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from foundationals.latent_diffusion.solvers import make_solver
 from foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 from foundationals.latent_diffusion.unet import UNet
 from foundationals.model_files import ModelFileError
+from tests.support.parity import assert_parity, check_parity
 from tests.support.tiny_control import (
     diffusers_controlnet,
     diffusers_t2i_adapter,
@@ -41,9 +42,6 @@ from tests.support.tiny_sd import (
     transformers_text_encoder,
 )
 
-FEATURE_TOLERANCE = 1e-5
-UNET_TOLERANCE = 2e-5
-PIPELINE_TOLERANCE = 1e-4
 SIZE, LATENT = 32, 8
 SD15_SCHEDULER = dict(
     beta_start=0.00085,
@@ -94,7 +92,7 @@ def test_t2i_adapter_features_match_diffusers(kind):
     hint = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     expected, result = features(reference, hint), features(ours_from(reference, kind), hint)
     assert [f.shape for f in result] == [f.shape for f in expected]
-    assert max(max_diff(a, b) for a, b in zip(result, expected)) <= FEATURE_TOLERANCE
+    check_parity("t2i_adapter", max(max_diff(a, b) for a, b in zip(result, expected)))
 
 
 def tencentarc_state(reference, kind: str) -> dict[str, torch.Tensor]:
@@ -126,10 +124,7 @@ def test_tencentarc_and_diffusers_files_load_the_same_weights(kind, tmp_path):
     a, b = first.state_dict(), second.state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)
     hint = torch.rand(1, 3, 64, 64)
-    assert (
-        max(max_diff(x, y) for x, y in zip(features(first, hint), features(reference, hint)))
-        <= FEATURE_TOLERANCE
-    )
+    assert_parity("t2i_adapter", features(first, hint), features(reference, hint))
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +189,7 @@ def test_adapter_pipelines_match_diffusers(parts):
     expected = run_diffusers(parts, parts[2][0], first, adapter_conditioning_scale=0.8)
     result = run_ours(parts[1], [T2IAdapterPatch(parts[3][0], first.permute(0, 2, 3, 1), 0.8)])
     assert max_diff(result, run_ours(parts[1], [])) > 1e-3
-    assert max_diff(result, expected) <= PIPELINE_TOLERANCE
+    assert_parity("t2i_adapter_pipeline", result, expected)
 
     expected = run_diffusers(
         parts, MultiAdapter(parts[2]), [first, second], adapter_conditioning_scale=[0.5, 0.9]
@@ -203,7 +198,7 @@ def test_adapter_pipelines_match_diffusers(parts):
         T2IAdapterPatch(parts[3][0], first.permute(0, 2, 3, 1), 0.5),
         T2IAdapterPatch(parts[3][1], second.permute(0, 2, 3, 1), 0.9),
     ]
-    assert max_diff(run_ours(parts[1], patches), expected) <= PIPELINE_TOLERANCE
+    assert_parity("t2i_adapter_pipeline", run_ours(parts[1], patches), expected)
 
 
 def test_controlnet_and_t2i_adapter_stack_like_diffusers_unet(parts):
@@ -246,11 +241,11 @@ def test_controlnet_and_t2i_adapter_stack_like_diffusers_unet(parts):
         sd.unet.set_clip_text_embedding(text)
         with torch.no_grad():
             result = sd.unet(x)
-    assert max_diff(result, expected) <= UNET_TOLERANCE
+    assert_parity("t2i_adapter", result, expected)
     assert repr(sd.unet) == before_repr
     sd.unet.set_timestep(timestep)
     with torch.no_grad():
-        assert max_diff(sd.unet(x), plain) <= UNET_TOLERANCE
+        assert_parity("t2i_adapter", sd.unet(x), plain)
 
 
 def sdxl_unets() -> tuple[UNet2DConditionModel, UNet]:
@@ -304,7 +299,7 @@ def test_sdxl_adapter_features_go_where_diffusers_puts_them():
         unet.set_time_ids(time_ids)
         with torch.no_grad():
             result = unet(x)
-    assert max_diff(result, expected) <= UNET_TOLERANCE
+    assert_parity("t2i_adapter", result, expected)
 
 
 def test_wrong_family_and_wrong_kind_are_refused(parts, tmp_path):
