@@ -205,8 +205,22 @@ class Solver(ABC):
         self.first_inference_step = first_inference_step
         self.alphas_cumprod = cumulative_alphas(self.params, clamp_terminal=self.clamp_terminal_alpha)
         self.build_schedule()
+        self._refuse_division_by_zero_alpha()
         self.device, self.dtype = torch.device(device), dtype
         self.to(device, dtype)
+
+    def _refuse_division_by_zero_alpha(self) -> None:
+        """A zero-terminal-SNR schedule's last timestep has alpha_bar = 0: x0 = (x - noise) / 0 for epsilon models."""
+        if not self.params.rescale_betas_zero_snr or self.params.prediction_type != PredictionType.EPSILON:
+            return
+        if self.clamp_terminal_alpha or self.timesteps.is_floating_point():
+            return
+        if bool((self.alphas_cumprod[self.timesteps.clamp(min=0)] == 0).any()):
+            raise ValueError(
+                f"{type(self).__name__} cannot sample an epsilon-prediction model with zero terminal SNR from the "
+                "pure-noise timestep (alpha_bar = 0): sample it as v_prediction, or pick a sigma-based solver "
+                "(euler, dpmpp_2m, uni_pc, ...) or the normal schedule"
+            )
 
     @abstractmethod
     def build_schedule(self) -> None:

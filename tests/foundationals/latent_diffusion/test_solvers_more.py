@@ -504,6 +504,15 @@ def test_zero_terminal_snr_schedule_reaches_pure_noise() -> None:
         assert torch.isfinite(run_ours(solver, x)[-1]).all(), name
 
 
+def test_epsilon_models_with_zero_terminal_snr_are_refused_where_alpha_bar_is_zero() -> None:
+    """DDIM, DDPM and LCM use alpha_bar = 0 itself at t = 999 (as diffusers, which gives NaN there)."""
+    for name in ("ddim", "ddpm", "lcm"):
+        with pytest.raises(ValueError, match="epsilon-prediction model with zero terminal SNR"):
+            make_solver(name, 10, "trailing", zero_terminal_snr=True)
+    assert make_solver("ddim", 20, "normal", zero_terminal_snr=True).timesteps[0] == 951  # never reaches 999
+    assert torch.isfinite(make_solver("euler", 10, "trailing", zero_terminal_snr=True).sigmas).all()
+
+
 # -- img2img ------------------------------------------------------------------------------------------------
 
 IMG2IMG_CASES = [
