@@ -402,6 +402,22 @@ def inspect_and_context() -> dict:
     }
 
 
+def v_prediction() -> dict:
+    """A v-prediction, zero-terminal-SNR fine-tune whose file lacks the v_pred / ztsnr keys: say it per model."""
+    sampling = sampler(["4", 0], ["5", 0], steps=8)
+    sampling["inputs"].update(solver="uni_pc_bh2", schedule="trailing")
+    return {
+        **sd15_base("a snowy mountain village at night, warm window lights"),
+        "4": {
+            "class_type": "FluxionModelSamplingDiscrete",
+            "inputs": {"model": ["1", 0], "sampling": "v_prediction", "zsnr": True},
+        },
+        "5": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": sampling,
+        **decode_and_save(["6", 0], "fluxion_v_prediction", 7),
+    }
+
+
 SDXL = "sd_xl_base_1.0.safetensors"
 
 
@@ -480,6 +496,7 @@ WORKFLOWS = {
     "sd15_ip_adapter_embeds": ip_adapter_embeds,
     "sd15_reference_only": reference_only,
     "sd15_inspect_and_set_context": inspect_and_context,
+    "sd15_v_prediction": v_prediction,
     "sdxl_txt2img": sdxl_txt2img,
     "sdxl_img2img": sdxl_img2img,
     "sdxl_ip_adapter": sdxl_ip_adapter,

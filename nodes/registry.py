@@ -18,6 +18,7 @@ from . import (
     latent_nodes,
     lora_nodes,
     model_nodes,
+    model_sampling_nodes,
     reference_only_nodes,
     sampler_nodes,
     text_nodes,
@@ -35,6 +36,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     ip_adapter_embeds_nodes,
     reference_only_nodes,
     model_nodes,
+    model_sampling_nodes,
     training_nodes,
 )
 

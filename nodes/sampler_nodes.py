@@ -11,7 +11,7 @@ from ..foundationals.latent_diffusion.model_config import unet_family
 from ..foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from ..foundationals.latent_diffusion.resizing import resize_mask
 from ..foundationals.latent_diffusion.sampling import Conditioning
-from ..foundationals.latent_diffusion.solvers import SCHEDULES, SOLVERS, make_solver
+from ..foundationals.latent_diffusion.solvers import SCHEDULES, SOLVERS
 from .host import ProgressReporter, is_hosted, throw_if_interrupted
 from .latent_nodes import check_size, require_finite
 from .wires import CONDITIONING, MODEL, ModelWire
@@ -103,13 +103,13 @@ def sample_latents(
             f"{model.name} is an inpainting model: it needs latents encoded by Fluxion VAE Encode from this "
             "model's VAE, with a mask"
         )
-    sampler = make_solver(solver, steps, schedule, denoise, sd.prediction_type, device=sd.device)
+    sampler = sd.make_solver(solver, steps, schedule, denoise)
     # Full-strength text-to-image starts from pure noise, as diffusers' txt2img pipeline does.
     image_latents = None if (denoise >= 1.0 and latent_mask is None) else latents
     if sd.is_inpainting_model and denoise >= 1.0:
         image_latents = None
     run = SamplingRun(
-        num_steps=steps,
+        num_steps=sampler.num_inference_steps,  # a schedule may drop repeated levels (ComfyUI's beta)
         first_step=sampler.first_inference_step,
         latent_height=height,
         latent_width=width,
@@ -198,14 +198,17 @@ class FluxionSampler:
                     list(SOLVERS),
                     {
                         "default": "dpmpp_2m",
-                        "tooltip": "The solver (sampler) moving the latents from noise to image.",
+                        "tooltip": "The solver (sampler) moving the latents from noise to image, by ComfyUI's "
+                        "names. heun, dpmpp_2s_ancestral and dpmpp_sde run the model twice per step.",
                     },
                 ),
                 "schedule": (
                     list(SCHEDULES),
                     {
                         "default": "karras",
-                        "tooltip": "Timestep schedule: normal (leading), karras (sigma-based solvers), trailing, linspace.",
+                        "tooltip": "Timestep schedule: normal (leading), trailing, linspace space the training "
+                        "timesteps (every solver); karras, exponential, sgm_uniform, simple, beta and "
+                        "align_your_steps (the SD1.5 or SDXL table) set the noise levels (not ddim, ddpm, lcm).",
                     },
                 ),
                 "denoise": (

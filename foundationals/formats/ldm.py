@@ -46,6 +46,20 @@ IGNORED_KEYS = frozenset(
 )
 
 
+V_PREDICTION_MARKER = "v_pred"
+ZERO_TERMINAL_SNR_MARKER = "ztsnr"
+SAMPLING_MARKER_KEYS = frozenset({V_PREDICTION_MARKER, ZERO_TERMINAL_SNR_MARKER})
+"""Empty tensors some single files carry to say how to sample them: `v_pred` (the UNet predicts v; ComfyUI writes
+it when it saves a v-prediction model) and `ztsnr` (trained on a zero-terminal-SNR schedule). ComfyUI reads them
+for SDXL files (ztsnr only beside v_pred); we read both for every family."""
+
+
+def sampling_markers(keys: Iterable[str]) -> tuple[bool, bool]:
+    """(v-prediction, zero terminal SNR) as a single file's marker keys say."""
+    present = SAMPLING_MARKER_KEYS.intersection(keys)
+    return V_PREDICTION_MARKER in present, ZERO_TERMINAL_SNR_MARKER in present
+
+
 class CheckpointError(ValueError):
     """A file that is not a loadable SD checkpoint; the message names the file and says what it looks like."""
 

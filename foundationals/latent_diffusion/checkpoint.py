@@ -8,6 +8,8 @@
   copies in full training checkpoints are skipped. "emaonly" files already hold the EMA weights there.
 - Diffusers folders: `unet/`, `vae/` (`config.json` + `diffusion_pytorch_model[.fp16].safetensors|.bin`),
   `text_encoder/`, `text_encoder_2/`.
+- How to sample: a single file's empty `v_pred` / `ztsnr` marker tensors (see `formats.ldm.SAMPLING_MARKER_KEYS`),
+  a folder's `scheduler/scheduler_config.json` (`prediction_type`, `rescale_betas_zero_snr`).
 
 Architectures are inferred from key names and tensor shapes (tiny test checkpoints load too); the family
 (SD1.5, SD1.5 inpainting, SDXL) is detected, and SD2.x, SDXL refiner, SD3, Flux and unknown files are
@@ -43,6 +45,7 @@ from ..formats.ldm import (
     IGNORED_PREFIXES,
     LDM_AUTOENCODER_PREFIX,
     LDM_UNET_PREFIX,
+    SAMPLING_MARKER_KEYS,
     TEXT_ENCODER_PREFIXES,
     CheckpointError,
     detect_family,
@@ -51,6 +54,7 @@ from ..formats.ldm import (
     ldm_autoencoder_key_map,
     ldm_unet_key_map,
     refuse_other_architectures,
+    sampling_markers,
 )
 from .auto_encoder import LatentDiffusionAutoencoder
 from .model_config import (
@@ -58,6 +62,7 @@ from .model_config import (
     SDXL_AUTOENCODER,
     UNetConfig,
 )
+from .solvers.solver import PredictionType
 from .unet import UNet
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -128,6 +133,10 @@ class StableDiffusionCheckpoint:
     unet: UNet
     autoencoder: LatentDiffusionAutoencoder | None = None
     text_encoders: dict[str, fl.Chain] = field(default_factory=dict)  # "clip_l", "clip_g"
+    prediction_type: PredictionType = PredictionType.EPSILON
+    zero_terminal_snr: bool = False
+    """How the UNet was trained: from a single file's `v_pred` / `ztsnr` marker keys, or a diffusers folder's
+    `scheduler/scheduler_config.json` (`prediction_type`, `rescale_betas_zero_snr`)."""
 
 
 # -- Filling a meta model -----------------------------------------------------------------------------------
@@ -202,6 +211,7 @@ def load_single_file(
             (LDM_UNET_PREFIX, LDM_AUTOENCODER_PREFIX, *TEXT_ENCODER_PREFIXES, *IGNORED_PREFIXES)
         )
         and key not in IGNORED_KEYS
+        and key not in SAMPLING_MARKER_KEYS
     ]
     if leftovers:
         raise CheckpointError(
@@ -210,7 +220,14 @@ def load_single_file(
 
     unet = UNet(config, device="meta")
     _fill(unet, file, ldm_unet_key_map(unet), LDM_UNET_PREFIX, f"{family} UNet", device, dtype)
-    checkpoint = StableDiffusionCheckpoint(source=file.path, family=family, unet=unet)
+    v_prediction, zero_terminal_snr = sampling_markers(keys)
+    checkpoint = StableDiffusionCheckpoint(
+        source=file.path,
+        family=family,
+        unet=unet,
+        prediction_type=PredictionType.V_PREDICTION if v_prediction else PredictionType.EPSILON,
+        zero_terminal_snr=zero_terminal_snr,
+    )
 
     vae_shapes = {
         key[len(LDM_AUTOENCODER_PREFIX) :]: file.shape(key)
@@ -290,6 +307,24 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def read_scheduler_config(folder: Path) -> tuple[PredictionType, bool]:
+    """(prediction type, zero terminal SNR) from a diffusers folder's scheduler config (defaults without one)."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return PredictionType.EPSILON, False
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+    prediction = config.get("prediction_type", "epsilon")
+    try:
+        prediction_type = PredictionType(prediction)
+    except ValueError:
+        choices = ", ".join(kind.value for kind in PredictionType)
+        raise CheckpointError(f"{path}: prediction_type {prediction!r} is none of {choices}") from None
+    return prediction_type, bool(config.get("rescale_betas_zero_snr", False))
+
+
 def load_diffusers_folder(
     folder: str | Path,
     device: Device | str = "cpu",
@@ -310,7 +345,14 @@ def load_diffusers_folder(
         device,
         dtype,
     )
-    checkpoint = StableDiffusionCheckpoint(source=folder, family=family, unet=unet)
+    prediction_type, zero_terminal_snr = read_scheduler_config(folder)
+    checkpoint = StableDiffusionCheckpoint(
+        source=folder,
+        family=family,
+        unet=unet,
+        prediction_type=prediction_type,
+        zero_terminal_snr=zero_terminal_snr,
+    )
     if (folder / "vae").is_dir():
         autoencoder = LatentDiffusionAutoencoder(
             autoencoder_config_from_diffusers(_read_config(folder / "vae")), device="meta"

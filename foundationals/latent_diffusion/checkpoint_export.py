@@ -2,13 +2,15 @@
 
 The inverse of `checkpoint.load_single_file`: UNet under `model.diffusion_model.*`, autoencoder under
 `first_stage_model.*`, CLIP-L under `cond_stage_model.transformer.*` (SD1.5) or
-`conditioner.embedders.0.transformer.*` and OpenCLIP bigG under `conditioner.embedders.1.model.*` (SDXL).
+`conditioner.embedders.0.transformer.*` and OpenCLIP bigG under `conditioner.embedders.1.model.*` (SDXL),
+plus the empty `v_pred` / `ztsnr` marker tensors of a v-prediction / zero-terminal-SNR model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..clip.text_encoder import CLIPTextEncoder, transformer_layer_names
@@ -16,10 +18,13 @@ from ..formats.clip import TEXT_LAYOUTS, export_clip_state_dict
 from ..formats.ldm import (
     LDM_AUTOENCODER_PREFIX,
     LDM_UNET_PREFIX,
+    V_PREDICTION_MARKER,
+    ZERO_TERMINAL_SNR_MARKER,
     ldm_autoencoder_key_map,
     ldm_unet_key_map,
 )
 from ..model_files import describe_keys
+from .solvers import PredictionType
 from .stable_diffusion import StableDiffusion
 
 
@@ -46,6 +51,13 @@ def single_file_state_dict(model: StableDiffusion) -> dict[str, Tensor]:
     else:
         tensors.update(_text_encoder_tensors(model.text_encoder, "sdxl_clip_l"))
         tensors.update(_text_encoder_tensors(model.text_encoder_2, "sdxl_clip_g"))
+    # how to sample it: the empty marker tensors ComfyUI writes and reads
+    if model.prediction_type == PredictionType.V_PREDICTION:
+        tensors[V_PREDICTION_MARKER] = torch.tensor([])
+    elif model.prediction_type != PredictionType.EPSILON:
+        raise ValueError(f"a single file cannot say the prediction type {model.prediction_type.value!r}")
+    if model.zero_terminal_snr:
+        tensors[ZERO_TERMINAL_SNR_MARKER] = torch.tensor([])
     return tensors
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from .limits import check_size
 from .resizing import resize_mask
 from .sampling import Conditioning, SizeConditioning, StepCallback
-from .solvers import Solver, make_solver
+from .solvers import Solver
 
 if TYPE_CHECKING:
     from .stable_diffusion import StableDiffusion
@@ -48,7 +48,7 @@ def _prologue(
         zero_empty_negative,
         guidance_scale,
     )
-    sampler = make_solver(solver, steps, schedule, strength, model.prediction_type, device=model.device)
+    sampler = model.make_solver(solver, steps, schedule, strength)
     return positive, negative, sampler
 
 

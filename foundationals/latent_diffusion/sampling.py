@@ -187,21 +187,29 @@ def denoise(
     parameter = next(iter(getattr(unet, "parameters", lambda: iter([latents]))()), latents)
     conditioning = conditioning.to(parameter.device, parameter.dtype)
     _apply_conditioning(unet, conditioning)
-    steps = list(solver.inference_steps)
-    for done, step in enumerate(steps, start=1):
-        if step_hook is not None:
-            step_hook(step)
-        model_input = solver.scale_model_input(latents, step)
+    dtype = latents.dtype
+
+    def evaluate(model_input: Tensor, timestep: Tensor) -> Tensor:
+        """The guided prediction for a scaled model input at `timestep` (solvers call it again within a step)."""
         if inpainting is not None and inpainting.masked_image_latents is not None:
             model_input = torch.cat([model_input, inpainting.mask, inpainting.masked_image_latents], dim=1)
         if use_guidance:
             model_input = torch.cat([model_input, model_input])
-        unet.set_timestep(solver.timesteps[step].reshape(1))
-        prediction = (predict or unet)(model_input.to(parameter.dtype)).to(latents.dtype)
+        unet.set_timestep(timestep.reshape(1))
+        prediction = (predict or unet)(model_input.to(parameter.dtype)).to(dtype)
         if use_guidance:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
-        latents = solver(latents, predicted_noise=prediction, step=step, generator=generator)
+        return prediction
+
+    steps = list(solver.inference_steps)
+    for done, step in enumerate(steps, start=1):
+        if step_hook is not None:
+            step_hook(step)
+        prediction = evaluate(solver.scale_model_input(latents, step), solver.timesteps[step])
+        latents = solver(
+            latents, predicted_noise=prediction, step=step, generator=generator, evaluate=evaluate
+        )
         if inpainting is not None and inpainting.masked_image_latents is None:
             latents = _blend_with_source(solver, latents, inpainting, step, generator)
         if after_step is not None:

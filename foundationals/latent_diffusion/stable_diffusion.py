@@ -9,7 +9,7 @@ output size, no crop; the negative's the same unless given), an empty negative p
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .limits import check_size
 from .model_patch import SamplingRun
 from .sampling import Conditioning, InpaintingInputs, SizeConditioning, StepCallback, denoise, prepare_latents
-from .solvers import PredictionType, Solver
+from .solvers import PredictionType, Solver, make_solver
 from .unet import UNet
 
 
@@ -44,8 +44,11 @@ class StableDiffusion:
     text_encoder: CLIPTextEncoder
     text_encoder_2: CLIPTextEncoder | None = None
     prediction_type: PredictionType = PredictionType.EPSILON
+    """What the UNet predicts (the checkpoint's markers or scheduler config say; `with_sampling` overrides)."""
     embeddings: EmbeddingLookup | None = field(default=None, repr=False)
     embeddings_2: EmbeddingLookup | None = field(default=None, repr=False)
+    zero_terminal_snr: bool = False
+    """Whether the UNet was trained on a zero-terminal-SNR noise schedule (diffusers' rescale_betas_zero_snr)."""
 
     @classmethod
     def from_checkpoint(
@@ -74,6 +77,38 @@ class StableDiffusion:
             autoencoder=checkpoint.autoencoder,
             text_encoder=encoders["clip_l"],  # type: ignore[arg-type]
             text_encoder_2=encoders["clip_g"] if sdxl else None,  # type: ignore[arg-type]
+            prediction_type=checkpoint.prediction_type,
+            zero_terminal_snr=checkpoint.zero_terminal_snr,
+        )
+
+    def with_sampling(
+        self, prediction_type: PredictionType | str | None = None, zero_terminal_snr: bool | None = None
+    ) -> StableDiffusion:
+        """The same models (shared, not copied) sampled as `prediction_type` / with `zero_terminal_snr`.
+
+        `self` is unchanged: ComfyUI branches that share a loaded model may sample it differently.
+        """
+        return replace(
+            self,
+            prediction_type=self.prediction_type
+            if prediction_type is None
+            else PredictionType(prediction_type),
+            zero_terminal_snr=self.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr,
+        )
+
+    def make_solver(
+        self, name: str, steps: int, schedule: str = "normal", denoise_strength: float = 1.0
+    ) -> Solver:
+        """A solver by name for this model: its prediction type, noise schedule, device (and AYS table)."""
+        return make_solver(
+            name,
+            steps,
+            schedule,
+            denoise_strength,
+            self.prediction_type,
+            device=self.device,
+            zero_terminal_snr=self.zero_terminal_snr,
+            sdxl=self.is_sdxl,
         )
 
     @property

@@ -135,7 +135,8 @@ class LoraTrainer:
         self.sampling = sampling
         self.prediction_type = prediction_type or model.prediction_type
         self.device = model.device
-        self.alphas_cumprod = cumulative_alphas(SolverParams())
+        # the model's training noise schedule (zero terminal SNR for models trained on one)
+        self.alphas_cumprod = cumulative_alphas(SolverParams(rescale_betas_zero_snr=model.zero_terminal_snr))
         self._check_sizes()
         self.targets = self._find_targets()
         self.step = 0

@@ -122,6 +122,28 @@ PARITY: dict[str, Parity] = {
         2e-05,
         "7.6e-6",
     ),
+    "solvers_new": Parity(
+        "Heun, LMS, UniPC bh1/bh2, DEIS, DPM++ SDE / 2M SDE heun, v-prediction + zero SNR: trajectories, "
+        "max diff relative to the latents' magnitude",
+        "diffusers schedulers",
+        "latent_diffusion/test_solvers_more.py",
+        2e-5,
+        "4.5e-6",
+    ),
+    "solvers_comfyui": Parity(
+        "k-diffusion samplers (euler ... dpmpp_3m_sde), eps and v-pred, step by step (with `FLUXION_COMFYUI`)",
+        "ComfyUI 0.8.0 `comfy.k_diffusion.sampling`",
+        "latent_diffusion/test_solvers_comfyui.py",
+        5e-6,
+        "1.1e-6",
+    ),
+    "v_prediction_pipeline": Parity(
+        "v-prediction, zero-terminal-SNR txt2img images in [0, 1] (ddim, euler, dpmpp_2m, uni_pc_bh2)",
+        "diffusers `StableDiffusionPipeline` (trailing spacing)",
+        "latent_diffusion/test_v_prediction.py",
+        6e-5,
+        "2.2e-5",
+    ),
     "sd15_pipelines": Parity(
         "SD1.5 txt2img / img2img / inpainting images in [0, 1]",
         "diffusers `StableDiffusion(Img2Img|Inpaint)Pipeline`",

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from .solver import Solver, SolverParams, sample_noise, spaced_timesteps
+from .solver import Evaluate, Solver, SolverParams, sample_noise, spaced_timesteps
 
 
 class DDIM(Solver):
@@ -30,7 +30,12 @@ class DDIM(Solver):
         self.timesteps = spaced_timesteps(self.params, self.num_inference_steps).long()
 
     def __call__(
-        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        predicted_noise: Tensor,
+        step: int,
+        generator: torch.Generator | None = None,
+        evaluate: Evaluate | None = None,
     ) -> Tensor:
         """One DDIM update from the timestep of `step` down by num_train_timesteps // num_inference_steps."""
         timestep = int(self.timesteps[step])

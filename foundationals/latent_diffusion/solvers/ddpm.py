@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from .solver import Solver, sample_noise, spaced_timesteps
+from .solver import Evaluate, Solver, sample_noise, spaced_timesteps
 
 
 class DDPM(Solver):
@@ -14,7 +14,12 @@ class DDPM(Solver):
         self.timesteps = spaced_timesteps(self.params, self.num_inference_steps).long()
 
     def __call__(
-        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        predicted_noise: Tensor,
+        step: int,
+        generator: torch.Generator | None = None,
+        evaluate: Evaluate | None = None,
     ) -> Tensor:
         """Mean of the posterior at the next timestep plus its (fixed, small) variance times fresh noise."""
         timestep = int(self.timesteps[step])

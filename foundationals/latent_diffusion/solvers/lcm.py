@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from .solver import Solver, SolverParams, sample_noise
+from .solver import Evaluate, Solver, SolverParams, sample_noise
 
 
 class LCM(Solver):
@@ -55,7 +55,12 @@ class LCM(Solver):
         self.timesteps = original_timesteps[indices]
 
     def __call__(
-        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        predicted_noise: Tensor,
+        step: int,
+        generator: torch.Generator | None = None,
+        evaluate: Evaluate | None = None,
     ) -> Tensor:
         """Consistency function's clean latents, re-noised to the next timestep (except after the last)."""
         timestep = self.timesteps[step]

@@ -7,6 +7,7 @@ numpy) so that trajectories agree with diffusers' schedulers to float32 rounding
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -30,16 +31,29 @@ class NoiseSchedule(str, Enum):
 
 
 class SigmaSchedule(str, Enum):
-    """Alternative noise levels for sigma-based solvers (diffusers' `use_karras_sigmas`)."""
+    """Noise levels for sigma-based solvers other than the spaced training timesteps' own.
+
+    KARRAS, EXPONENTIAL and BETA_SIGMAS are diffusers' `use_karras_sigmas`, `use_exponential_sigmas` and
+    `use_beta_sigmas` (each solver takes their end points where its diffusers scheduler does). BETA, SIMPLE,
+    SGM_UNIFORM and the Align-Your-Steps tables are ComfyUI's schedulers of those names (`schedules.py`).
+    """
 
     KARRAS = "karras"
+    EXPONENTIAL = "exponential"
+    BETA_SIGMAS = "beta_sigmas"
+    BETA = "beta"
+    SIMPLE = "simple"
+    SGM_UNIFORM = "sgm_uniform"
+    AYS_SD15 = "ays_sd15"
+    AYS_SDXL = "ays_sdxl"
 
 
 class PredictionType(str, Enum):
-    """What the denoising model predicts."""
+    """What the denoising model predicts: the noise, the velocity v (Salimans & Ho, 2022) or the clean sample."""
 
     EPSILON = "epsilon"
     V_PREDICTION = "v_prediction"
+    SAMPLE = "sample"
 
 
 @dataclass(frozen=True)
@@ -54,10 +68,34 @@ class SolverParams:
     noise_schedule: NoiseSchedule = NoiseSchedule.SCALED_LINEAR
     sigma_schedule: SigmaSchedule | None = None
     prediction_type: PredictionType = PredictionType.EPSILON
+    rescale_betas_zero_snr: bool = False
+    """Zero terminal SNR (Lin et al., 2023): the last training timestep is pure noise (diffusers' option)."""
 
 
-def cumulative_alphas(params: SolverParams) -> Tensor:
-    """The training schedule's cumulative product of (1 - beta), in float32 like diffusers."""
+TERMINAL_ALPHA_BAR = 2.0**-24
+"""What sigma-based solvers put in place of the zero last alpha_bar of a zero-terminal-SNR schedule (diffusers)."""
+
+
+def zero_terminal_snr_betas(betas: Tensor) -> Tensor:
+    """Betas rescaled so that sqrt(alpha_bar) keeps its first value and reaches 0 at the last timestep.
+
+    Lin et al. (2023), "Common Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1: shift
+    sqrt(alpha_bar) down by its last value, scale it back to its first value, then undo the cumulative product.
+    """
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alphas
+
+
+def cumulative_alphas(params: SolverParams, clamp_terminal: bool = False) -> Tensor:
+    """The training schedule's cumulative product of (1 - beta), in float32 like diffusers.
+
+    With `rescale_betas_zero_snr` the last value is 0, or `TERMINAL_ALPHA_BAR` with `clamp_terminal` (solvers
+    that need a finite largest sigma, as diffusers' Euler, DPM-Solver and UniPC schedulers do).
+    """
     n, start, end = params.num_train_timesteps, params.initial_diffusion_rate, params.final_diffusion_rate
     match params.noise_schedule:
         case NoiseSchedule.SCALED_LINEAR:
@@ -66,7 +104,12 @@ def cumulative_alphas(params: SolverParams) -> Tensor:
             betas = torch.linspace(start, end, n, dtype=torch.float32)
         case _:
             raise ValueError(f"unknown noise schedule {params.noise_schedule!r}")
-    return torch.cumprod(1.0 - betas, dim=0)
+    if params.rescale_betas_zero_snr:
+        betas = zero_terminal_snr_betas(betas)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if params.rescale_betas_zero_snr and clamp_terminal:
+        alphas_cumprod[-1] = TERMINAL_ALPHA_BAR
+    return alphas_cumprod
 
 
 def spaced_timesteps(params: SolverParams, num_inference_steps: int, round_linspace: bool = True) -> Tensor:
@@ -123,10 +166,22 @@ def first_inference_step_from_strength(num_inference_steps: int, strength: float
     return max(num_inference_steps - init_timestep, 0)
 
 
+Evaluate = Callable[[Tensor, Tensor], Tensor]
+"""The model (with guidance) as a solver sees it: (scaled model input, timestep) -> prediction."""
+
+
 class Solver(ABC):
-    """A timestep schedule plus the update rule that moves latents one inference step down it."""
+    """A timestep schedule plus the update rule that moves latents one inference step down it.
+
+    The sampling loop calls the model once per step at `timesteps[step]` on `scale_model_input(x, step)` and
+    hands the prediction to `__call__`. Solvers with more than one model evaluation per step (Heun, DPM++ 2S,
+    DPM++ SDE) make the extra ones through the `evaluate` function the loop passes in.
+    """
 
     timesteps: Tensor
+    clamp_terminal_alpha: bool = False
+    """Whether a zero-terminal-SNR schedule's last alpha_bar is replaced by `TERMINAL_ALPHA_BAR` (see
+    `cumulative_alphas`): sigma-based solvers need a finite largest sigma."""
 
     def __init__(
         self,
@@ -146,11 +201,26 @@ class Solver(ABC):
                 f"first_inference_step must lie in [0, {num_inference_steps}], got {first_inference_step}"
             )
         self.num_inference_steps = num_inference_steps
+        self.requested_steps = num_inference_steps
         self.first_inference_step = first_inference_step
-        self.alphas_cumprod = cumulative_alphas(self.params)
+        self.alphas_cumprod = cumulative_alphas(self.params, clamp_terminal=self.clamp_terminal_alpha)
         self.build_schedule()
+        self._refuse_division_by_zero_alpha()
         self.device, self.dtype = torch.device(device), dtype
         self.to(device, dtype)
+
+    def _refuse_division_by_zero_alpha(self) -> None:
+        """A zero-terminal-SNR schedule's last timestep has alpha_bar = 0: x0 = (x - noise) / 0 for epsilon models."""
+        if not self.params.rescale_betas_zero_snr or self.params.prediction_type != PredictionType.EPSILON:
+            return
+        if self.clamp_terminal_alpha or self.timesteps.is_floating_point():
+            return
+        if bool((self.alphas_cumprod[self.timesteps.clamp(min=0)] == 0).any()):
+            raise ValueError(
+                f"{type(self).__name__} cannot sample an epsilon-prediction model with zero terminal SNR from the "
+                "pure-noise timestep (alpha_bar = 0): sample it as v_prediction, or pick a sigma-based solver "
+                "(euler, dpmpp_2m, uni_pc, ...) or the normal schedule"
+            )
 
     @abstractmethod
     def build_schedule(self) -> None:
@@ -158,9 +228,29 @@ class Solver(ABC):
 
     @abstractmethod
     def __call__(
-        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        predicted_noise: Tensor,
+        step: int,
+        generator: torch.Generator | None = None,
+        evaluate: Evaluate | None = None,
     ) -> Tensor:
-        """Latents at the next step, from the latents `x` at `step` and the model's prediction for them."""
+        """Latents at the next step, from the latents `x` at `step` and the model's prediction for them.
+
+        `generator` draws any noise the solver adds; `evaluate` runs the model again where the solver needs
+        more than one evaluation per step (the others ignore it).
+        """
+
+    def adopt_step_count(self, count: int) -> None:
+        """Run `count` steps: a schedule that drops repeated noise levels (ComfyUI's beta) has fewer."""
+        if count != self.num_inference_steps:
+            self.num_inference_steps = count
+            self.first_inference_step = min(self.first_inference_step, count)
+
+    @property
+    def model_evaluations_per_step(self) -> int:
+        """How many times a step runs the model at most (2 for Heun-like solvers, which use `evaluate`)."""
+        return 1
 
     @property
     def inference_steps(self) -> range:
@@ -190,9 +280,7 @@ class Solver(ABC):
     ) -> Solver:
         """A fresh solver of the same kind and parameters, with new step counts and no history."""
         return type(self)(
-            num_inference_steps=self.num_inference_steps
-            if num_inference_steps is None
-            else num_inference_steps,
+            num_inference_steps=self.requested_steps if num_inference_steps is None else num_inference_steps,
             first_inference_step=self.first_inference_step
             if first_inference_step is None
             else first_inference_step,
@@ -227,6 +315,8 @@ class Solver(ABC):
                     alpha_bar**0.5 * x - beta_bar**0.5 * prediction,
                     alpha_bar**0.5 * prediction + beta_bar**0.5 * x,
                 )
+            case PredictionType.SAMPLE:
+                return prediction, (x - alpha_bar**0.5 * prediction) / beta_bar**0.5
             case _:
                 raise ValueError(f"unknown prediction type {self.params.prediction_type!r}")
 
@@ -254,7 +344,24 @@ def log_snr(alpha: Tensor, sigma: Tensor) -> Tensor:
     return torch.log(alpha) - torch.log(sigma)
 
 
+def sigma_denoise(
+    x: Tensor, prediction: Tensor, sigma: float | Tensor, prediction_type: PredictionType
+) -> Tensor:
+    """Predicted clean latents for latents `x = x0 + sigma * noise` (the sigma parametrisation, as Euler's)."""
+    match prediction_type:
+        case PredictionType.EPSILON:
+            return x - sigma * prediction
+        case PredictionType.V_PREDICTION:
+            return prediction * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        case PredictionType.SAMPLE:
+            return prediction
+        case _:
+            raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
 __all__ = [
+    "TERMINAL_ALPHA_BAR",
+    "Evaluate",
     "NoiseSchedule",
     "PredictionType",
     "SigmaSchedule",
@@ -267,8 +374,10 @@ __all__ = [
     "karras_sigmas",
     "log_snr",
     "sample_noise",
+    "sigma_denoise",
     "sigmas_to_timesteps",
     "spaced_timesteps",
     "training_sigmas",
     "upcast",
+    "zero_terminal_snr_betas",
 ]
