@@ -185,6 +185,13 @@ PARITY: dict[str, Parity] = {
         5e-05,
         "7.7e-6 (Intel: 2.0e-5)",
     ),
+    "guidance_sd15": Parity(
+        "Guidance (tiny SD1.5) txt2img images: FreeU, rescaled CFG, CFG cutoff, PAG (layers, adaptive, no CFG), SAG",
+        "diffusers `enable_freeu`, `guidance_rescale`, `SDCFGCutoffCallback`, `StableDiffusion(PAG|SAG)Pipeline`",
+        "adapters/test_guidance.py",
+        3e-05,
+        "9.7e-6",
+    ),
 }
 
 
