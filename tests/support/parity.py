@@ -192,6 +192,14 @@ PARITY: dict[str, Parity] = {
         3e-05,
         "9.7e-6",
     ),
+    "guidance_sdxl": Parity(
+        "Guidance (tiny SDXL) txt2img images: FreeU, rescaled CFG, CFG cutoff, PAG, SAG",
+        "diffusers `enable_freeu`, `guidance_rescale`, `SDXLCFGCutoffCallback`, `StableDiffusionXLPAGPipeline`, "
+        "`StableDiffusionSAGPipeline`'s loop on the SDXL UNet",
+        "adapters/test_sdxl_guidance.py",
+        3e-05,
+        "7.5e-6",
+    ),
 }
 
 
