@@ -200,6 +200,13 @@ PARITY: dict[str, Parity] = {
         3e-05,
         "7.5e-6",
     ),
+    "guidance_full": Parity(
+        "FreeU and PAG's perturbed pass on the full-size SD1.5 UNet (one call, 16x16 latent; `FLUXION_SLOW=1`)",
+        "diffusers `enable_freeu`, `PAGIdentitySelfAttnProcessor2_0`",
+        "adapters/test_guidance_full_size.py",
+        1e-05,
+        "1.7e-6 (FreeU: 0.0)",
+    ),
 }
 
 
