@@ -1359,6 +1359,19 @@ def report(rows: list[Row], info: dict[str, str], bench: Bench, quick: bool, com
     return "\n".join(lines) + "\n"
 
 
+KEPT = (("<!-- guidance-bench:begin -->", "<!-- guidance-bench:end -->"),)
+"""Sections other scripts write into the same file (bench/guidance.py): kept when this one rewrites it."""
+
+
+def kept_sections(path: Path) -> str:
+    current = path.read_text(encoding="utf-8") if path.exists() else ""
+    kept = []
+    for begin, end in KEPT:
+        if begin in current and end in current:
+            kept.append(begin + current.split(begin, 1)[1].split(end, 1)[0] + end + "\n")
+    return "".join("\n" + block for block in kept)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run")
@@ -1419,12 +1432,13 @@ def main() -> None:
             )
         print(f"[{time.perf_counter() - started:5.0f} s] section {section.name} done", flush=True)
         partial = report(rows, machine(), bench, args.quick, command + f"  (partial: up to {section.name})")
+        partial += kept_sections(args.output)
         args.output.write_text(partial, encoding="utf-8")  # a run cut short still leaves its figures
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     bench.notes.append(
         f"this process' peak RSS {peak:,.0f} MiB; total run {time.perf_counter() - started:.0f} s"
     )
-    text = report(rows, machine(), bench, args.quick, command)
+    text = report(rows, machine(), bench, args.quick, command) + kept_sections(args.output)
     args.output.write_text(text, encoding="utf-8")
     print("\n" + text)
 

@@ -418,6 +418,47 @@ def v_prediction() -> dict:
     }
 
 
+def guidance() -> dict:
+    """Every SD1.5 guidance stacked on a LoRA: FreeU V2, PAG, SAG, rescaled CFG and a CFG cutoff."""
+    prompt = sd15_base("a cozy cabin in a snowy forest, warm light, detailed")
+    prompt["2"]["inputs"]["clip"] = ["4", 1]
+    prompt["3"]["inputs"]["clip"] = ["4", 1]
+    return {
+        **prompt,
+        "4": {
+            "class_type": "FluxionLoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": "fluxion_demo_lora.safetensors",
+                "strength_model": 0.6,
+                "strength_clip": 1.0,
+                "fuse": False,
+            },
+        },
+        "5": {
+            "class_type": "FluxionFreeUV2",
+            "inputs": {"model": ["4", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2, "blocks": "channels"},
+        },
+        "6": {
+            "class_type": "FluxionPerturbedAttentionGuidance",
+            "inputs": {"model": ["5", 0], "scale": 3.0, "layers": "mid", "adaptive_scale": 0.0},
+        },
+        "7": {
+            "class_type": "FluxionSelfAttentionGuidance",
+            "inputs": {"model": ["6", 0], "scale": 0.5, "blur_sigma": 2.0},
+        },
+        "8": {
+            "class_type": "FluxionRescaleCFG",
+            "inputs": {"model": ["7", 0], "multiplier": 0.7, "space": "v"},
+        },
+        "9": {"class_type": "FluxionCFGCutoff", "inputs": {"model": ["8", 0], "cutoff": 0.6}},
+        "10": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "11": sampler(["9", 0], ["10", 0]),
+        **decode_and_save(["11", 0], "fluxion_guidance", 12),
+    }
+
+
 SDXL = "sd_xl_base_1.0.safetensors"
 
 
@@ -482,6 +523,24 @@ def sdxl_ip_adapter() -> dict:
     }
 
 
+def sdxl_guidance() -> dict:
+    """SDXL with self-attention guidance and FreeU (ComfyUI's defaults)."""
+    return {
+        **sdxl_base("a red fox in a misty meadow at dawn, photograph", "lowres, watermark", 1024),
+        "4": {
+            "class_type": "FluxionFreeU",
+            "inputs": {"model": ["1", 0], "b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2, "blocks": "channels"},
+        },
+        "5": {
+            "class_type": "FluxionSelfAttentionGuidance",
+            "inputs": {"model": ["4", 0], "scale": 0.5, "blur_sigma": 2.0},
+        },
+        "6": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "7": sampler(["5", 0], ["6", 0], steps=4),
+        **decode_and_save(["7", 0], "fluxion_sdxl_guidance", 8),
+    }
+
+
 WORKFLOWS = {
     "sd15_txt2img": txt2img,
     "sd15_img2img": img2img,
@@ -497,9 +556,11 @@ WORKFLOWS = {
     "sd15_reference_only": reference_only,
     "sd15_inspect_and_set_context": inspect_and_context,
     "sd15_v_prediction": v_prediction,
+    "sd15_guidance": guidance,
     "sdxl_txt2img": sdxl_txt2img,
     "sdxl_img2img": sdxl_img2img,
     "sdxl_ip_adapter": sdxl_ip_adapter,
+    "sdxl_guidance": sdxl_guidance,
 }
 
 

@@ -13,6 +13,7 @@ from types import ModuleType
 from . import (
     checkpoint_nodes,
     control_nodes,
+    guidance_nodes,
     image_prompt_nodes,
     ip_adapter_embeds_nodes,
     latent_nodes,
@@ -35,6 +36,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     image_prompt_nodes,
     ip_adapter_embeds_nodes,
     reference_only_nodes,
+    guidance_nodes,
     model_nodes,
     model_sampling_nodes,
     training_nodes,

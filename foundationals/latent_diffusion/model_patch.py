@@ -5,7 +5,9 @@ sampling run applies an ordered stack of `ModelPatch`es (LoRA, ControlNet, T2I-A
 reference-only, context values), samples, and undoes them in reverse order, also on errors and
 cancellation. Patches that act only on some steps (start/end windows) register a step hook; patches
 restricted to a mask register a `Region` (see `regional`): the run's `predict` then blends one UNet pass
-per active region into the base prediction.
+per active region into the base prediction. Guidance patches (PAG, SAG, rescaled CFG, CFG cutoff) add a
+`GuidanceHook` to `guidance`; patches whose inputs are per batch item follow the batch layout of each pass
+through `on_halves` (see `guidance.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from ...fluxion import layers as fl
 from .adapters.regional import Region, blend_region_predictions
+from .guidance import GuidanceHook, GuidanceStack, Halves, halves_for
 
 if TYPE_CHECKING:
     from .stable_diffusion import StableDiffusion
@@ -42,6 +45,34 @@ class SamplingRun:
     regions: list[Region] = field(default_factory=list)
     """Masked adapters: each active one costs one more UNet pass per step (see `regional`)."""
     current_step: int | None = None
+    guidance: list[GuidanceHook] = field(default_factory=list)
+    """Guidance hooks of the run's patches, in stack order (see `guidance.GuidanceStack`)."""
+    halves_listeners: list[Callable[[Halves], None]] = field(default_factory=list)
+    halves: Halves | None = None
+    """The batch layout of the UNet pass about to run (None: the main layout, `stored_halves`)."""
+
+    @property
+    def stored_halves(self) -> Halves:
+        """The layout patches prepare their per-item inputs for: `[negative, positive]` with guidance."""
+        return halves_for(self.uses_guidance)
+
+    def on_halves(self, listener: Callable[[Halves], None]) -> None:
+        """Call `listener(halves)` whenever the batch layout of the next UNet pass changes."""
+        self.halves_listeners.append(listener)
+
+    def set_halves(self, halves: Halves) -> None:
+        """Announce the batch layout of the next UNet passes (a guidance pass on one half, CFG cut off)."""
+        if halves == (self.halves or self.stored_halves):
+            return
+        self.halves = None if halves == self.stored_halves else halves
+        for listener in self.halves_listeners:
+            listener(halves)
+
+    def guidance_stack(self) -> GuidanceStack | None:
+        """The run's guidance hooks for `denoise`, or None when no patch added any (plain CFG)."""
+        if not self.guidance:
+            return None
+        return GuidanceStack(self.guidance, self.set_halves, self.stored_halves)
 
     def progress(self, step: int) -> float:
         """Fraction of the whole schedule done before `step` (0 at the first step of txt2img)."""

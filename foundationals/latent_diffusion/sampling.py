@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .guidance import NEGATIVE, POSITIVE, ConditionedPasses, GuidanceStack, GuidanceStep
 from .solvers import Solver
 
 
@@ -169,6 +170,7 @@ def denoise(
     step_hook: Callable[[int], None] | None = None,
     predict: Callable[[Tensor], Tensor] | None = None,
     after_step: Callable[[int, Tensor], Tensor] | None = None,
+    guidance: GuidanceStack | None = None,
 ) -> Tensor:
     """Run the solver's inference steps from `latents`; guidance is skipped when `guidance_scale <= 1`.
 
@@ -176,7 +178,8 @@ def denoise(
     runs before each UNet call with the step index (adapters with start/end windows use it).
     `predict(model_input)` replaces the plain `unet(model_input)` call (regional adapters blend several
     passes there; see `SamplingRun.predict`). `after_step(index, latents)` may replace the latents after
-    each step (0-based index), before `callback` sees them.
+    each step (0-based index), before `callback` sees them. `guidance` (a run's guidance hooks: PAG, SAG,
+    rescaled CFG, CFG cutoff; see `guidance.py`) replaces the plain CFG combination of each step.
     """
     batch = latents.shape[0]
     use_guidance = guidance_scale > 1.0 and negative is not None
@@ -188,22 +191,42 @@ def denoise(
     conditioning = conditioning.to(parameter.device, parameter.dtype)
     _apply_conditioning(unet, conditioning)
     dtype = latents.dtype
+    passes = (
+        None
+        if guidance is None
+        else _passes(unet, predict, positive, negative, batch, use_guidance, parameter, dtype)
+    )
+    steps = list(solver.inference_steps)
+    current = 0  # index of the step being solved (solvers may evaluate the model again within it)
 
     def evaluate(model_input: Tensor, timestep: Tensor) -> Tensor:
         """The guided prediction for a scaled model input at `timestep` (solvers call it again within a step)."""
         if inpainting is not None and inpainting.masked_image_latents is not None:
             model_input = torch.cat([model_input, inpainting.mask, inpainting.masked_image_latents], dim=1)
+        unet.set_timestep(timestep.reshape(1))
+        if guidance is not None and passes is not None:  # the run's guidance hooks combine the passes
+            return guidance.predict(
+                GuidanceStep(
+                    current,
+                    len(steps),
+                    timestep,
+                    model_input,
+                    guidance_scale,
+                    solver.alphas_cumprod,
+                    solver.params.prediction_type.value,
+                    passes,
+                )
+            )
         if use_guidance:
             model_input = torch.cat([model_input, model_input])
-        unet.set_timestep(timestep.reshape(1))
         prediction = (predict or unet)(model_input.to(parameter.dtype)).to(dtype)
         if use_guidance:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
         return prediction
 
-    steps = list(solver.inference_steps)
     for done, step in enumerate(steps, start=1):
+        current = done - 1
         if step_hook is not None:
             step_hook(step)
         prediction = evaluate(solver.scale_model_input(latents, step), solver.timesteps[step])
@@ -217,6 +240,35 @@ def denoise(
         if callback is not None:
             callback(done, len(steps), latents)
     return latents
+
+
+def _passes(
+    unet: Denoiser,
+    predict: Callable[[Tensor], Tensor] | None,
+    positive: Conditioning,
+    negative: Conditioning | None,
+    batch: int,
+    use_guidance: bool,
+    parameter: Tensor,
+    output_dtype: torch.dtype,
+) -> ConditionedPasses:
+    """The UNet passes guidance hooks run: both halves as one batch (as `denoise` set it up) or one half."""
+    device, dtype = parameter.device, parameter.dtype
+    halves = {POSITIVE: positive.repeat(batch).to(device, dtype)}
+    if use_guidance and negative is not None:
+        halves[NEGATIVE] = negative.repeat(batch).to(device, dtype)
+        halves["both"] = concatenate(halves[NEGATIVE], halves[POSITIVE])
+
+    def run_unet(x: Tensor) -> Tensor:
+        return (predict or unet)(x.to(dtype))
+
+    return ConditionedPasses(
+        run_unet,
+        lambda which: _apply_conditioning(unet, halves[which]),
+        use_guidance,
+        output_dtype,
+        current="both" if use_guidance else POSITIVE,  # what `denoise` applied
+    )
 
 
 def _blend_with_source(

@@ -227,7 +227,10 @@ class StableDiffusion:
         start = image_latents.to(device=device, dtype=noise.dtype) if image_latents is not None else None
         latents = prepare_latents(solver, noise, start, pure_noise_at_full_strength=inpainting is not None)
         options: dict[str, Any] = dict(
-            guidance_scale=guidance_scale, inpainting=inpainting, step_hook=step_hook
+            guidance_scale=guidance_scale,
+            inpainting=inpainting,
+            step_hook=step_hook,
+            guidance=None if run is None else run.guidance_stack(),
         )
         predict = None if run is None else partial(run.predict, self.unet)
         with torch.no_grad():

@@ -207,6 +207,28 @@ PARITY: dict[str, Parity] = {
         5e-05,
         "7.7e-6 (Intel: 2.0e-5)",
     ),
+    "guidance_sd15": Parity(
+        "Guidance (tiny SD1.5) txt2img images: FreeU, rescaled CFG, CFG cutoff, PAG (layers, adaptive, no CFG), SAG",
+        "diffusers `enable_freeu`, `guidance_rescale`, `SDCFGCutoffCallback`, `StableDiffusion(PAG|SAG)Pipeline`",
+        "adapters/test_guidance.py",
+        3e-05,
+        "9.7e-6",
+    ),
+    "guidance_sdxl": Parity(
+        "Guidance (tiny SDXL) txt2img images: FreeU, rescaled CFG, CFG cutoff, PAG, SAG",
+        "diffusers `enable_freeu`, `guidance_rescale`, `SDXLCFGCutoffCallback`, `StableDiffusionXLPAGPipeline`, "
+        "`StableDiffusionSAGPipeline`'s loop on the SDXL UNet",
+        "adapters/test_sdxl_guidance.py",
+        3e-05,
+        "7.5e-6",
+    ),
+    "guidance_full": Parity(
+        "FreeU and PAG's perturbed pass on the full-size SD1.5 UNet (one call, 16x16 latent; `FLUXION_SLOW=1`)",
+        "diffusers `enable_freeu`, `PAGIdentitySelfAttnProcessor2_0`",
+        "adapters/test_guidance_full_size.py",
+        1e-05,
+        "1.7e-6 (FreeU: 0.0)",
+    ),
 }
 
 

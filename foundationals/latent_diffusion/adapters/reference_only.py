@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ....fluxion import layers as fl
 from ....fluxion.adapters.adapter import Adapter
+from ..guidance import NEGATIVE, Halves, halves_for
 from ..model_patch import SamplingRun, Undo
 from ..unet import SelfAttentionBlock, UNet, cross_attention_blocks
 
@@ -88,10 +89,12 @@ class ReferenceAttention(fl.Chain, Adapter[fl.Module]):
             )
         output = self.attend(x, torch.cat([x, reference], dim=1))
         fidelity = state["style_fidelity"]
-        if state["uses_guidance"] and fidelity > 0:
-            unconditional = x.shape[0] // 2
+        halves = state.get("halves") or halves_for(state["uses_guidance"])
+        if NEGATIVE in halves and fidelity > 0:  # the unconditional rows keep some plain self-attention
+            size = x.shape[0] // len(halves)
+            unconditional = slice(halves.index(NEGATIVE) * size, (halves.index(NEGATIVE) + 1) * size)
             conditional_style = output.clone()
-            conditional_style[:unconditional] = plain(x[:unconditional])
+            conditional_style[unconditional] = plain(x[unconditional])
             output = fidelity * conditional_style + (1.0 - fidelity) * output
         return output
 
@@ -262,12 +265,18 @@ class ReferenceOnlyPatch:
             progress = run.progress(step)
             control.set_active(self.start <= progress and (progress < self.end or self.end >= 1.0))
 
+        def follow_halves(halves: Halves) -> None:  # a guidance pass on one half of the batch
+            model.unet.use_context(control.context)["halves"] = halves
+
         on_step(run.first_step)
         run.on_step(on_step)
+        run.on_halves(follow_halves)
 
         def undo() -> None:
             if on_step in run.step_hooks:
                 run.step_hooks.remove(on_step)
+            if follow_halves in run.halves_listeners:
+                run.halves_listeners.remove(follow_halves)
             control.eject()
 
         return undo

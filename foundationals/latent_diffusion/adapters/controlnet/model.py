@@ -32,6 +32,7 @@ from torch import dtype as DType
 
 from .....fluxion import layers as fl
 from .....fluxion.adapters.adapter import Adapter
+from ...guidance import POSITIVE, Halves, halves_for
 from ...model_config import SD15_UNET, UNetConfig, unet_family
 from ...model_patch import SamplingRun, Undo
 from ...resizing import broadcast_batch, resize_hint, resize_mask
@@ -269,6 +270,8 @@ class ControlNetBranch(fl.ContextModule):
         self.strength = strength
         self.mode = mode
         self.uses_guidance = uses_guidance
+        self.halves: Halves = halves_for(uses_guidance)
+        """The batch layout of the UNet pass (a guidance pass may run one half alone, see `guidance.py`)."""
         self.active = True
 
     @property
@@ -280,17 +283,25 @@ class ControlNetBranch(fl.ContextModule):
         publish_control(context, self, self.residuals(x) if self.active and self.strength != 0 else None)
         return x
 
-    def residuals(self, x: Tensor) -> list[Tensor]:
-        """The scaled (and masked) residuals for latents `x` with the UNet's current conditioning."""
+    def residuals(self, x: Tensor) -> list[Tensor] | None:
+        """The scaled (and masked) residuals for latents `x` with the UNet's current conditioning.
+
+        None when nothing is controlled (the negative half alone, in a mode that controls the positive only).
+        """
         controlnet = self.controlnet
         text = self.use_context("cross_attention_block")["clip_text_embedding"]
         sdxl = self.use_context("sdxl")
+        halves = self.halves
         conditional_only = self.mode in ("controlnet", "guess") and self.uses_guidance
+        if conditional_only and POSITIVE not in halves:
+            return None
         pooled, time_ids = sdxl.get("pooled_text_embedding"), sdxl.get("time_ids")
-        if conditional_only:
-            x, text = x.chunk(2)[1], text.chunk(2)[1]
-            pooled = None if pooled is None else pooled.chunk(2)[1]
-            time_ids = None if time_ids is None else time_ids.chunk(2)[1]
+        positive = halves.index(POSITIVE) if conditional_only else 0
+        if conditional_only and len(halves) > 1:
+            x, text = x.chunk(len(halves))[positive], text.chunk(len(halves))[positive]
+            pooled = None if pooled is None else pooled.chunk(len(halves))[positive]
+            time_ids = None if time_ids is None else time_ids.chunk(len(halves))[positive]
+        copies = 1 if conditional_only else len(halves)
         parameter = next(controlnet.parameters())
         device, dtype = parameter.device, parameter.dtype
         controlnet.set_timestep(self.use_context("diffusion")["timestep"])
@@ -299,16 +310,17 @@ class ControlNetBranch(fl.ContextModule):
             if pooled is None or time_ids is None:
                 raise ValueError("an SDXL ControlNet needs the UNet's pooled text embedding and time ids")
             controlnet.set_sdxl_conditioning(pooled.to(device=device, dtype=dtype), time_ids.to(device))
-        controlnet.set_hint(
-            self._batched(self._hint, x, doubled=not conditional_only).to(device=device, dtype=dtype)
-        )
+        controlnet.set_hint(self._batched(self._hint, x, copies).to(device=device, dtype=dtype))
         outputs = [output.to(x.dtype) for output in controlnet(x.to(device=device, dtype=dtype))]
         outputs = self._scaled(outputs)
         if self._mask is not None:
-            mask = self._batched(self._mask, x, doubled=not conditional_only, is_mask=True)
+            mask = self._batched(self._mask, x, copies, is_mask=True)
             outputs = [o * resize_mask(mask.float(), o.shape[-2:], "area", o.shape[0]).to(o) for o in outputs]
-        if conditional_only:
-            outputs = [torch.cat([torch.zeros_like(o), o]) for o in outputs]
+        if conditional_only and len(halves) > 1:  # the other halves get no control
+            outputs = [
+                torch.cat([o if index == positive else torch.zeros_like(o) for index in range(len(halves))])
+                for o in outputs
+            ]
         return outputs
 
     def _scaled(self, outputs: list[Tensor]) -> list[Tensor]:
@@ -322,11 +334,10 @@ class ControlNetBranch(fl.ContextModule):
             ]
         return [output * self.strength for output in outputs]
 
-    def _batched(self, source: Tensor, x: Tensor, doubled: bool, is_mask: bool = False) -> Tensor:
-        """The hint (or mask) for latents `x`: resized once per shape, batch broadcast, repeated for both CFG halves."""
-        guided = self.uses_guidance and doubled
-        batch = x.shape[0] // 2 if guided else x.shape[0]
-        key = (int(is_mask), *x.shape[-2:], batch, int(guided))
+    def _batched(self, source: Tensor, x: Tensor, copies: int, is_mask: bool = False) -> Tensor:
+        """The hint (or mask) for latents `x`: resized once per shape, batch broadcast, repeated per batch half."""
+        batch = x.shape[0] // copies
+        key = (int(is_mask), *x.shape[-2:], batch, copies)
         if key not in self._prepared:
             if is_mask:
                 prepared = broadcast_batch(source if source.dim() > 2 else source[None], batch)
@@ -334,7 +345,7 @@ class ControlNetBranch(fl.ContextModule):
                 factor = self.controlnet.config.downscale_factor
                 hint = resize_hint(source, x.shape[-2] * factor, x.shape[-1] * factor)
                 prepared = broadcast_batch(hint, batch)
-            self._prepared[key] = torch.cat([prepared, prepared]) if guided else prepared
+            self._prepared[key] = torch.cat([prepared] * copies) if copies > 1 else prepared
         return self._prepared[key]
 
     def description_parts(self) -> list[str]:
@@ -406,11 +417,17 @@ class ControlNetPatch:
         def on_step(step: int) -> None:
             branch.active = is_step_active(step, run.num_steps, self.start, self.end)
 
+        def follow_halves(halves: Halves) -> None:
+            branch.halves = halves
+
         run.on_step(on_step)
+        run.on_halves(follow_halves)
 
         def undo() -> None:
             if on_step in run.step_hooks:
                 run.step_hooks.remove(on_step)
+            if follow_halves in run.halves_listeners:
+                run.halves_listeners.remove(follow_halves)
             adapter.eject()
 
         return undo

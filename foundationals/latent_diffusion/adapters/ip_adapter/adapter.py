@@ -39,6 +39,7 @@ from ....formats.ip_adapter import (
     BASE,
     PLUS,
 )
+from ...guidance import Halves, select_halves
 from ...model_patch import SamplingRun, Undo
 from ...resizing import resize_mask
 from ...unet import CrossAttentionBlock, UNet, cross_attention_blocks
@@ -455,13 +456,19 @@ class IPAdapterPatch:
         injection = self.adapter.inject(model.unet)
         region: Region | None = None
         hook: Callable[[int], None] | None = None
+        batch_mask: Tensor | None = None
+
+        def follow_halves(halves: Halves) -> None:  # a guidance pass on one half of the batch
+            injection.set_tokens(select_halves(tokens, run.stored_halves, halves))
+            if batch_mask is not None and batch_mask.shape[0] > 1:
+                injection.set_mask(select_halves(batch_mask, run.stored_halves, halves))
+
         try:
             injection.set_tokens(tokens)
             if self.mask is not None:
                 mask = self.mask[None] if self.mask.dim() == 2 else self.mask
-                injection.set_mask(
-                    torch.cat([mask, mask]) if run.uses_guidance and mask.shape[0] > 1 else mask
-                )
+                batch_mask = torch.cat([mask, mask]) if run.uses_guidance and mask.shape[0] > 1 else mask
+                injection.set_mask(batch_mask)
                 injection.set_scale(0.0)
                 region = Region(
                     new_region_name(f"ip-adapter {self.adapter.name}"),
@@ -479,11 +486,14 @@ class IPAdapterPatch:
 
                 hook(run.first_step)
                 run.on_step(hook)
+            run.on_halves(follow_halves)
         except BaseException:
             injection.eject()
             raise
 
         def undo() -> None:
+            if follow_halves in run.halves_listeners:
+                run.halves_listeners.remove(follow_halves)
             if region is not None and region in run.regions:
                 run.regions.remove(region)
             if hook is not None and hook in run.step_hooks:

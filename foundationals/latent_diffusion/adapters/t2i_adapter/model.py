@@ -28,6 +28,7 @@ from torch import dtype as DType
 
 from .....fluxion import layers as fl
 from .....fluxion.adapters.adapter import Adapter
+from ...guidance import Halves, select_halves
 from ...model_config import UNetConfig, unet_family
 from ...model_patch import SamplingRun, Undo
 from ...resizing import broadcast_batch, resize_hint
@@ -216,6 +217,14 @@ class T2IFeature(fl.Module):
         self.only_if_same_shape = only_if_same_shape
         self.active = True
 
+    @property
+    def feature(self) -> Tensor:
+        return self._feature
+
+    @feature.setter
+    def feature(self, feature: Tensor) -> None:
+        self._feature = feature
+
     def forward(self, x: Tensor) -> Tensor:
         feature = self._feature
         if not self.active or (self.only_if_same_shape and feature.shape != x.shape):
@@ -298,11 +307,18 @@ class T2IAdapterPatch:
             for layer in layers:
                 layer.active = active
 
+        def follow_halves(halves: Halves) -> None:  # a guidance pass on one half of the batch
+            for layer, feature in zip(layers, features):
+                layer.feature = select_halves(feature, run.stored_halves, halves)
+
         run.on_step(on_step)
+        run.on_halves(follow_halves)
 
         def undo() -> None:
             if on_step in run.step_hooks:
                 run.step_hooks.remove(on_step)
+            if follow_halves in run.halves_listeners:
+                run.halves_listeners.remove(follow_halves)
             for adapter in reversed(adapters):
                 adapter.eject()
 
