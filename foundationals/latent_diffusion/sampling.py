@@ -7,105 +7,24 @@ a per-step callback reports progress and may cancel by raising.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from .conditioning import (  # re-exported: the conditioning types used to live here
+    CombinedConditioning,
+    Conditioning,
+    ConditioningEntry,
+    SizeConditioning,
+    concatenate,
+)
 from .solvers import Solver
 
-
-@dataclass(frozen=True)
-class Conditioning:
-    """What the UNet is conditioned on: the text embedding and, for SDXL, pooled text and time ids."""
-
-    text_embedding: Tensor
-    pooled_text_embedding: Tensor | None = None
-    time_ids: Tensor | None = None
-
-    def repeat(self, batch_size: int) -> Conditioning:
-        """Repeat a one-item conditioning for a batch (items already batched are kept)."""
-
-        def fit(tensor: Tensor | None) -> Tensor | None:
-            if tensor is None or tensor.shape[0] == batch_size:
-                return tensor
-            if tensor.shape[0] != 1:
-                raise ValueError(
-                    f"conditioning batch {tensor.shape[0]} does not match latent batch {batch_size}"
-                )
-            return tensor.expand(batch_size, *tensor.shape[1:])
-
-        return Conditioning(fit(self.text_embedding), fit(self.pooled_text_embedding), fit(self.time_ids))  # type: ignore[arg-type]
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
-        def move(tensor: Tensor | None) -> Tensor | None:
-            return None if tensor is None else tensor.to(device=device, dtype=dtype)
-
-        return replace(
-            self,
-            text_embedding=move(self.text_embedding),  # type: ignore[arg-type]
-            pooled_text_embedding=move(self.pooled_text_embedding),
-            time_ids=move(self.time_ids),
-        )
-
-
-@dataclass(frozen=True)
-class SizeConditioning:
-    """SDXL's micro-conditioning: original size, crop top-left and target size, in pixels."""
-
-    original_size: tuple[int, int] = (1024, 1024)
-    crop_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] = (1024, 1024)
-
-    @classmethod
-    def for_image(cls, height: int, width: int) -> SizeConditioning:
-        """diffusers' default for a (height, width) output: original = target = that size, no crop."""
-        return cls((height, width), (0, 0), (height, width))
-
-    def time_ids(self) -> Tensor:
-        """(1, 6) as diffusers' `add_time_ids`: (height, width, top, left, target height, target width)."""
-        return torch.tensor(
-            [[*self.original_size, *self.crop_top_left, *self.target_size]], dtype=torch.float32
-        )
-
-
-def concatenate(first: Conditioning, second: Conditioning) -> Conditioning:
-    """Stack two conditionings along the batch (CFG's `[negative, positive]`)."""
-
-    def cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-        if a is None or b is None:
-            if a is not None or b is not None:
-                raise ValueError("both conditionings must have the same parts (pooled text, time ids)")
-            return None
-        if a.shape[1:] != b.shape[1:]:
-            a, b = _pad_to_same_length(a, b)
-        return torch.cat([a, b])
-
-    return Conditioning(
-        cat(first.text_embedding, second.text_embedding),
-        cat(first.pooled_text_embedding, second.pooled_text_embedding),
-        cat(first.time_ids, second.time_ids),
-    )  # type: ignore[arg-type]
-
-
-def _pad_to_same_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Long prompts give longer embeddings: repeat the shorter one's 77-token chunks as ComfyUI does."""
-    if a.dim() != 3 or a.shape[2] != b.shape[2]:
-        raise ValueError(f"cannot batch text embeddings of shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    length = max(a.shape[1], b.shape[1])
-
-    def grow(t: Tensor) -> Tensor:
-        if t.shape[1] == length:
-            return t
-        if length % t.shape[1] != 0:
-            raise ValueError(
-                f"text embedding lengths {a.shape[1]} and {b.shape[1]} are not multiples of each other"
-            )
-        return t.repeat(1, length // t.shape[1], 1)
-
-    return grow(a), grow(b)
+PromptConditioning = Conditioning | Sequence[ConditioningEntry]
+"""One conditioning, or a list of entries combined as ComfyUI combines a CONDITIONING list."""
 
 
 class Denoiser(Protocol):
@@ -156,12 +75,29 @@ def _apply_conditioning(unet: Denoiser, conditioning: Conditioning) -> None:
         set_time_ids(conditioning.time_ids)
 
 
+def plain_conditioning(conditioning: PromptConditioning, batch_size: int) -> Conditioning | None:
+    """The one conditioning a prompt amounts to (a single entry acting everywhere), else None."""
+    if isinstance(conditioning, Conditioning):
+        return conditioning
+    if len(conditioning) != 1 or not conditioning[0].acts_everywhere:
+        return None
+    plain = conditioning[0].conditioning
+    return plain if plain.text_embedding.shape[0] in (1, batch_size) else None
+
+
+def entries_of(conditioning: PromptConditioning) -> list[ConditioningEntry]:
+    """A prompt as a list of entries (one conditioning is one entry acting everywhere)."""
+    if isinstance(conditioning, Conditioning):
+        return [ConditioningEntry(conditioning)]
+    return list(conditioning)
+
+
 def denoise(
     unet: Denoiser,
     solver: Solver,
     latents: Tensor,
-    positive: Conditioning,
-    negative: Conditioning | None = None,
+    positive: PromptConditioning,
+    negative: PromptConditioning | None = None,
     guidance_scale: float = 7.5,
     generator: torch.Generator | None = None,
     inpainting: InpaintingInputs | None = None,
@@ -177,16 +113,37 @@ def denoise(
     `predict(model_input)` replaces the plain `unet(model_input)` call (regional adapters blend several
     passes there; see `SamplingRun.predict`). `after_step(index, latents)` may replace the latents after
     each step (0-based index), before `callback` sees them.
+
+    `positive` / `negative` are each one `Conditioning` or a list of `ConditioningEntry`s (areas, masks,
+    strengths, noise windows), combined at each step as ComfyUI does (see `conditioning.CombinedConditioning`).
     """
     batch = latents.shape[0]
     use_guidance = guidance_scale > 1.0 and negative is not None
-    conditioning = positive.repeat(batch)
-    if use_guidance:
-        assert negative is not None
-        conditioning = concatenate(negative.repeat(batch), conditioning)
     parameter = next(iter(getattr(unet, "parameters", lambda: iter([latents]))()), latents)
-    conditioning = conditioning.to(parameter.device, parameter.dtype)
-    _apply_conditioning(unet, conditioning)
+    plain = plain_conditioning(positive, batch)
+    plain_negative = plain_conditioning(negative, batch) if use_guidance else None  # type: ignore[arg-type]
+    combined: CombinedConditioning | None = None
+    if plain is None or (use_guidance and plain_negative is None):
+        combined = CombinedConditioning(
+            entries_of(positive),
+            entries_of(negative) if use_guidance else None,  # type: ignore[arg-type]
+            latents.shape[-2],
+            latents.shape[-1],
+            solver.alphas_cumprod,
+            solver.params.prediction_type,
+        )
+    else:
+        conditioning = plain.repeat(batch)
+        if plain_negative is not None:
+            conditioning = concatenate(plain_negative.repeat(batch), conditioning)
+        _apply_conditioning(unet, conditioning.to(parameter.device, parameter.dtype))
+
+    def set_conditioning(conditioning: Conditioning) -> None:
+        _apply_conditioning(unet, conditioning.to(parameter.device, parameter.dtype))
+
+    def run_unet(x: Tensor) -> Tensor:
+        return (predict or unet)(x.to(parameter.dtype))
+
     steps = list(solver.inference_steps)
     for done, step in enumerate(steps, start=1):
         if step_hook is not None:
@@ -194,13 +151,24 @@ def denoise(
         model_input = solver.scale_model_input(latents, step)
         if inpainting is not None and inpainting.masked_image_latents is not None:
             model_input = torch.cat([model_input, inpainting.mask, inpainting.masked_image_latents], dim=1)
-        if use_guidance:
-            model_input = torch.cat([model_input, model_input])
         unet.set_timestep(solver.timesteps[step].reshape(1))
-        prediction = (predict or unet)(model_input.to(parameter.dtype)).to(latents.dtype)
-        if use_guidance:
-            unconditional, conditional = prediction.chunk(2)
-            prediction = unconditional + guidance_scale * (conditional - unconditional)
+        if combined is not None:
+            prediction = combined.predict(
+                run_unet,
+                set_conditioning,
+                model_input,
+                solver.timesteps[step],
+                guidance_scale,
+                use_guidance,
+                latents.dtype,
+            )
+        else:
+            if use_guidance:
+                model_input = torch.cat([model_input, model_input])
+            prediction = run_unet(model_input).to(latents.dtype)
+            if use_guidance:
+                unconditional, conditional = prediction.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
         latents = solver(latents, predicted_noise=prediction, step=step, generator=generator)
         if inpainting is not None and inpainting.masked_image_latents is None:
             latents = _blend_with_source(solver, latents, inpainting, step, generator)
@@ -246,3 +214,20 @@ def prepare_latents(
     if solver.first_inference_step >= solver.num_inference_steps:
         return image_latents
     return solver.add_noise(image_latents, noise, solver.first_inference_step)
+
+
+__all__ = [
+    "Conditioning",
+    "ConditioningEntry",
+    "Denoiser",
+    "InpaintingInputs",
+    "PromptConditioning",
+    "SizeConditioning",
+    "StepCallback",
+    "concatenate",
+    "denoise",
+    "entries_of",
+    "initial_noise",
+    "plain_conditioning",
+    "prepare_latents",
+]
