@@ -17,37 +17,15 @@ SD15 = "v1-5-pruned-emaonly.safetensors"
 FOLDER = Path(__file__).resolve().parent / "workflows"
 
 
+def text_encode(clip: list, text: str) -> dict:
+    return {"class_type": "FluxionCLIPTextEncode", "inputs": {"clip": clip, "text": text, "clip_skip": 1}}
+
+
 def sd15_base(positive: str, negative: str = "blurry, low quality") -> dict:
     return {
         "1": {"class_type": "FluxionCheckpointLoader", "inputs": {"ckpt_name": SD15}},
-        "2": {
-            "class_type": "FluxionTextEncode",
-            "inputs": {
-                "clip": ["1", 1],
-                "text": positive,
-                "clip_skip": 1,
-                "width": 1024,
-                "height": 1024,
-                "crop_w": 0,
-                "crop_h": 0,
-                "target_width": 1024,
-                "target_height": 1024,
-            },
-        },
-        "3": {
-            "class_type": "FluxionTextEncode",
-            "inputs": {
-                "clip": ["1", 1],
-                "text": negative,
-                "clip_skip": 1,
-                "width": 1024,
-                "height": 1024,
-                "crop_w": 0,
-                "crop_h": 0,
-                "target_width": 1024,
-                "target_height": 1024,
-            },
-        },
+        "2": text_encode(["1", 1], positive),
+        "3": text_encode(["1", 1], negative),
     }
 
 
@@ -418,11 +396,11 @@ def sdxl_base(positive: str, negative: str, size: int) -> dict:
     return {
         "1": {"class_type": "FluxionCheckpointLoader", "inputs": {"ckpt_name": SDXL}},
         "2": {
-            "class_type": "FluxionTextEncode",
+            "class_type": "FluxionCLIPTextEncodeSDXL",
             "inputs": {"clip": ["1", 1], "text": positive, **conditioning},
         },
         "3": {
-            "class_type": "FluxionTextEncode",
+            "class_type": "FluxionCLIPTextEncodeSDXL",
             "inputs": {"clip": ["1", 1], "text": negative, **conditioning},
         },
     }

@@ -62,6 +62,24 @@ def initial_noise(
     return noise.to(device=device, dtype=dtype)
 
 
+def draw_noise(
+    shape: tuple[int, ...], generator: torch.Generator, batch_index: Sequence[int] | None = None
+) -> Tensor:
+    """Initial noise from `generator`: `torch.randn(shape)`, or with `batch_index` (ComfyUI's LATENT key) item i
+    gets the `batch_index[i]`-th one-item draw of the sequence, as ComfyUI's `prepare_noise` draws them."""
+    if batch_index is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(batch_index) != shape[0]:
+        raise ValueError(f"batch_index has {len(batch_index)} indices for a batch of {shape[0]}")
+    wanted = sorted(set(batch_index))
+    draws: dict[int, Tensor] = {}
+    for index in range(wanted[-1] + 1):
+        noise = torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32)
+        if index in wanted:
+            draws[index] = noise
+    return torch.cat([draws[index] for index in batch_index])
+
+
 def _apply_conditioning(unet: Denoiser, conditioning: Conditioning) -> None:
     unet.set_clip_text_embedding(conditioning.text_embedding)
     if conditioning.pooled_text_embedding is not None or conditioning.time_ids is not None:
@@ -226,6 +244,7 @@ __all__ = [
     "StepCallback",
     "concatenate",
     "denoise",
+    "draw_noise",
     "entries_of",
     "initial_noise",
     "plain_conditioning",
