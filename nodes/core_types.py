@@ -120,7 +120,11 @@ def _area(value: Any, what: str) -> tuple[tuple[int, int, int, int] | None, tupl
     parts = list(value) if isinstance(value, list | tuple) else None
     if parts and parts[0] == "percentage" and len(parts) == 5:
         return None, tuple(_number(v, what) for v in parts[1:])
-    if parts is None or len(parts) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in parts):
+    if (
+        parts is None
+        or len(parts) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in parts)
+    ):
         raise ValueError(
             f"{what} must be (height, width, y, x) in latent cells or ('percentage', h, w, y, x), got {value!r:.60}"
         )
@@ -178,7 +182,9 @@ def conditioning_entries(
             if key not in SUPPORTED_KEYS and option is not None:
                 raise _refuse(which, index, count, key)
         if text.dim() != 3:
-            raise ValueError(f"{what} must hold a (batch, tokens, width) text embedding, got {tuple(text.shape)}")
+            raise ValueError(
+                f"{what} must hold a (batch, tokens, width) text embedding, got {tuple(text.shape)}"
+            )
         if not torch.isfinite(text).all():
             raise ValueError(f"{what} contains NaN or infinite values")
         pooled = options.get("pooled_output")
@@ -188,11 +194,17 @@ def conditioning_entries(
                     f"{what} has no pooled_output: SDXL needs the pooled text embedding its text encoders write"
                 )
             conditioning = Conditioning(
-                text, pooled, sdxl_time_ids(options, pixel_height, pixel_width, what).expand(pooled.shape[0], 6)
+                text,
+                pooled,
+                sdxl_time_ids(options, pixel_height, pixel_width, what).expand(pooled.shape[0], 6),
             )
         else:
-            conditioning = Conditioning(text)  # SD1.5 uses no pooled text or sizes (ComfyUI's model ignores them)
-        area, fraction = (None, None) if options.get("area") is None else _area(options["area"], f"{what} area")
+            conditioning = Conditioning(
+                text
+            )  # SD1.5 uses no pooled text or sizes (ComfyUI's model ignores them)
+        area, fraction = (
+            (None, None) if options.get("area") is None else _area(options["area"], f"{what} area")
+        )
         mask = options.get("mask")
         if mask is not None and (not isinstance(mask, Tensor) or mask.dim() not in (2, 3, 4)):
             raise ValueError(f"{what} mask must be a MASK tensor, got {mask!r:.60}")

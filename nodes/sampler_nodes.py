@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from PIL import Image
 from ..foundationals.latent_diffusion.model_config import unet_family
 from ..foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from ..foundationals.latent_diffusion.resizing import resize_mask
-from ..foundationals.latent_diffusion.sampling import ConditioningEntry, draw_noise
+from ..foundationals.latent_diffusion.sampling import Conditioning, draw_noise
 from ..foundationals.latent_diffusion.solvers import SCHEDULES, SOLVERS, make_solver
 from .core_types import (
     batch_indices,
@@ -49,22 +48,25 @@ def latent_preview(latents: torch.Tensor, sdxl: bool) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
-def check_conditioning(model: ModelWire, entries: Sequence[ConditioningEntry], which: str) -> None:
+def check_conditioning(model: ModelWire, conditioning: Any, which: str) -> None:
     """Refuse conditioning made by another family's text encoder(s) before anything runs."""
     sd = model.model
     family = unet_family(sd.unet.config)
     context = sd.unet.config.context_dim
-    for index, entry in enumerate(entries):
-        conditioning = entry.conditioning
-        width = int(conditioning.text_embedding.shape[-1])
-        sdxl_like = conditioning.pooled_text_embedding is not None
-        if width != context or (sd.is_sdxl and not sdxl_like):
-            made_by = "with pooled text" if sdxl_like else f"{width}-wide"
-            place = f" (entry {index + 1} of {len(entries)})" if len(entries) > 1 else ""
+    if isinstance(conditioning, Conditioning):
+        texts = [conditioning.text_embedding]
+    elif isinstance(conditioning, list | tuple):
+        texts = [entry[0] for entry in conditioning if isinstance(entry, list | tuple) and entry]
+    else:
+        return  # not a CONDITIONING at all: `conditioning_entries` says what was expected
+    for index, text in enumerate(texts):
+        width = int(text.shape[-1]) if isinstance(text, torch.Tensor) else None
+        if width is not None and width != context:
+            place = f" (entry {index + 1} of {len(texts)})" if len(texts) > 1 else ""
             raise ValueError(
-                f"the {which} conditioning{place} ({made_by}, {width}-wide) was not made for the model "
-                f"{model.name} ({family}, {context}-wide text context): encode the prompt with this model's "
-                "clip output (Fluxion CLIP Text Encode)"
+                f"the {which} conditioning{place} ({width}-wide text) was not made for the model {model.name} "
+                f"({family}, {context}-wide text context): encode the prompt with this model's clip output "
+                "(Fluxion CLIP Text Encode, or core CLIP Text Encode with this model's CLIP)"
             )
 
 
@@ -114,10 +116,10 @@ def sample_latents(
     check_size(batch, height * factor, width * factor, "latents to sample")
     if not torch.isfinite(samples).all():
         raise ValueError("the latents contain NaN or infinite values")
+    check_conditioning(model, positive, "positive")
+    check_conditioning(model, negative, "negative")
     positive_entries = conditioning_entries(positive, "positive", sd.is_sdxl, height * factor, width * factor)
     negative_entries = conditioning_entries(negative, "negative", sd.is_sdxl, height * factor, width * factor)
-    check_conditioning(model, positive_entries, "positive")
-    check_conditioning(model, negative_entries, "negative")
     indices = batch_indices(latent, batch)
     latent_mask = _noise_mask(latent, batch, height, width)
     if latent_mask is not None and not latent_mask.any() and not sd.is_inpainting_model:

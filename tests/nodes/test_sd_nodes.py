@@ -22,6 +22,7 @@ from nodes.sampler_nodes import FluxionSampler
 from nodes.text_nodes import FluxionCLIPTextEncode
 from nodes.workflow import load_workflow, parse_workflow
 
+
 @pytest.fixture(scope="module")
 def demo_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
