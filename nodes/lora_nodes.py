@@ -214,6 +214,8 @@ class ShowsReport:
     def load_and_show(self, **inputs: Any) -> dict[str, Any]:
         outputs = self.load(**inputs)  # type: ignore[attr-defined]
         return {"ui": {"text": [outputs[-1]]}, "result": tuple(outputs)}
+
+
 FUSE_TOOLTIP = "Merge into the weights while sampling: no per-step cost; weights restored exactly after."
 NO_LORA = "None"
 
