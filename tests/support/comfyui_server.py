@@ -73,7 +73,10 @@ class Server:
             pytest.fail(f"{name} rejected by /prompt ({error.code}): {error.read().decode(errors='replace')}")
         deadline = time.monotonic() + timeout_s
         while True:
-            entry = self.request(f"/history/{prompt_id}").get(prompt_id, {})
+            try:
+                entry = self.request(f"/history/{prompt_id}", timeout=60).get(prompt_id, {})
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                entry = {}  # a server busy loading a model can answer late: ask again until the deadline
             if entry.get("status", {}).get("status_str") in ("success", "error"):
                 break
             if self.process.poll() is not None:
