@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..foundationals.latent_diffusion.adapters.t2i_adapter import T2IAdapterPatch
 from ..foundationals.latent_diffusion.model_config import unet_family
 from ..foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from ..foundationals.latent_diffusion.resizing import resize_mask
@@ -120,6 +121,16 @@ def sample_latents(
     check_conditioning(model, negative, "negative")
     positive_entries = conditioning_entries(positive, "positive", sd.is_sdxl, height * factor, width * factor)
     negative_entries = conditioning_entries(negative, "negative", sd.is_sdxl, height * factor, width * factor)
+    cropping = any(
+        entry.area is not None or entry.area_fraction is not None or entry.area_from_mask
+        for entry in (*positive_entries, *negative_entries)
+    )
+    t2i = [patch.label for patch in model.patches if isinstance(patch, T2IAdapterPatch)]
+    if cropping and t2i:
+        raise ValueError(
+            f"conditioning with an area runs the UNet on a crop, which the T2I-Adapter ({', '.join(t2i)}) cannot "
+            "follow: use conditioning masks without bounds, or a ControlNet"
+        )
     indices = batch_indices(latent, batch)
     latent_mask = _noise_mask(latent, batch, height, width)
     if latent_mask is not None and not latent_mask.any() and not sd.is_inpainting_model:

@@ -284,3 +284,18 @@ def test_core_nodes_needing_comfyui_models_are_refused_headless_before_anything_
     )
     with pytest.raises(WorkflowError, match="CheckpointLoaderSimple.*runs only inside ComfyUI"):
         Runner().run_workflow(workflow)
+
+
+def test_in_comfyui_examples_have_matching_twins_and_keep_the_contract(models):
+    from nodes.contract import check_workflow_contract
+    from nodes.workflow import parse_workflow
+
+    classes = all_node_classes()
+    folder = REPO / "examples" / "workflows" / "in_comfyui"
+    for api_path in sorted(folder.glob("*.api.json")):
+        api = parse_workflow(json.loads(api_path.read_text()), classes)
+        ui = parse_workflow(
+            json.loads(api_path.with_name(api_path.name.replace(".api.json", ".json")).read_text()), classes
+        )
+        assert ui.prompt == api.prompt
+        assert check_workflow_contract(ui, classes) == [] and check_workflow_contract(api, classes) == []

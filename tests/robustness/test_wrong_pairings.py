@@ -148,6 +148,19 @@ def test_sdxl_controls_apply_to_sdxl(sdxl, name):
     assert len(apply_control(sdxl, name).patches) == 1
 
 
+def test_area_conditioning_with_a_t2i_adapter_is_refused_and_with_a_controlnet_runs(sd15):
+    from nodes.core_stand_ins import ConditioningSetArea
+
+    latent = FluxionEmptyLatent().generate(64, 64, 1)[0]
+    area = ConditioningSetArea().append(encode(sd15[1]), 64, 32, 0, 0, 1.0)[0]
+
+    def run(model):
+        return sample_latents(model, area, encode(sd15[1]), latent, 0, 1, 3.0, "euler", "normal", 1.0)
+
+    refused(sd15, lambda: run(apply_control(sd15, SD15_T2I)), ValueError, "T2I-Adapter", "area")
+    assert torch.isfinite(run(apply_control(sd15, DEMO_CONTROLNET))).all()  # its hint follows the crop
+
+
 @pytest.mark.parametrize(("name", "kind"), [(SDXL_CONTROLNET, "ControlNet"), (SDXL_T2I, "T2I-Adapter")])
 def test_an_sdxl_control_on_sd15_is_refused(sd15, name, kind):
     refused(sd15, lambda: apply_control(sd15, name), ValueError, name, kind, "SDXL", "SD1.5", SD15_CHECKPOINT)
