@@ -44,8 +44,8 @@ CLIP_FILE, VAE_FILE = (
 )  # the checkpoint's CLIP-L and VAE alone
 RUN_TIMEOUT_S = 1500
 # Fluxion Sampler against core KSampler on the same weights, conditioning and latent (fp32, CPU): measured max
-# abs difference 2.9e-5 on unscaled latents of magnitude ~3 (AMD EPYC); the stated bound leaves room for the
-# spread between CPU kinds.
+# abs difference 8.0e-5 on unscaled latents reaching 34 (relative 2.3e-6; AMD EPYC, 2026-12); the bound leaves
+# room for the spread between CPU kinds. Core vs Fluxion VAE Decode: measured 1.6e-6, bound 1/255.
 SAMPLER_TOLERANCE = 2e-4
 DECODE_TOLERANCE = 1 / 255
 
