@@ -2,7 +2,8 @@
 
 Classifier-free guidance runs the unconditional and conditional branches as one batch
 (`[negative, positive]`, as diffusers does), the solver moves the latents one step at a time, and
-a per-step callback reports progress and may cancel by raising.
+a per-step callback reports progress and may cancel by raising. Each side is one `Conditioning`, or a list
+of `ConditioningEntry`s combined at every step as ComfyUI combines a CONDITIONING list (`conditioning.py`).
 """
 
 from __future__ import annotations
