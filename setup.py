@@ -15,7 +15,12 @@ VOCABULARY = ["*.txt.gz", "*.md"]
 DATA = {
     "foundationals.clip": VOCABULARY,
     "comfyui_fluxion.foundationals.clip": VOCABULARY,
-    "comfyui_fluxion": ["examples/workflows/*.json", "examples/training/*.toml"],  # what the demo runs
+    "comfyui_fluxion": [
+        "examples/workflows/*.json",  # what the demo runs
+        "examples/workflows/in_comfyui/*.json",
+        "examples/training/*.toml",
+        "web/*.js",  # the web extension (WEB_DIRECTORY)
+    ],
 }
 
 setup(packages=LIBRARY + PACK, package_dir={"comfyui_fluxion": "."}, package_data=DATA)

@@ -17,47 +17,33 @@ SD15 = "v1-5-pruned-emaonly.safetensors"
 FOLDER = Path(__file__).resolve().parent / "workflows"
 
 
+def text_encode(clip: list, text: str) -> dict:
+    return {"class_type": "FluxionCLIPTextEncode", "inputs": {"clip": clip, "text": text, "clip_skip": 1}}
+
+
 def sd15_base(positive: str, negative: str = "blurry, low quality") -> dict:
     return {
         "1": {"class_type": "FluxionCheckpointLoader", "inputs": {"ckpt_name": SD15}},
-        "2": {
-            "class_type": "FluxionTextEncode",
-            "inputs": {
-                "clip": ["1", 1],
-                "text": positive,
-                "clip_skip": 1,
-                "width": 1024,
-                "height": 1024,
-                "crop_w": 0,
-                "crop_h": 0,
-                "target_width": 1024,
-                "target_height": 1024,
-            },
-        },
-        "3": {
-            "class_type": "FluxionTextEncode",
-            "inputs": {
-                "clip": ["1", 1],
-                "text": negative,
-                "clip_skip": 1,
-                "width": 1024,
-                "height": 1024,
-                "crop_w": 0,
-                "crop_h": 0,
-                "target_width": 1024,
-                "target_height": 1024,
-            },
-        },
+        "2": text_encode(["1", 1], positive),
+        "3": text_encode(["1", 1], negative),
     }
 
 
-def sampler(model: list, latent: list, seed: int = 42, steps: int = 8, denoise: float = 1.0) -> dict:
+def sampler(
+    model: list,
+    latent: list,
+    seed: int = 42,
+    steps: int = 8,
+    denoise: float = 1.0,
+    positive: list | None = None,
+    negative: list | None = None,
+) -> dict:
     return {
         "class_type": "FluxionSampler",
         "inputs": {
             "model": model,
-            "positive": ["2", 0],
-            "negative": ["3", 0],
+            "positive": positive or ["2", 0],
+            "negative": negative or ["3", 0],
             "latent_image": latent,
             "seed": seed,
             "steps": steps,
@@ -459,6 +445,128 @@ def guidance() -> dict:
     }
 
 
+def regional_prompt() -> dict:
+    """Core conditioning nodes into the Fluxion sampler: a prompt per half of the picture (Conditioning Set Area),
+    combined with the whole picture's prompt (Conditioning Combine), from core's Empty Latent Image."""
+    return {
+        **sd15_base("a quiet valley at dawn, mist, wide landscape"),
+        "4": text_encode(["1", 1], "a red wooden barn"),
+        "5": {
+            "class_type": "ConditioningSetArea",
+            "inputs": {
+                "conditioning": ["4", 0],
+                "width": 256,
+                "height": 512,
+                "x": 0,
+                "y": 0,
+                "strength": 1.0,
+            },
+        },
+        "6": text_encode(["1", 1], "a tall pine tree"),
+        "7": {
+            "class_type": "ConditioningSetArea",
+            "inputs": {
+                "conditioning": ["6", 0],
+                "width": 256,
+                "height": 512,
+                "x": 256,
+                "y": 0,
+                "strength": 0.8,
+            },
+        },
+        "8": {
+            "class_type": "ConditioningCombine",
+            "inputs": {"conditioning_1": ["5", 0], "conditioning_2": ["7", 0]},
+        },
+        "9": {
+            "class_type": "ConditioningCombine",
+            "inputs": {"conditioning_1": ["2", 0], "conditioning_2": ["8", 0]},
+        },
+        "10": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "11": sampler(["1", 0], ["10", 0], positive=["9", 0]),
+        **decode_and_save(["11", 0], "fluxion_regional_prompt", 12),
+    }
+
+
+def masked_prompt_upscale() -> dict:
+    """A prompt weighted by a mask (Conditioning Set Mask, the transparent part of a Load Image), a style prompt
+    for the last steps only (ConditioningSetTimestepRange), then core's Upscale Latent and a second pass."""
+    return {
+        **sd15_base("a garden with a stone fountain"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example_mask.png"}},
+        "5": text_encode(["1", 1], "a bed of red roses"),
+        "6": {
+            "class_type": "ConditioningSetMask",
+            "inputs": {
+                "conditioning": ["5", 0],
+                "mask": ["4", 1],
+                "strength": 1.0,
+                "set_cond_area": "default",
+            },
+        },
+        "7": text_encode(["1", 1], "watercolor, soft light"),
+        "8": {
+            "class_type": "ConditioningSetTimestepRange",
+            "inputs": {"conditioning": ["7", 0], "start": 0.6, "end": 1.0},
+        },
+        "9": {
+            "class_type": "ConditioningCombine",
+            "inputs": {"conditioning_1": ["2", 0], "conditioning_2": ["6", 0]},
+        },
+        "10": {
+            "class_type": "ConditioningCombine",
+            "inputs": {"conditioning_1": ["9", 0], "conditioning_2": ["8", 0]},
+        },
+        "11": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "12": sampler(["1", 0], ["11", 0], positive=["10", 0]),
+        "13": {
+            "class_type": "LatentUpscale",
+            "inputs": {
+                "samples": ["12", 0],
+                "upscale_method": "bilinear",
+                "width": 768,
+                "height": 768,
+                "crop": "disabled",
+            },
+        },
+        "14": sampler(["1", 0], ["13", 0], seed=43, steps=8, denoise=0.5, positive=["10", 0]),
+        **decode_and_save(["14", 0], "fluxion_masked_prompt_upscale", 15),
+    }
+
+
+def inpaint_core_mask() -> dict:
+    """Fluxion VAE Encode without a mask, then core's Set Latent Noise Mask: the sampler repaints the mask."""
+    return {
+        **sd15_base("a round window"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example_inpaint.png"}},
+        "5": {"class_type": "FluxionVAEEncode", "inputs": {"vae": ["1", 2], "pixels": ["4", 0]}},
+        "6": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["4", 1]}},
+        "7": sampler(["1", 0], ["6", 0]),
+        **decode_and_save(["7", 0], "fluxion_inpaint_core_mask", 8),
+    }
+
+
+def core_clip_and_vae() -> dict:
+    """Inside ComfyUI: core's Load Checkpoint gives CLIP Text Encode and VAE Decode, the Fluxion sampler denoises
+    (with the Fluxion model of the same file) from core's Empty Latent Image."""
+    return {
+        "1": {"class_type": "FluxionCheckpointLoader", "inputs": {"ckpt_name": SD15}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
+        "3": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"text": "a lighthouse on a cliff at sunset", "clip": ["2", 1]},
+        },
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["2", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": sampler(["1", 0], ["5", 0], positive=["3", 0], negative=["4", 0]),
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["2", 2]}},
+        "8": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["7", 0], "filename_prefix": "fluxion_core_clip_vae"},
+        },
+    }
+
+
 SDXL = "sd_xl_base_1.0.safetensors"
 
 
@@ -475,11 +583,11 @@ def sdxl_base(positive: str, negative: str, size: int) -> dict:
     return {
         "1": {"class_type": "FluxionCheckpointLoader", "inputs": {"ckpt_name": SDXL}},
         "2": {
-            "class_type": "FluxionTextEncode",
+            "class_type": "FluxionCLIPTextEncodeSDXL",
             "inputs": {"clip": ["1", 1], "text": positive, **conditioning},
         },
         "3": {
-            "class_type": "FluxionTextEncode",
+            "class_type": "FluxionCLIPTextEncodeSDXL",
             "inputs": {"clip": ["1", 1], "text": negative, **conditioning},
         },
     }
@@ -561,22 +669,28 @@ WORKFLOWS = {
     "sdxl_img2img": sdxl_img2img,
     "sdxl_ip_adapter": sdxl_ip_adapter,
     "sdxl_guidance": sdxl_guidance,
+    "sd15_regional_prompt": regional_prompt,
+    "sd15_masked_prompt_upscale": masked_prompt_upscale,
+    "sd15_inpaint_core_mask": inpaint_core_mask,
 }
+IN_COMFYUI = {"sd15_core_clip_and_vae": core_clip_and_vae}
+"""Workflows holding core nodes that need ComfyUI's own models: they run inside ComfyUI only."""
 
 
 def build() -> dict[Path, str]:
     """File path -> JSON text of every example, both formats."""
     classes = all_node_classes()
     files = {}
-    for name, make in WORKFLOWS.items():
-        prompt = make()
-        files[FOLDER / f"{name}.api.json"] = json.dumps(prompt, indent=2) + "\n"
-        files[FOLDER / f"{name}.json"] = json.dumps(api_to_ui(prompt, classes), indent=2) + "\n"
+    for folder, workflows in ((FOLDER, WORKFLOWS), (FOLDER / "in_comfyui", IN_COMFYUI)):
+        for name, make in workflows.items():
+            prompt = make()
+            files[folder / f"{name}.api.json"] = json.dumps(prompt, indent=2) + "\n"
+            files[folder / f"{name}.json"] = json.dumps(api_to_ui(prompt, classes), indent=2) + "\n"
     return files
 
 
 if __name__ == "__main__":
-    FOLDER.mkdir(exist_ok=True)
     for path, text in build().items():
+        path.parent.mkdir(exist_ok=True)
         path.write_text(text, encoding="utf-8")
         print(path)

@@ -199,7 +199,7 @@ def check_workflow_contract(workflow: Workflow, node_classes: Mapping[str, type]
     """Problems of a workflow file: graph errors, pack nodes breaking the contract, widget counts."""
     problems = []
     try:
-        plan(workflow.prompt, node_classes)
+        plan(workflow.prompt, node_classes, allow_hosted_only=True)
     except WorkflowError as error:
         problems.append(str(error))
     used = sorted({node["class_type"] for node in workflow.prompt.values()})

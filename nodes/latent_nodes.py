@@ -1,4 +1,8 @@
-"""Latents: empty ones for text-to-image, and the autoencoder between ComfyUI IMAGEs and LATENTs."""
+"""Latents: empty ones for text-to-image, and the autoencoder between ComfyUI IMAGEs and LATENTs.
+
+LATENTs follow core's convention (unscaled `samples`, `noise_mask`; see `core_types`), so core's VAE Encode /
+Decode, Empty Latent Image, Latent Upscale, Set Latent Noise Mask... work on them and on ours alike.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from ..foundationals.latent_diffusion.limits import (  # one implementation, sha
     check_size,
 )
 from ..foundationals.latent_diffusion.resizing import resize_mask
+from .core_types import MASKED_IMAGE_KEY, read_latents, write_latents
 from .wires import VAE, VaeWire
 
 LATENT_FACTOR = 8  # SD1.5 and SDXL autoencoders downscale by 8
@@ -80,8 +85,9 @@ class FluxionVAEEncode:
     """IMAGE -> LATENT, optionally with an inpainting mask."""
 
     DESCRIPTION = (
-        "Encodes images into latents for image-to-image. With a mask, the latents carry it (white = repaint) "
-        "for inpainting: regular models keep the unmasked area, 9-channel inpainting models get the masked image."
+        "Encodes images into a core LATENT for image-to-image. With a mask, the latent carries it as core's "
+        "noise_mask (white = repaint) for inpainting: regular models keep the unmasked area, 9-channel inpainting "
+        "models also get the masked image (an extra key core nodes pass along)."
     )
     CATEGORY = "fluxion/latent"
     FUNCTION = "encode"
@@ -114,8 +120,8 @@ class FluxionVAEEncode:
         if not torch.isfinite(images).all():
             raise ValueError("the image contains NaN or infinite values")
         image = images_to_tensor(images).clamp(0, 1)
-        latents = model.encode_image(image).cpu()
-        result: dict[str, Any] = {"samples": latents}
+        scaling = model.autoencoder.scaling_factor
+        result: dict[str, Any] = {"samples": write_latents(model.encode_image(image), scaling)}
         if mask is not None:
             top, left = (pixels.shape[1] - images.shape[1]) // 2, (pixels.shape[2] - images.shape[2]) // 2
             mask = mask if mask.dim() == 3 else mask[None]
@@ -125,9 +131,9 @@ class FluxionVAEEncode:
             result["noise_mask"] = pixel_mask[:, 0].cpu()
             if model.is_inpainting_model:
                 keep = (pixel_mask < 0.5).to(image.dtype)
-                result["fluxion_masked_image_latents"] = model.encode_image(
-                    image * keep + 0.5 * (1 - keep)
-                ).cpu()
+                result[MASKED_IMAGE_KEY] = write_latents(
+                    model.encode_image(image * keep + 0.5 * (1 - keep)), scaling
+                )
         return (result,)
 
 
@@ -146,7 +152,7 @@ class FluxionVAEDecode:
         return {
             "required": {
                 "vae": (VAE, {"tooltip": "Autoencoder from Fluxion Load Checkpoint."}),
-                "samples": ("LATENT", {"tooltip": "Latents from the sampler (or any LATENT)."}),
+                "samples": ("LATENT", {"tooltip": "Latents from the sampler, or any core LATENT."}),
                 "tiled": (
                     "BOOLEAN",
                     {
@@ -158,8 +164,8 @@ class FluxionVAEDecode:
         }
 
     def decode(self, vae: VaeWire, samples: dict[str, Any], tiled: bool = False) -> tuple[torch.Tensor]:
-        latents = samples["samples"]
         model = vae.model
+        latents = read_latents(samples, model.autoencoder.scaling_factor, "samples")
         factor = model.autoencoder.config.downscale_factor
         if latents.dim() == 4:
             check_size(

@@ -203,11 +203,24 @@ def read_lora(model: ModelWire, lora_name: str) -> tuple[LoraFile, str]:
 
 
 STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
+
+
+class ShowsReport:
+    """A node whose last output is a text report, also shown on the node itself (the pack's web extension shows
+    `ui.text`); `load` computes the outputs, the node's FUNCTION adds the text for the UI."""
+
+    FUNCTION = "load_and_show"
+
+    def load_and_show(self, **inputs: Any) -> dict[str, Any]:
+        outputs = self.load(**inputs)  # type: ignore[attr-defined]
+        return {"ui": {"text": [outputs[-1]]}, "result": tuple(outputs)}
+
+
 FUSE_TOOLTIP = "Merge into the weights while sampling: no per-step cost; weights restored exactly after."
 NO_LORA = "None"
 
 
-class FluxionLoraLoader:
+class FluxionLoraLoader(ShowsReport):
     """Add a LoRA to a model and its text encoders, each with its own strength."""
 
     DESCRIPTION = (
@@ -216,13 +229,12 @@ class FluxionLoraLoader:
         "reached and every key it left out, and refuses a LoRA made for another base model."
     )
     CATEGORY = "fluxion/loaders"
-    FUNCTION = "load"
     RETURN_TYPES = (MODEL, CLIP, "STRING")
     RETURN_NAMES = ("model", "clip", "report")
     OUTPUT_TOOLTIPS = (
         "The model with the LoRA added to its adapter stack.",
         "The text encoders with the LoRA added.",
-        "What was applied and what was not.",
+        "What was applied and what was not (also shown on the node).",
     )
 
     @classmethod
@@ -268,7 +280,7 @@ OUTSIDE_MASK_TOOLTIP = (
 )
 
 
-class FluxionLoraStack:
+class FluxionLoraStack(ShowsReport):
     """Several LoRAs in one node, each with its own model and clip strengths."""
 
     DESCRIPTION = (
@@ -276,13 +288,12 @@ class FluxionLoraStack:
         "Fluxion Load LoRA nodes would. Slots set to None are skipped. Fused LoRAs cost nothing per step."
     )
     CATEGORY = "fluxion/loaders"
-    FUNCTION = "load"
     RETURN_TYPES = (MODEL, CLIP, "STRING")
     RETURN_NAMES = ("model", "clip", "report")
     OUTPUT_TOOLTIPS = (
         "The model with the LoRAs added to its adapter stack.",
         "The text encoders with the LoRAs added.",
-        "What each LoRA applied and what it did not.",
+        "What each LoRA applied and what it did not (also shown on the node).",
     )
 
     @classmethod
@@ -330,7 +341,7 @@ class FluxionLoraStack:
         return model, clip, "\n".join(reports) or "no LoRA chosen"
 
 
-class FluxionRegionalLora:
+class FluxionRegionalLora(ShowsReport):
     """A LoRA on the UNet restricted to a mask and/or to part of the sampling steps."""
 
     DESCRIPTION = (
@@ -342,12 +353,11 @@ class FluxionRegionalLora:
         "not changed: use Fluxion Load LoRA with strength_model 0 for a LoRA's clip part."
     )
     CATEGORY = "fluxion/loaders"
-    FUNCTION = "load"
     RETURN_TYPES = (MODEL, "STRING")
     RETURN_NAMES = ("model", "report")
     OUTPUT_TOOLTIPS = (
         "The model with the regional/scheduled LoRA added.",
-        "What was applied and what was not.",
+        "What was applied and what was not (also shown on the node).",
     )
 
     @classmethod

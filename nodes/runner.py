@@ -141,8 +141,11 @@ def plan(
     prompt: Mapping[str, Mapping[str, Any]],
     node_classes: Mapping[str, type],
     outputs: Iterable[str] = (),
+    allow_hosted_only: bool = False,
 ) -> ExecutionPlan:
-    """Validate a prompt and order the nodes to run (dependencies first); raises WorkflowError."""
+    """Validate a prompt and order the nodes to run (dependencies first); raises WorkflowError.
+
+    Core nodes that run only inside ComfyUI are refused, unless `allow_hosted_only` (checking a graph only)."""
     classes: dict[str, type] = {}
     specs: dict[str, dict[str, InputSpec]] = {}
     for node_id, node in prompt.items():
@@ -150,6 +153,13 @@ def plan(
         cls = node_classes.get(class_type) if isinstance(class_type, str) else None
         if cls is None:
             raise unknown_node_type(node_id, str(class_type), node_classes)
+        if getattr(cls, "FLUXION_HOSTED_ONLY", False) and not allow_hosted_only:
+            raise WorkflowError(
+                f"runs only inside ComfyUI (it needs {getattr(cls, 'NEEDS', 'ComfyUI')}): open this workflow in "
+                "ComfyUI, or use the Fluxion nodes for it headless",
+                node_id,
+                class_type,
+            )
         if getattr(cls, "INPUT_IS_LIST", False) or any(getattr(cls, "OUTPUT_IS_LIST", ())):
             raise WorkflowError(
                 "list inputs/outputs (INPUT_IS_LIST/OUTPUT_IS_LIST) are not supported headless",

@@ -1,4 +1,5 @@
-"""Headless stand-ins for ComfyUI's LoadImage, ImageBatch, SaveImage and PreviewImage.
+"""Headless stand-ins for ComfyUI's LoadImage, ImageBatch, SaveImage and PreviewImage (and, from
+`core_stand_ins`, its latent and conditioning nodes).
 
 Same names, inputs and outputs as ComfyUI's own nodes, so a workflow made in the editor runs
 unchanged in `python -m nodes run`. They are only for the runner: inside ComfyUI its own nodes
@@ -24,6 +25,7 @@ from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from ..fluxion.utils import center_crop_resize as crop_resize
+from .core_stand_ins import CORE_STAND_INS, HOSTED_ONLY
 from .host import input_directory, output_directory, temp_directory
 
 
@@ -226,4 +228,6 @@ RUNNER_NODE_CLASSES: dict[str, type] = {
     "ImageBatch": ImageBatch,
     "SaveImage": SaveImage,
     "PreviewImage": PreviewImage,
+    **CORE_STAND_INS,
+    **HOSTED_ONLY,
 }

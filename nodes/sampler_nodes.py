@@ -7,14 +7,22 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..foundationals.latent_diffusion.adapters.t2i_adapter import T2IAdapterPatch
 from ..foundationals.latent_diffusion.model_config import unet_family
 from ..foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from ..foundationals.latent_diffusion.resizing import resize_mask
-from ..foundationals.latent_diffusion.sampling import Conditioning
+from ..foundationals.latent_diffusion.sampling import Conditioning, draw_noise
 from ..foundationals.latent_diffusion.solvers import SCHEDULES, SOLVERS
+from .core_types import (
+    batch_indices,
+    conditioning_entries,
+    masked_image_latents,
+    read_latents,
+    write_latents,
+)
 from .host import ProgressReporter, is_hosted, throw_if_interrupted
 from .latent_nodes import check_size, require_finite
-from .wires import CONDITIONING, MODEL, ModelWire
+from .wires import MODEL, ModelWire
 
 # Approximate linear maps from SD latents to RGB, for step previews only.
 _PREVIEW_FACTORS = {
@@ -41,26 +49,48 @@ def latent_preview(latents: torch.Tensor, sdxl: bool) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
-def check_conditioning(model: ModelWire, conditioning: Conditioning, which: str) -> None:
+def check_conditioning(model: ModelWire, conditioning: Any, which: str) -> None:
     """Refuse conditioning made by another family's text encoder(s) before anything runs."""
     sd = model.model
     family = unet_family(sd.unet.config)
     context = sd.unet.config.context_dim
-    width = int(conditioning.text_embedding.shape[-1])
-    sdxl_like = conditioning.pooled_text_embedding is not None
-    if width != context or sdxl_like != sd.is_sdxl:
-        made_by = "SDXL-style (pooled text and size)" if sdxl_like else "SD1.5-style"
+    if isinstance(conditioning, Conditioning):
+        texts = [conditioning.text_embedding]
+    elif isinstance(conditioning, list | tuple):
+        texts = [entry[0] for entry in conditioning if isinstance(entry, list | tuple) and entry]
+    else:
+        return  # not a CONDITIONING at all: `conditioning_entries` says what was expected
+    for index, text in enumerate(texts):
+        width = int(text.shape[-1]) if isinstance(text, torch.Tensor) else None
+        if width is not None and width != context:
+            place = f" (entry {index + 1} of {len(texts)})" if len(texts) > 1 else ""
+            raise ValueError(
+                f"the {which} conditioning{place} ({width}-wide text) was not made for the model {model.name} "
+                f"({family}, {context}-wide text context): encode the prompt with this model's clip output "
+                "(Fluxion CLIP Text Encode, or core CLIP Text Encode with this model's CLIP)"
+            )
+
+
+def _noise_mask(latent: dict[str, Any], batch: int, height: int, width: int) -> torch.Tensor | None:
+    mask = latent.get("noise_mask")
+    if mask is None:
+        return None
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.dim() not in (2, 3, 4)
+        or (mask.dim() == 4 and mask.shape[1] != 1)
+    ):
         raise ValueError(
-            f"the {which} conditioning ({made_by}, {width}-wide) was not made for the model {model.name} "
-            f"({family}, {context}-wide text context): encode the prompt with this model's clip output "
-            "(Fluxion Text Encode)"
+            f"the latent's noise_mask must be a (B, 1, H, W), (B, H, W) or (H, W) mask, got {mask!r:.60}"
         )
+    require_finite(mask, "the latents' noise mask")
+    return resize_mask(mask.float(), (height, width), "bilinear", batch).clamp(0, 1)
 
 
 def sample_latents(
     model: ModelWire,
-    positive: Conditioning,
-    negative: Conditioning,
+    positive: Any,
+    negative: Any,
     latent: dict[str, Any],
     seed: int,
     steps: int,
@@ -70,44 +100,60 @@ def sample_latents(
     denoise: float,
     progress: ProgressReporter | None = None,
 ) -> torch.Tensor:
-    """What the sampler node computes, for callers without a node (tests compare it with the pipelines)."""
+    """What the sampler node computes, for callers without a node (tests compare it with the pipelines).
+
+    `latent` is a core LATENT (unscaled `samples`, `noise_mask`, `batch_index`); `positive` / `negative` are core
+    CONDITIONING lists (or library `Conditioning`s). Returns the LATENT's new unscaled `samples`.
+    """
     sd = model.model
-    latents = latent["samples"]
-    if latents.dim() != 4 or latents.shape[1] != sd.latent_channels:
+    scaling = sd.autoencoder.scaling_factor
+    samples = read_latents(latent, scaling, "the latent_image")
+    if samples.dim() != 4 or samples.shape[1] != sd.latent_channels:
         raise ValueError(
-            f"latents of shape {tuple(latents.shape)} do not fit this model (expected (B, {sd.latent_channels}, h, w))"
+            f"latents of shape {tuple(samples.shape)} do not fit this model (expected (B, {sd.latent_channels}, h, w))"
         )
-    batch, _, height, width = latents.shape
+    batch, _, height, width = samples.shape
     factor = sd.autoencoder.config.downscale_factor
     check_size(batch, height * factor, width * factor, "latents to sample")
-    if not torch.isfinite(latents).all():
+    if not torch.isfinite(samples).all():
         raise ValueError("the latents contain NaN or infinite values")
     check_conditioning(model, positive, "positive")
     check_conditioning(model, negative, "negative")
-    mask = latent.get("noise_mask")
-    if mask is not None:
-        require_finite(mask, "the latents' noise mask")
-    latent_mask = (
-        None if mask is None else resize_mask(mask.float(), (height, width), "bilinear", batch).clamp(0, 1)
+    positive_entries = conditioning_entries(positive, "positive", sd.is_sdxl, height * factor, width * factor)
+    negative_entries = conditioning_entries(negative, "negative", sd.is_sdxl, height * factor, width * factor)
+    cropping = any(
+        entry.area is not None or entry.area_fraction is not None or entry.area_from_mask
+        for entry in (*positive_entries, *negative_entries)
     )
+    t2i = [patch.label for patch in model.patches if isinstance(patch, T2IAdapterPatch)]
+    if cropping and t2i:
+        raise ValueError(
+            f"conditioning with an area runs the UNet on a crop, which the T2I-Adapter ({', '.join(t2i)}) cannot "
+            "follow: use conditioning masks without bounds, or a ControlNet"
+        )
+    indices = batch_indices(latent, batch)
+    latent_mask = _noise_mask(latent, batch, height, width)
     if latent_mask is not None and not latent_mask.any() and not sd.is_inpainting_model:
         latent_mask = None  # nothing to repaint: behave as plain image-to-image
-    masked_image_latents = latent.get("fluxion_masked_image_latents")
     if sd.is_inpainting_model and latent_mask is None:
         raise ValueError(
-            f"{model.name} is an inpainting model (9 input channels): encode the image with a mask "
-            "(Fluxion VAE Encode's mask input)"
+            f"{model.name} is an inpainting model (9 input channels): its latent needs a noise_mask (Fluxion VAE "
+            "Encode's mask input, or core VAE Encode (for Inpainting) / Set Latent Noise Mask)"
         )
-    if sd.is_inpainting_model and masked_image_latents is None:
-        raise ValueError(
-            f"{model.name} is an inpainting model: it needs latents encoded by Fluxion VAE Encode from this "
-            "model's VAE, with a mask"
-        )
+    masked = masked_image_latents(latent, samples, scaling) if sd.is_inpainting_model else None
     sampler = sd.make_solver(solver, steps, schedule, denoise)
+    if sampler.first_inference_step >= sampler.num_inference_steps:
+        return latent["samples"]  # nothing to denoise: the input as it is (ComfyUI at denoise 0)
     # Full-strength text-to-image starts from pure noise, as diffusers' txt2img pipeline does.
-    image_latents = None if (denoise >= 1.0 and latent_mask is None) else latents
+    image_latents = None if (denoise >= 1.0 and latent_mask is None) else samples
     if sd.is_inpainting_model and denoise >= 1.0:
         image_latents = None
+    generator = noise = None
+    if (
+        indices is not None
+    ):  # each item gets the noise of its index in the seed's sequence, as ComfyUI draws it
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = draw_noise(tuple(samples.shape), generator, indices)
     run = SamplingRun(
         num_steps=sampler.num_inference_steps,  # a schedule may drop repeated levels (ComfyUI's beta)
         first_step=sampler.first_inference_step,
@@ -127,19 +173,22 @@ def sample_latents(
 
     throw_if_interrupted()
     with patched(sd, model.patches, run):
-        return sd.sample(
-            tuple(latents.shape),  # type: ignore[arg-type]
-            positive,
-            negative,
+        result = sd.sample(
+            tuple(samples.shape),  # type: ignore[arg-type]
+            positive_entries,
+            negative_entries,
             sampler,
             cfg,
             seed,
             image_latents,
             inpainting_mask=latent_mask,
-            masked_image_latents=masked_image_latents,
+            masked_image_latents=masked,
             callback=on_step,
+            generator=generator,
+            noise=noise,
             run=run,
-        ).cpu()
+        )
+    return write_latents(result, scaling)
 
 
 class FluxionSampler:
@@ -154,15 +203,24 @@ class FluxionSampler:
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The denoised latents, for Fluxion VAE Decode.",)
+    OUTPUT_TOOLTIPS = ("The denoised LATENT, for Fluxion or core VAE Decode.",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The model and its adapter stack."}),
-                "positive": (CONDITIONING, {"tooltip": "What the image should show (Fluxion Text Encode)."}),
-                "negative": (CONDITIONING, {"tooltip": "What the image should avoid (Fluxion Text Encode)."}),
+                "positive": (
+                    "CONDITIONING",
+                    {
+                        "tooltip": "What the image should show: core CONDITIONING from any node (Fluxion or core CLIP "
+                        "Text Encode, Conditioning Combine / Set Area / Set Mask / Set Timestep Range...)."
+                    },
+                ),
+                "negative": (
+                    "CONDITIONING",
+                    {"tooltip": "What the image should avoid: core CONDITIONING from any node."},
+                ),
                 "latent_image": (
                     "LATENT",
                     {
@@ -227,8 +285,8 @@ class FluxionSampler:
     def sample(
         self,
         model: ModelWire,
-        positive: Conditioning,
-        negative: Conditioning,
+        positive: Any,
+        negative: Any,
         latent_image: dict[str, Any],
         seed: int,
         steps: int,
@@ -241,11 +299,9 @@ class FluxionSampler:
             latents = sample_latents(
                 model, positive, negative, latent_image, seed, steps, cfg, solver, schedule, denoise, progress
             )
-        result = {
-            key: value
-            for key, value in latent_image.items()
-            if key not in ("noise_mask", "fluxion_masked_image_latents")
-        }
+        result = dict(
+            latent_image
+        )  # the other keys (noise_mask, batch_index...) stay, as core's KSampler keeps them
         result["samples"] = latents
         return (result,)
 

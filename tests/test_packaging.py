@@ -28,7 +28,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md", "__init__.py"):
         shutil.copy2(REPO / name, source / name)
-    for name in ("fluxion", "foundationals", "nodes", "examples"):
+    for name in ("fluxion", "foundationals", "nodes", "examples", "web"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     command = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)]

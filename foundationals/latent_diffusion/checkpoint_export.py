@@ -40,12 +40,11 @@ def single_file_state_dict(model: StableDiffusion) -> dict[str, Tensor]:
     tensors = {
         LDM_UNET_PREFIX + theirs: unet_state[ours] for theirs, ours in ldm_unet_key_map(model.unet).items()
     }
-    tensors.update(
-        {
-            LDM_AUTOENCODER_PREFIX + theirs: autoencoder_state[ours]
-            for theirs, ours in ldm_autoencoder_key_map(model.autoencoder).items()
-        }
-    )
+    for theirs, ours in ldm_autoencoder_key_map(model.autoencoder).items():
+        tensor = autoencoder_state[ours]
+        if ".attn_1." in theirs and theirs.endswith(".weight") and tensor.dim() == 2:
+            tensor = tensor[:, :, None, None]  # LDM files store the attention projections as 1x1 convolutions
+        tensors[LDM_AUTOENCODER_PREFIX + theirs] = tensor
     if model.text_encoder_2 is None:
         tensors.update(_text_encoder_tensors(model.text_encoder, "sd15"))
     else:

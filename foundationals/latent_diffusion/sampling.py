@@ -2,111 +2,31 @@
 
 Classifier-free guidance runs the unconditional and conditional branches as one batch
 (`[negative, positive]`, as diffusers does), the solver moves the latents one step at a time, and
-a per-step callback reports progress and may cancel by raising.
+a per-step callback reports progress and may cancel by raising. Each side is one `Conditioning`, or a list
+of `ConditioningEntry`s combined at every step as ComfyUI combines a CONDITIONING list (`conditioning.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from .conditioning import (  # re-exported: the conditioning types used to live here
+    CombinedConditioning,
+    Conditioning,
+    ConditioningEntry,
+    SizeConditioning,
+    concatenate,
+)
 from .guidance import NEGATIVE, POSITIVE, ConditionedPasses, GuidanceStack, GuidanceStep
 from .solvers import Solver
 
-
-@dataclass(frozen=True)
-class Conditioning:
-    """What the UNet is conditioned on: the text embedding and, for SDXL, pooled text and time ids."""
-
-    text_embedding: Tensor
-    pooled_text_embedding: Tensor | None = None
-    time_ids: Tensor | None = None
-
-    def repeat(self, batch_size: int) -> Conditioning:
-        """Repeat a one-item conditioning for a batch (items already batched are kept)."""
-
-        def fit(tensor: Tensor | None) -> Tensor | None:
-            if tensor is None or tensor.shape[0] == batch_size:
-                return tensor
-            if tensor.shape[0] != 1:
-                raise ValueError(
-                    f"conditioning batch {tensor.shape[0]} does not match latent batch {batch_size}"
-                )
-            return tensor.expand(batch_size, *tensor.shape[1:])
-
-        return Conditioning(fit(self.text_embedding), fit(self.pooled_text_embedding), fit(self.time_ids))  # type: ignore[arg-type]
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> Conditioning:
-        def move(tensor: Tensor | None) -> Tensor | None:
-            return None if tensor is None else tensor.to(device=device, dtype=dtype)
-
-        return replace(
-            self,
-            text_embedding=move(self.text_embedding),  # type: ignore[arg-type]
-            pooled_text_embedding=move(self.pooled_text_embedding),
-            time_ids=move(self.time_ids),
-        )
-
-
-@dataclass(frozen=True)
-class SizeConditioning:
-    """SDXL's micro-conditioning: original size, crop top-left and target size, in pixels."""
-
-    original_size: tuple[int, int] = (1024, 1024)
-    crop_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] = (1024, 1024)
-
-    @classmethod
-    def for_image(cls, height: int, width: int) -> SizeConditioning:
-        """diffusers' default for a (height, width) output: original = target = that size, no crop."""
-        return cls((height, width), (0, 0), (height, width))
-
-    def time_ids(self) -> Tensor:
-        """(1, 6) as diffusers' `add_time_ids`: (height, width, top, left, target height, target width)."""
-        return torch.tensor(
-            [[*self.original_size, *self.crop_top_left, *self.target_size]], dtype=torch.float32
-        )
-
-
-def concatenate(first: Conditioning, second: Conditioning) -> Conditioning:
-    """Stack two conditionings along the batch (CFG's `[negative, positive]`)."""
-
-    def cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-        if a is None or b is None:
-            if a is not None or b is not None:
-                raise ValueError("both conditionings must have the same parts (pooled text, time ids)")
-            return None
-        if a.shape[1:] != b.shape[1:]:
-            a, b = _pad_to_same_length(a, b)
-        return torch.cat([a, b])
-
-    return Conditioning(
-        cat(first.text_embedding, second.text_embedding),
-        cat(first.pooled_text_embedding, second.pooled_text_embedding),
-        cat(first.time_ids, second.time_ids),
-    )  # type: ignore[arg-type]
-
-
-def _pad_to_same_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Long prompts give longer embeddings: repeat the shorter one's 77-token chunks as ComfyUI does."""
-    if a.dim() != 3 or a.shape[2] != b.shape[2]:
-        raise ValueError(f"cannot batch text embeddings of shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    length = max(a.shape[1], b.shape[1])
-
-    def grow(t: Tensor) -> Tensor:
-        if t.shape[1] == length:
-            return t
-        if length % t.shape[1] != 0:
-            raise ValueError(
-                f"text embedding lengths {a.shape[1]} and {b.shape[1]} are not multiples of each other"
-            )
-        return t.repeat(1, length // t.shape[1], 1)
-
-    return grow(a), grow(b)
+PromptConditioning = Conditioning | Sequence[ConditioningEntry]
+"""One conditioning, or a list of entries combined as ComfyUI combines a CONDITIONING list."""
 
 
 class Denoiser(Protocol):
@@ -144,6 +64,24 @@ def initial_noise(
     return noise.to(device=device, dtype=dtype)
 
 
+def draw_noise(
+    shape: tuple[int, ...], generator: torch.Generator, batch_index: Sequence[int] | None = None
+) -> Tensor:
+    """Initial noise from `generator`: `torch.randn(shape)`, or with `batch_index` (ComfyUI's LATENT key) item i
+    gets the `batch_index[i]`-th one-item draw of the sequence, as ComfyUI's `prepare_noise` draws them."""
+    if batch_index is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if len(batch_index) != shape[0]:
+        raise ValueError(f"batch_index has {len(batch_index)} indices for a batch of {shape[0]}")
+    wanted = sorted(set(batch_index))
+    draws: dict[int, Tensor] = {}
+    for index in range(wanted[-1] + 1):
+        noise = torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float32)
+        if index in wanted:
+            draws[index] = noise
+    return torch.cat([draws[index] for index in batch_index])
+
+
 def _apply_conditioning(unet: Denoiser, conditioning: Conditioning) -> None:
     unet.set_clip_text_embedding(conditioning.text_embedding)
     if conditioning.pooled_text_embedding is not None or conditioning.time_ids is not None:
@@ -157,12 +95,29 @@ def _apply_conditioning(unet: Denoiser, conditioning: Conditioning) -> None:
         set_time_ids(conditioning.time_ids)
 
 
+def plain_conditioning(conditioning: PromptConditioning, batch_size: int) -> Conditioning | None:
+    """The one conditioning a prompt amounts to (a single entry acting everywhere), else None."""
+    if isinstance(conditioning, Conditioning):
+        return conditioning
+    if len(conditioning) != 1 or not conditioning[0].acts_everywhere:
+        return None
+    plain = conditioning[0].conditioning
+    return plain if plain.text_embedding.shape[0] in (1, batch_size) else None
+
+
+def entries_of(conditioning: PromptConditioning) -> list[ConditioningEntry]:
+    """A prompt as a list of entries (one conditioning is one entry acting everywhere)."""
+    if isinstance(conditioning, Conditioning):
+        return [ConditioningEntry(conditioning)]
+    return list(conditioning)
+
+
 def denoise(
     unet: Denoiser,
     solver: Solver,
     latents: Tensor,
-    positive: Conditioning,
-    negative: Conditioning | None = None,
+    positive: PromptConditioning,
+    negative: PromptConditioning | None = None,
     guidance_scale: float = 7.5,
     generator: torch.Generator | None = None,
     inpainting: InpaintingInputs | None = None,
@@ -180,22 +135,48 @@ def denoise(
     passes there; see `SamplingRun.predict`). `after_step(index, latents)` may replace the latents after
     each step (0-based index), before `callback` sees them. `guidance` (a run's guidance hooks: PAG, SAG,
     rescaled CFG, CFG cutoff; see `guidance.py`) replaces the plain CFG combination of each step.
+
+    `positive` / `negative` are each one `Conditioning` or a list of `ConditioningEntry`s (areas, masks,
+    strengths, noise windows), combined at each step as ComfyUI does (see `conditioning.CombinedConditioning`).
     """
     batch = latents.shape[0]
     use_guidance = guidance_scale > 1.0 and negative is not None
-    conditioning = positive.repeat(batch)
-    if use_guidance:
-        assert negative is not None
-        conditioning = concatenate(negative.repeat(batch), conditioning)
     parameter = next(iter(getattr(unet, "parameters", lambda: iter([latents]))()), latents)
-    conditioning = conditioning.to(parameter.device, parameter.dtype)
-    _apply_conditioning(unet, conditioning)
     dtype = latents.dtype
+    plain = plain_conditioning(positive, batch)
+    plain_negative = plain_conditioning(negative, batch) if use_guidance else None  # type: ignore[arg-type]
+    combined: CombinedConditioning | None = None
+    if plain is None or (use_guidance and plain_negative is None):
+        if guidance is not None:
+            raise ValueError(
+                "guidance adapters (PAG, SAG, rescaled CFG, CFG cutoff) need one plain prompt per side: "
+                "conditioning with areas, masks, strengths or noise windows cannot be combined with them"
+            )
+        combined = CombinedConditioning(
+            entries_of(positive),
+            entries_of(negative) if use_guidance else None,  # type: ignore[arg-type]
+            latents.shape[-2],
+            latents.shape[-1],
+            solver.alphas_cumprod,
+            solver.params.prediction_type,
+        )
+    else:
+        conditioning = plain.repeat(batch)
+        if plain_negative is not None:
+            conditioning = concatenate(plain_negative.repeat(batch), conditioning)
+        _apply_conditioning(unet, conditioning.to(parameter.device, parameter.dtype))
     passes = (
         None
-        if guidance is None
-        else _passes(unet, predict, positive, negative, batch, use_guidance, parameter, dtype)
+        if guidance is None or plain is None
+        else _passes(unet, predict, plain, plain_negative, batch, use_guidance, parameter, dtype)
     )
+
+    def set_conditioning(conditioning: Conditioning) -> None:
+        _apply_conditioning(unet, conditioning.to(parameter.device, parameter.dtype))
+
+    def run_unet(x: Tensor) -> Tensor:
+        return (predict or unet)(x.to(parameter.dtype))
+
     steps = list(solver.inference_steps)
     current = 0  # index of the step being solved (solvers may evaluate the model again within it)
 
@@ -217,9 +198,13 @@ def denoise(
                     passes,
                 )
             )
+        if combined is not None:
+            return combined.predict(
+                run_unet, set_conditioning, model_input, timestep, guidance_scale, use_guidance, dtype
+            )
         if use_guidance:
             model_input = torch.cat([model_input, model_input])
-        prediction = (predict or unet)(model_input.to(parameter.dtype)).to(dtype)
+        prediction = run_unet(model_input).to(dtype)
         if use_guidance:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
@@ -306,3 +291,21 @@ def prepare_latents(
     if solver.first_inference_step >= solver.num_inference_steps:
         return image_latents
     return solver.add_noise(image_latents, noise, solver.first_inference_step)
+
+
+__all__ = [
+    "Conditioning",
+    "ConditioningEntry",
+    "Denoiser",
+    "InpaintingInputs",
+    "PromptConditioning",
+    "SizeConditioning",
+    "StepCallback",
+    "concatenate",
+    "denoise",
+    "draw_noise",
+    "entries_of",
+    "initial_noise",
+    "plain_conditioning",
+    "prepare_latents",
+]

@@ -27,7 +27,16 @@ from .auto_encoder import LatentDiffusionAutoencoder, decode_retrying_in_float32
 from .checkpoint import CheckpointError, load_checkpoint
 from .limits import check_size
 from .model_patch import SamplingRun
-from .sampling import Conditioning, InpaintingInputs, SizeConditioning, StepCallback, denoise, prepare_latents
+from .sampling import (
+    Conditioning,
+    InpaintingInputs,
+    PromptConditioning,
+    SizeConditioning,
+    StepCallback,
+    denoise,
+    entries_of,
+    prepare_latents,
+)
 from .solvers import PredictionType, Solver, make_solver
 from .unet import UNet
 
@@ -169,8 +178,8 @@ class StableDiffusion:
     def sample(
         self,
         latents_shape: tuple[int, int, int, int],
-        positive: Conditioning,
-        negative: Conditioning | None,
+        positive: PromptConditioning,
+        negative: PromptConditioning | None,
         solver: Solver,
         guidance_scale: float,
         seed: int,
@@ -195,7 +204,25 @@ class StableDiffusion:
 
         `run`: the `SamplingRun` the model's patches were applied for (`patched(model, patches, run)`); its
         step hooks run before each step and its regions (masked adapters) are blended into each prediction.
+
+        `positive` / `negative` may be lists of `ConditioningEntry`s (areas, masks, strengths, noise windows),
+        combined as ComfyUI combines a CONDITIONING list. Areas crop the UNet's input, which masked adapters
+        (regions) cannot follow: that pairing is refused.
         """
+        if run is not None and run.regions:
+            cropping = [
+                entry
+                for prompt in (positive, negative)
+                if prompt is not None
+                for entry in entries_of(prompt)
+                if entry.area is not None or entry.area_fraction is not None or entry.area_from_mask
+            ]
+            if cropping:
+                raise ValueError(
+                    "conditioning with an area (Conditioning Set Area, or Set Mask with mask bounds) cannot be "
+                    "combined with masked adapters on the model (regional LoRA, IP-Adapter with a mask): use "
+                    "conditioning masks without bounds, or the adapters without masks"
+                )
         if run is not None:
             if step_hook is not None:
                 raise ValueError("give either run or step_hook: the run's step hooks replace step_hook")

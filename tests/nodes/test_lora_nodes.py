@@ -7,6 +7,7 @@ from foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from foundationals.latent_diffusion.solvers import make_solver
 from nodes import host
 from nodes.checkpoint_nodes import FluxionCheckpointLoader
+from nodes.core_types import conditioning_entries
 from nodes.demo import DEMO_LOCON, DEMO_LORA, DEMO_LORA_2, SD15_CHECKPOINT, write_demo_files
 from nodes.latent_nodes import FluxionEmptyLatent
 from nodes.lora_nodes import FluxionLoraLoader, FluxionLoraStack, FluxionRegionalLora
@@ -53,7 +54,10 @@ def trajectory(model, clip, steps=6):
     """The latents after each step of a DDIM run with the model wire's patch stack."""
     sd = model.model
     encode = FluxionTextEncode().encode
-    positive, negative = encode(clip, "a castle", 1, **SIZE)[0], encode(clip, "fog", 1, **SIZE)[0]
+    positive, negative = (
+        conditioning_entries(encode(clip, text, 1, **SIZE)[0], "prompt", False, LATENT * 8, LATENT * 8)
+        for text in ("a castle", "fog")
+    )
     run = SamplingRun(steps, 0, LATENT, LATENT, 1, uses_guidance=True)
     latents: list[torch.Tensor] = []
     solver = make_solver("ddim", steps, "normal", prediction_type=sd.prediction_type)
@@ -93,7 +97,7 @@ def test_three_fused_loras_equal_the_same_three_unfused(loaded):
     plain = generate(model, clip)
     fused = generate(*FluxionLoraStack().load(model, clip, **stack_inputs(THREE, fuse=True))[:2])
     unfused = generate(*FluxionLoraStack().load(model, clip, **stack_inputs(THREE, fuse=False))[:2])
-    assert (fused - unfused).abs().max().item() < 1e-4
+    assert (fused - unfused).abs().max().item() < 6e-4  # unscaled latents: 1e-4 on the scaled ones / 0.18215
     assert (fused - plain).abs().max().item() > 1e-2
     assert torch.equal(generate(model, clip), plain)  # every weight restored after both runs
 

@@ -19,10 +19,8 @@ from nodes.model_nodes import FluxionInspectModel, FluxionSetContext
 from nodes.registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from nodes.runner import Runner, all_node_classes
 from nodes.sampler_nodes import FluxionSampler
-from nodes.text_nodes import FluxionTextEncode
+from nodes.text_nodes import FluxionCLIPTextEncode
 from nodes.workflow import load_workflow, parse_workflow
-
-SIZE = dict(width=1024, height=1024, crop_w=0, crop_h=0, target_width=1024, target_height=1024)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +43,7 @@ def loaded(models):
 
 
 def encode(clip, text):
-    return FluxionTextEncode().encode(clip, text, 1, **SIZE)[0]
+    return FluxionCLIPTextEncode().encode(clip, text, 1)[0]
 
 
 def sample(
@@ -95,7 +93,7 @@ def test_an_editor_example_saves_pngs_with_its_prompt_and_graph(models):
     assert json.loads(info["prompt"]) == ui_twin.prompt and json.loads(info["workflow"]) == ui_twin.ui
 
 
-def test_sampler_node_equals_the_library_pipeline_bit_for_bit(loaded):
+def test_sampler_node_equals_the_library_pipeline(loaded):
     model, clip, vae = loaded
     latent = FluxionEmptyLatent().generate(64, 64, 1)[0]
     result = sample(model, encode(clip, "a red boat"), encode(clip, "fog"), latent, seed=11, steps=4)
@@ -111,7 +109,8 @@ def test_sampler_node_equals_the_library_pipeline_bit_for_bit(loaded):
         solver="dpmpp_2m",
         schedule="karras",
     )
-    assert torch.equal(image, library.permute(0, 2, 3, 1))
+    # the LATENT between the nodes is unscaled (core's convention): x / s * s rounds by an ulp at most
+    assert (image - library.permute(0, 2, 3, 1)).abs().max() < 1e-6
 
 
 def test_branches_from_one_loader_get_their_solo_results_in_either_order(loaded):
@@ -135,10 +134,10 @@ def test_lora_text_part_changes_the_conditioning_only_on_its_branch(loaded):
     model, clip, _ = loaded
     _, lora_clip, report = FluxionLoraLoader().load(model, clip, DEMO_LORA, 1.0, 1.0, True)
     assert "applied" in report
-    plain = encode(clip, "a tree").text_embedding
-    adapted = encode(lora_clip, "a tree").text_embedding
+    plain = encode(clip, "a tree")[0][0]
+    adapted = encode(lora_clip, "a tree")[0][0]
     assert not torch.equal(plain, adapted)
-    assert torch.equal(encode(clip, "a tree").text_embedding, plain)
+    assert torch.equal(encode(clip, "a tree")[0][0], plain)
 
 
 def test_cancel_mid_sampling_leaves_the_model_as_it_was(loaded, monkeypatch):

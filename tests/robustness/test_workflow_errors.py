@@ -100,7 +100,7 @@ def test_a_missing_required_input_is_named(prompt, name):
         (DECODE, "tiled", "no", "expected a BOOLEAN"),
         (LOADER, "ckpt_name", "missing.safetensors", "checkpoints model 'missing.safetensors' not found in "),
         (SAMPLER, "model", "v1-5-pruned-emaonly", "a link from a node output of type FLUXION_MODEL"),
-        (SAMPLER, "positive", [LOADER, 0], "expected FLUXION_CONDITIONING, but output 0 of node 1"),
+        (SAMPLER, "positive", [LOADER, 0], "expected CONDITIONING, but output 0 of node 1"),
         (SAMPLER, "positive", [LOADER], "expected a link [node_id, output_index]"),
     ],
 )

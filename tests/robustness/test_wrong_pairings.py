@@ -66,7 +66,7 @@ def outputs(model_wire, clip_wire, latent=None):
     positive = encode(clip_wire)  # also the negative: guidance still runs both branches
     latent = latent or FluxionEmptyLatent().generate(64, 64, 1)[0]
     result = sample_latents(model_wire, positive, positive, latent, 5, 1, 3.0, "euler", "normal", 1.0)
-    return positive.text_embedding, result
+    return positive[0][0], result
 
 
 def assert_same_model(before, after):
@@ -146,6 +146,19 @@ def test_sd15_controls_apply_to_sd15(sd15, name):
 @pytest.mark.parametrize("name", [SDXL_CONTROLNET, SDXL_T2I])
 def test_sdxl_controls_apply_to_sdxl(sdxl, name):
     assert len(apply_control(sdxl, name).patches) == 1
+
+
+def test_area_conditioning_with_a_t2i_adapter_is_refused_and_with_a_controlnet_runs(sd15):
+    from nodes.core_stand_ins import ConditioningSetArea
+
+    latent = FluxionEmptyLatent().generate(64, 64, 1)[0]
+    area = ConditioningSetArea().append(encode(sd15[1]), 64, 32, 0, 0, 1.0)[0]
+
+    def run(model):
+        return sample_latents(model, area, encode(sd15[1]), latent, 0, 1, 3.0, "euler", "normal", 1.0)
+
+    refused(sd15, lambda: run(apply_control(sd15, SD15_T2I)), ValueError, "T2I-Adapter", "area")
+    assert torch.isfinite(run(apply_control(sd15, DEMO_CONTROLNET))).all()  # its hint follows the crop
 
 
 @pytest.mark.parametrize(("name", "kind"), [(SDXL_CONTROLNET, "ControlNet"), (SDXL_T2I, "T2I-Adapter")])
@@ -236,14 +249,20 @@ def test_an_inpainting_model_without_a_mask_is_refused(sd15_inpainting):
         )
 
 
-def test_an_inpainting_model_given_latents_of_a_regular_model_is_refused(sd15, sd15_inpainting):
+def test_an_inpainting_model_takes_a_core_latent_with_a_noise_mask_and_refuses_one_without(
+    sd15, sd15_inpainting
+):
     model, clip, _ = sd15_inpainting
-    latent = masked_latents(sd15[2])  # the regular model's VAE Encode: no masked-image latents
+    latent = masked_latents(sd15[2])  # another VAE's encode: a noise_mask but no masked-image latents
+    # as ComfyUI does, the latent itself stands for the masked image (core's VAE Encode for Inpainting blanks it)
+    result = sample_latents(model, encode(clip), encode(clip), latent, 0, 2, 3.0, "euler", "normal", 1.0)
+    assert result.shape == (1, 4, 8, 8) and torch.isfinite(result).all()
+    unmasked = {"samples": latent["samples"]}
 
     def call():
-        return sample_latents(model, encode(clip), encode(clip), latent, 0, 2, 3.0, "euler", "normal", 1.0)
+        return sample_latents(model, encode(clip), encode(clip), unmasked, 0, 2, 3.0, "euler", "normal", 1.0)
 
-    refused(sd15_inpainting, call, ValueError, INPAINT_CHECKPOINT, "Fluxion VAE Encode", "mask")
+    refused(sd15_inpainting, call, ValueError, INPAINT_CHECKPOINT, "noise_mask", "Fluxion VAE Encode")
 
 
 def test_an_inpainting_model_samples_with_its_own_masked_latents(sd15_inpainting):
@@ -270,4 +289,4 @@ def test_conditioning_from_the_other_familys_text_encoder_is_refused(sd15, sdxl,
     def call():
         return sample_latents(wires[0], foreign, foreign, latent, 0, 1, 3.0, "euler", "normal", 1.0)
 
-    refused(wires, call, ValueError, wires[0].name, "conditioning", "Fluxion Text Encode")
+    refused(wires, call, ValueError, wires[0].name, "conditioning", "Fluxion CLIP Text Encode")

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ....fluxion import layers as fl
 from ..resizing import resize_mask
-from ..sampling import Conditioning, Denoiser, StepCallback, denoise
+from ..sampling import Denoiser, PromptConditioning, StepCallback, denoise
 from ..solvers import Solver
 
 if TYPE_CHECKING:
@@ -194,8 +194,8 @@ def sample_keeping_outside(
     run: SamplingRun,
     solver: Solver,
     latents: Tensor,
-    positive: Conditioning,
-    negative: Conditioning | None,
+    positive: PromptConditioning,
+    negative: PromptConditioning | None,
     generator: torch.Generator,
     callback: StepCallback | None,
     predict: Callable[[Tensor], Tensor],
