@@ -8,11 +8,14 @@ ComfyUI's `models/` folder.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -59,14 +62,42 @@ def get_torch_device() -> torch.device:
     return torch.device("cpu")
 
 
+_FLOAT8 = tuple(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu")
+    if hasattr(torch, name)
+)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        print(f"[Fluxion] {message}", file=sys.stderr)
+
+
 def unet_dtype(device: torch.device) -> torch.dtype:
-    """Dtype for the denoiser weights: host's choice when hosted; fp16 on GPUs, fp32 on CPU."""
+    """Dtype for the denoiser weights: host's choice when hosted; fp16 on GPUs, fp32 on CPU.
+
+    ComfyUI's fp8 storage (`--fp8_e4m3fn-unet`, ...) is not taken: the pack's layers compute in their storage
+    dtype, so the UNet (and its ControlNets and adapters) is stored in the dtype ComfyUI computes fp8 weights
+    in (fp16, bf16 or fp32), with a warning.
+    """
     if _HOST is not None:
         supported = [torch.float16, torch.bfloat16, torch.float32]
         try:
-            return _HOST[0].unet_dtype(device=device, supported_dtypes=supported)
+            chosen = _HOST[0].unet_dtype(device=device, supported_dtypes=supported)
         except TypeError:  # older ComfyUI signature
-            return _HOST[0].unet_dtype(device)
+            chosen = _HOST[0].unet_dtype(device)
+        if chosen in _FLOAT8:
+            compute = _native_dtype(chosen, device)
+            _warn_once(
+                "fp8",
+                f"ComfyUI asks for {chosen} UNet weights; Fluxion's UNet, ControlNets and adapters cannot compute "
+                f"from fp8 storage and are stored in {compute} instead (about twice the memory of fp8)",
+            )
+            return compute
+        return chosen
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
@@ -391,57 +422,232 @@ def model_file_path(kind: str, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory
+# Memory: every model the pack loads is placed and moved by the host's memory manager
+#
+# Hosted, each torch module (UNet, text encoders, VAE, ControlNet, T2I-Adapter, IP-Adapter weights, CLIP
+# vision) is wrapped in a `comfy.model_patcher.ModelPatcher`, as ComfyUI wraps its own models, and brought
+# to its load device by `comfy.model_management.load_models_gpu` before it runs: ComfyUI lists it in
+# `current_loaded_models`, frees it for its own models, unloads it on "Unload models" / POST /free and on
+# an out-of-memory error, and the next `load_models` brings it back. Headless the same calls move the
+# module to its device (nothing to do when it is already there).
 
-_release_callbacks: list[Callable[[], None]] = []
-_host_hooked = False
+MODEL_ROLES = ("unet", "text_encoder", "vae", "controlnet", "adapter", "clip_vision")
+"""unet, controlnet and adapter (T2I, IP-Adapter) follow ComfyUI's UNet devices and dtype; text_encoder and
+clip_vision its text-encoder ones (as core places its CLIP vision); vae its VAE ones."""
+
+_MIB = 1024 * 1024
 
 
-def register_memory_release(callback: Callable[[], None]) -> Callable[[], None]:
-    """Call `callback` whenever the host frees model memory; returns it (usable as a decorator).
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's weights live: on `load_device` while it runs, else on `offload_device`, stored in `dtype`."""
 
-    ComfyUI has no hook for this, so when hosted we wrap `comfy.model_management.unload_all_models`
-    (the "Unload models" button and POST /free) and `free_memory` (called before ComfyUI loads a
-    model): our callbacks run on every unload-all, and on `free_memory` when ComfyUI's own unloading
-    left less free memory than was asked for. Headless, `release_memory()` runs them.
-    """
-    if callback not in _release_callbacks:
-        _release_callbacks.append(callback)
+    load_device: torch.device
+    offload_device: torch.device
+    dtype: torch.dtype
+
+
+def _native_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """`dtype`, or what ComfyUI computes in when the device cannot compute in `dtype` (fp16 on most CPUs)."""
+    assert _HOST is not None
+    try:
+        cast = _HOST[0].unet_manual_cast(dtype, device)
+    except Exception:  # an older host without it
+        cast = None
+    return dtype if cast is None else cast
+
+
+def text_encoder_dtype(device: torch.device) -> torch.dtype:
+    """Dtype for text encoders (and the CLIP vision encoder): ComfyUI's `text_encoder_dtype` when hosted, stored
+    as it computes on `device` (ComfyUI's fp16 on a CPU becomes fp32); headless as the UNet's."""
     if _HOST is not None:
-        _hook_host_memory()
-    return callback
+        chosen = _HOST[0].text_encoder_dtype(device)
+        if chosen in _FLOAT8:
+            raise ValueError(
+                f"ComfyUI asks for {chosen} text encoders (--fp8_*-text-enc): Fluxion's text encoders compute in "
+                "their storage dtype and cannot run in fp8; start ComfyUI without that flag (or with "
+                "--fp16-text-enc / --bf16-text-enc) to use Fluxion nodes"
+            )
+        return _native_dtype(chosen, device)
+    return unet_dtype(device)
 
 
-def release_memory() -> None:
-    """Run every registered release callback (what the host does under memory pressure)."""
-    for callback in list(_release_callbacks):
-        callback()
+def model_placement(role: str) -> Placement:
+    """The devices and dtype of a model playing `role` (see `MODEL_ROLES`)."""
+    if role not in MODEL_ROLES:
+        raise ValueError(f"unknown model role {role!r}; known: {', '.join(MODEL_ROLES)}")
+    if _HOST is None:
+        device = get_torch_device()
+        dtype = {"vae": vae_dtype, "text_encoder": text_encoder_dtype, "clip_vision": text_encoder_dtype}.get(
+            role, unet_dtype
+        )(device)
+        return Placement(device, device, dtype)
+    mm: Any = _HOST[0]
+    if role in ("text_encoder", "clip_vision"):
+        load = mm.text_encoder_device()
+        return Placement(load, mm.text_encoder_offload_device(), text_encoder_dtype(load))
+    if role == "vae":
+        load = mm.vae_device()
+        return Placement(load, mm.vae_offload_device(), vae_dtype(load))
+    load = mm.get_torch_device()
+    return Placement(load, mm.unet_offload_device(), unet_dtype(load))
 
 
-def _hook_host_memory() -> None:
-    global _host_hooked
-    if _host_hooked or _HOST is None:
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each tensor once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
+    tensor = next(iter((*module.parameters(), *module.buffers())), None)
+    return default if tensor is None else tensor.device
+
+
+class _PatcherModel(torch.nn.Module):
+    """What a ModelPatcher holds: our module as its one child, plus the plain attributes ComfyUI writes
+    (`device`, `model_loaded_weight_memory`, ...) so that none lands on our module."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.fluxion_module = module
+        self.device = device
+
+
+_MANAGED_ATTRIBUTE = "_fluxion_managed_model"
+_managed_models: weakref.WeakSet[ManagedModel] = weakref.WeakSet()
+
+
+class ManagedModel:
+    """A torch module whose place the host decides: `load_models([...])` brings it to its load device."""
+
+    def __init__(self, module: torch.nn.Module, role: str, placement: Placement, name: str = "") -> None:
+        self.module = module
+        self.role = role
+        self.placement = placement
+        self.name = name or type(module).__name__
+        self.size = module_bytes(module)
+        self.patcher: Any = None
+        if _HOST is not None:
+            from comfy.model_patcher import ModelPatcher
+
+            holder = _PatcherModel(module, _device_of(module, placement.offload_device))
+            self.patcher = ModelPatcher(
+                holder,
+                load_device=placement.load_device,
+                offload_device=placement.offload_device,
+                size=self.size,
+            )
+        _managed_models.add(self)
+
+    def __repr__(self) -> str:
+        return f"ManagedModel({self.name!r}, {self.role}, {self.size / _MIB:.1f} MiB, on {self.device})"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are now."""
+        return _device_of(self.module, self.placement.offload_device)
+
+    def offload(self) -> None:
+        """Move the weights to the offload device (what the host does when it unloads the model)."""
+        if self.patcher is not None:
+            self.patcher.detach()
+        else:
+            self.module.to(self.placement.offload_device)
+
+
+def manage(
+    module: torch.nn.Module, role: str, placement: Placement | None = None, name: str = ""
+) -> ManagedModel:
+    """The `ManagedModel` of `module`: the one it already has, else a new one for `role` (placed by
+    `model_placement(role)` unless `placement` is given). The module keeps it, so every holder of the module
+    (a wire in ComfyUI's output cache, the loader's cache) shares one ModelPatcher and one copy of the weights."""
+    existing = module.__dict__.get(_MANAGED_ATTRIBUTE)
+    if existing is not None:
+        return existing
+    managed = ManagedModel(module, role, placement or model_placement(role), name)
+    module.__dict__[_MANAGED_ATTRIBUTE] = managed
+    return managed
+
+
+def managed_model(module: torch.nn.Module) -> ManagedModel | None:
+    """The `ManagedModel` of a module given to `manage`, else None."""
+    return module.__dict__.get(_MANAGED_ATTRIBUTE)
+
+
+def load_models(
+    modules: Iterable[torch.nn.Module], memory_required: float = 0.0, role: str = "adapter"
+) -> list[ManagedModel]:
+    """Bring `modules` to their load devices together, with `memory_required` bytes free for the work they do.
+
+    Hosted: one `load_models_gpu` call with their ModelPatchers (ComfyUI frees what it must, its own models
+    or ours, first). Headless: each module moves to its load device. A module never given to `manage` is
+    managed now as `role`.
+    """
+    models: list[ManagedModel] = []
+    for module in modules:
+        managed = managed_model(module) or manage(module, role)
+        if all(managed is not other for other in models):
+            models.append(managed)
+    if not models:
+        return models
+    if _HOST is not None:
+        _HOST[0].load_models_gpu(
+            [model.patcher for model in models], memory_required=memory_required, force_full_load=True
+        )
+    else:
+        for model in models:
+            if model.device != model.placement.load_device:
+                model.module.to(model.placement.load_device)
+    return models
+
+
+def unload_models() -> None:
+    """What "Unload models" does: every loaded model goes to its offload device (ComfyUI's own too, hosted)."""
+    if _HOST is not None:
+        _HOST[0].unload_all_models()
         return
-    model_management: Any = _HOST[0]
-    original_unload_all = model_management.unload_all_models
-    original_free = model_management.free_memory
+    for model in list(_managed_models):
+        model.offload()
 
-    def unload_all_models(*args: Any, **kwargs: Any) -> Any:
-        result = original_unload_all(*args, **kwargs)
-        release_memory()
-        return result
 
-    def free_memory(memory_required: float, device: torch.device, *args: Any, **kwargs: Any) -> Any:
-        result = original_free(memory_required, device, *args, **kwargs)
+def loaded_model_names() -> list[str]:
+    """Names of the pack's models the host has loaded now (hosted: those in `current_loaded_models`)."""
+    if _HOST is None:
+        return [m.name for m in _managed_models if m.device == m.placement.load_device]
+    patchers = {id(model.patcher): model for model in _managed_models}
+    loaded = [patchers.get(id(entry.model)) for entry in _HOST[0].current_loaded_models]
+    return [model.name for model in loaded if model is not None]
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def sampling_memory(latent_shape: Sequence[int], dtype: torch.dtype, sdxl: bool) -> float:
+    """Bytes a UNet pass over `latent_shape` (CFG batch included) needs beyond its weights: ComfyUI's estimate
+    for SD1.5 / SDXL (`BaseModel.memory_required`)."""
+    area = int(latent_shape[0]) * math.prod(int(side) for side in latent_shape[2:])
+    factor = 0.8 if sdxl else 1.0
+    flash = False
+    if _HOST is not None:
+        mm: Any = _HOST[0]
         try:
-            short = model_management.get_free_memory(device) < memory_required
+            flash = bool(mm.xformers_enabled() or mm.pytorch_attention_flash_attention())
         except Exception:
-            short = False
-        if short:
-            release_memory()
-            model_management.soft_empty_cache()
-        return result
+            flash = False
+    per_area = _dtype_bytes(dtype) * 0.01 if flash else 0.15
+    return area * per_area * factor * _MIB
 
-    model_management.unload_all_models = unload_all_models
-    model_management.free_memory = free_memory
-    _host_hooked = True
+
+def vae_memory(latent_shape: Sequence[int], dtype: torch.dtype, decode: bool) -> float:
+    """Bytes an SD autoencoder needs to decode `latent_shape` latents (or encode their image): ComfyUI's
+    estimate for AutoencoderKL."""
+    height, width = int(latent_shape[-2]), int(latent_shape[-1])
+    per_pixel = 2178 * 64 if decode else 1767 * 64  # encode: 1767 per image pixel, 64 pixels per latent
+    return float(per_pixel * height * width * _dtype_bytes(dtype))

@@ -12,7 +12,7 @@ from ..foundationals.latent_diffusion.limits import (  # one implementation, sha
     check_size,
 )
 from ..foundationals.latent_diffusion.resizing import resize_mask
-from .wires import VAE, VaeWire
+from .wires import VAE, VaeWire, load_autoencoder
 
 LATENT_FACTOR = 8  # SD1.5 and SDXL autoencoders downscale by 8
 
@@ -114,6 +114,7 @@ class FluxionVAEEncode:
         if not torch.isfinite(images).all():
             raise ValueError("the image contains NaN or infinite values")
         image = images_to_tensor(images).clamp(0, 1)
+        load_autoencoder(model, (len(image), 4, image.shape[2] // factor, image.shape[3] // factor), False)
         latents = model.encode_image(image).cpu()
         result: dict[str, Any] = {"samples": latents}
         if mask is not None:
@@ -167,6 +168,8 @@ class FluxionVAEDecode:
             )
         if not torch.isfinite(latents).all():
             raise ValueError("the latents contain NaN or infinite values")
+        tile = (latents.shape[0], latents.shape[1], min(latents.shape[2], 64), min(latents.shape[3], 64))
+        load_autoencoder(model, tile if tiled else tuple(latents.shape), decode=True)
         if tiled:
             parameter = next(model.autoencoder.parameters())
             with torch.no_grad():

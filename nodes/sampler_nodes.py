@@ -14,7 +14,7 @@ from ..foundationals.latent_diffusion.sampling import Conditioning
 from ..foundationals.latent_diffusion.solvers import SCHEDULES, SOLVERS, make_solver
 from .host import ProgressReporter, is_hosted, throw_if_interrupted
 from .latent_nodes import check_size, require_finite
-from .wires import CONDITIONING, MODEL, ModelWire
+from .wires import CONDITIONING, MODEL, ModelWire, load_for_sampling
 
 # Approximate linear maps from SD latents to RGB, for step previews only.
 _PREVIEW_FACTORS = {
@@ -103,6 +103,7 @@ def sample_latents(
             f"{model.name} is an inpainting model: it needs latents encoded by Fluxion VAE Encode from this "
             "model's VAE, with a mask"
         )
+    load_for_sampling(model, tuple(latents.shape), cfg > 1.0)  # the UNet and its patches' models, together
     sampler = make_solver(solver, steps, schedule, denoise, sd.prediction_type, device=sd.device)
     # Full-strength text-to-image starts from pure noise, as diffusers' txt2img pipeline does.
     image_latents = None if (denoise >= 1.0 and latent_mask is None) else latents

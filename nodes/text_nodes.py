@@ -6,7 +6,7 @@ import torch
 
 from ..foundationals.latent_diffusion.model_patch import patched
 from ..foundationals.latent_diffusion.sampling import Conditioning, SizeConditioning
-from .wires import CLIP, CONDITIONING, ClipWire
+from .wires import CLIP, CONDITIONING, ClipWire, load_text_encoders
 
 _SIZE = {"default": 1024, "min": 0, "max": 16384, "step": 8}
 
@@ -73,6 +73,7 @@ class FluxionTextEncode:
         model = clip.model
         layer = (-2 if model.is_sdxl else -1) - (clip_skip - 1)
         size = SizeConditioning((height, width), (crop_h, crop_w), (target_height, target_width))
+        load_text_encoders(model)
         with patched(model, clip.patches, None), torch.no_grad():
             conditioning = model.encode_prompt(text, clip_skip=layer, size=size)
         return (conditioning,)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...fluxion import layers as fl
 from .adapters.regional import Region, blend_region_predictions
@@ -79,7 +79,12 @@ class SamplingRun:
 
 
 class ModelPatch(Protocol):
-    """One entry of a model's adapter stack."""
+    """One entry of a model's adapter stack.
+
+    A patch that runs models of its own besides the UNet (a ControlNet, a T2I-Adapter, IP-Adapter weights)
+    also has `models() -> Sequence[torch.nn.Module]`: they are brought to the run's device with the UNet
+    before the patch is applied (see `patch_models`).
+    """
 
     @property
     def label(self) -> str:
@@ -92,6 +97,17 @@ class ModelPatch(Protocol):
         `run` is None when the patch is applied for text encoding only (a LoRA's text-encoder part).
         """
         ...
+
+
+def patch_models(patches: Sequence[object]) -> list[nn.Module]:
+    """The models `patches` run besides the UNet (each once, in stack order), from their `models()`."""
+    found: list[nn.Module] = []
+    for patch in patches:
+        models = getattr(patch, "models", None)
+        for model in models() if callable(models) else ():
+            if all(model is not other for other in found):
+                found.append(model)
+    return found
 
 
 @contextmanager
