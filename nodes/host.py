@@ -580,6 +580,12 @@ def managed_model(module: torch.nn.Module) -> ManagedModel | None:
     return module.__dict__.get(_MANAGED_ATTRIBUTE)
 
 
+def offload_device(module: torch.nn.Module) -> torch.device:
+    """Where the host keeps `module` when it is not running (its managed placement; else the CPU)."""
+    managed = managed_model(module)
+    return managed.placement.offload_device if managed is not None else torch.device("cpu")
+
+
 def load_models(
     modules: Iterable[torch.nn.Module], memory_required: float = 0.0, role: str = "adapter"
 ) -> list[ManagedModel]:

@@ -26,7 +26,7 @@ from ..foundationals.model_files import (
     read_metadata,
     read_state_dict,
 )
-from .host import list_model_files, model_file_path
+from .host import list_model_files, model_file_path, offload_device
 from .latent_nodes import require_finite
 from .wires import CLIP, MODEL, ClipWire, ModelWire
 
@@ -115,8 +115,8 @@ class LoraPatch:
             return _nothing
         if self.for_text:
             manager = SDLoraManager.for_models(model.unet, model.text_encoder, model.text_encoder_2)
-        else:
-            manager = SDLoraManager.for_models(model.unet)
+        else:  # fused weights keep their originals where the host offloads the UNet (the CPU, usually)
+            manager = SDLoraManager.for_models(model.unet, backup_device=offload_device(model.unet))
         manager.add_loras(
             self.file_name,
             part,
