@@ -519,6 +519,18 @@ class _PatcherModel(torch.nn.Module):
         self.device = device
 
 
+_HOLDER_CLASSES: dict[type, type[_PatcherModel]] = {}
+
+
+def _holder_class(module_type: type) -> type[_PatcherModel]:
+    """A `_PatcherModel` subclass named after the module's class ("FluxionUNet"): ComfyUI's logs name it."""
+    holder = _HOLDER_CLASSES.get(module_type)
+    if holder is None:
+        holder = type(f"Fluxion{module_type.__name__}", (_PatcherModel,), {"__module__": __name__})
+        _HOLDER_CLASSES[module_type] = holder
+    return holder
+
+
 _MANAGED_ATTRIBUTE = "_fluxion_managed_model"
 _managed_models: weakref.WeakSet[ManagedModel] = weakref.WeakSet()
 
@@ -536,7 +548,7 @@ class ManagedModel:
         if _HOST is not None:
             from comfy.model_patcher import ModelPatcher
 
-            holder = _PatcherModel(module, _device_of(module, placement.offload_device))
+            holder = _holder_class(type(module))(module, _device_of(module, placement.offload_device))
             self.patcher = ModelPatcher(
                 holder,
                 load_device=placement.load_device,
