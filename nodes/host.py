@@ -23,6 +23,8 @@ from typing import IO, Any
 import torch
 from PIL import Image
 
+from ..fluxion.casting import compute_in
+
 
 def _import_host() -> tuple[ModuleType, ModuleType, ModuleType] | None:
     try:
@@ -440,11 +442,18 @@ _MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a model's weights live: on `load_device` while it runs, else on `offload_device`, stored in `dtype`."""
+    """Where a model's weights live: on `load_device` while it runs, else on `offload_device`, stored in `dtype`
+    and computed in `compute_dtype` (the same unless the device cannot compute in `dtype`: then each layer casts
+    its weights for its forward pass, as ComfyUI's manual cast does)."""
 
     load_device: torch.device
     offload_device: torch.device
     dtype: torch.dtype
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def computes_in(self) -> torch.dtype:
+        return self.dtype if self.compute_dtype is None else self.compute_dtype
 
 
 def _native_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -458,22 +467,15 @@ def _native_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def text_encoder_dtype(device: torch.device) -> torch.dtype:
-    """Dtype for text encoders (and the CLIP vision encoder): ComfyUI's `text_encoder_dtype` when hosted, stored
-    as it computes on `device` (ComfyUI's fp16 on a CPU becomes fp32); headless as the UNet's."""
+    """Storage dtype of text encoders (and of the CLIP vision encoder, as core's): ComfyUI's `text_encoder_dtype`
+    when hosted (fp16, or fp8 / bf16 / fp32 by its flags); headless the UNet's."""
     if _HOST is not None:
-        chosen = _HOST[0].text_encoder_dtype(device)
-        if chosen in _FLOAT8:
-            raise ValueError(
-                f"ComfyUI asks for {chosen} text encoders (--fp8_*-text-enc): Fluxion's text encoders compute in "
-                "their storage dtype and cannot run in fp8; start ComfyUI without that flag (or with "
-                "--fp16-text-enc / --bf16-text-enc) to use Fluxion nodes"
-            )
-        return _native_dtype(chosen, device)
+        return _HOST[0].text_encoder_dtype(device)
     return unet_dtype(device)
 
 
 def model_placement(role: str) -> Placement:
-    """The devices and dtype of a model playing `role` (see `MODEL_ROLES`)."""
+    """The devices and dtypes of a model playing `role` (see `MODEL_ROLES`)."""
     if role not in MODEL_ROLES:
         raise ValueError(f"unknown model role {role!r}; known: {', '.join(MODEL_ROLES)}")
     if _HOST is None:
@@ -485,7 +487,11 @@ def model_placement(role: str) -> Placement:
     mm: Any = _HOST[0]
     if role in ("text_encoder", "clip_vision"):
         load = mm.text_encoder_device()
-        return Placement(load, mm.text_encoder_offload_device(), text_encoder_dtype(load))
+        stored = text_encoder_dtype(load)
+        compute = _native_dtype(stored, load)
+        return Placement(
+            load, mm.text_encoder_offload_device(), stored, None if compute == stored else compute
+        )
     if role == "vae":
         load = mm.vae_device()
         return Placement(load, mm.vae_offload_device(), vae_dtype(load))
@@ -545,6 +551,8 @@ class ManagedModel:
         self.name = name or type(module).__name__
         self.size = module_bytes(module)
         self.patcher: Any = None
+        if placement.compute_dtype is not None and placement.compute_dtype != placement.dtype:
+            compute_in(module, placement.compute_dtype)
         if _HOST is not None:
             from comfy.model_patcher import ModelPatcher
 

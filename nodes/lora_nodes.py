@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..fluxion.casting import cover_new_layers
 from ..foundationals.formats.lora import LoraFile, normalize_lora
 from ..foundationals.latent_diffusion.adapters.lora import (
     LORA_SCHEDULE_CONTEXT,
@@ -125,6 +126,9 @@ class LoraPatch:
             source=self.file_name,
         )
         if run is None:
+            for encoder in (model.text_encoder, model.text_encoder_2):
+                if encoder is not None:  # the LoRA layers compute as the encoder does (see fluxion.casting)
+                    cover_new_layers(encoder)
             return manager.clear
         try:
             undo_timing = self._time(manager, model, run)

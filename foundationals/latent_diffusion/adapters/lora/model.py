@@ -205,7 +205,7 @@ class DoraLora(Lora[fl.WeightedModule]):
         return self[1].weight.to(inner.dtype) * adapted / norm - weight  # type: ignore[union-attr]
 
     def forward(self, x: Tensor) -> Tensor:
-        output = _apply_weight(x, self.delta_weight(), self._conv)
+        output = _apply_weight(x, self.delta_weight().to(x.dtype), self._conv)
         for gate in (self.find(ScheduleGate), self.find(RegionGate)):
             if gate is not None:
                 output = gate(output)
