@@ -150,6 +150,13 @@ def _where(
 # -- Filling a meta model -----------------------------------------------------------------------------------
 
 
+def _owned_copy(tensor: Tensor, device: Device | str, dtype: DType) -> Tensor:
+    """`tensor` on `device`, floating point in `dtype`: always a copy, even when nothing converts, since a tensor
+    viewing the memory-mapped file would keep the whole mapping (every page read so far) resident for as long
+    as the model lives."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None, copy=True)
+
+
 def _fill(
     model: fl.Chain,
     file: TensorFile,
@@ -185,7 +192,7 @@ def _fill(
                     f"the {what} expects {tuple(expected[ours])}"
                 )
             tensor = tensor.reshape(expected[ours])  # attention stored as 1x1 convolutions in LDM files
-        tensors[ours] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        tensors[ours] = _owned_copy(tensor, device, dtype)
     model.load_state_dict(tensors, strict=True, assign=True)
 
 
@@ -282,7 +289,7 @@ def _load_single_file_text_encoders(
         owned = [key for key in file.keys() if TEXT_LAYOUTS[layout].owns(key)]
         claimed.update(owned)
         if owned:
-            state_dict = {key: file.tensor(key) for key in owned}
+            state_dict = {key: _owned_copy(file.tensor(key), device, dtype) for key in owned}
             encoders[name] = load_clip_text_encoder(
                 state_dict, layout, config=configs.get(name), device=device, dtype=dtype
             )

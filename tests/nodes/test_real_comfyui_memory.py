@@ -18,9 +18,11 @@ random full-size LoRA, in ComfyUI started on the CPU:
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -203,8 +205,16 @@ def _write_files(models: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("comfyui_memory")
+def base():
+    # not under pytest's basetemp: another pytest session starting meanwhile may delete old basetemps
+    base = Path(tempfile.mkdtemp(prefix="fluxion_comfyui_memory_"))
+    try:
+        yield _prepare(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _prepare(base: Path) -> Path:
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-Fluxion").symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "fluxion_memory_probe").mkdir()
