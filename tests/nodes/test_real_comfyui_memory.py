@@ -136,8 +136,19 @@ class Server:
             self.process.kill()
             self.process.wait(timeout=30)
 
+    def poll(self, path: str, timeout: float = 300.0):
+        """GET `path`, waiting out a server busy with a run (on 2 shared cores a request may take long)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.request(path, timeout=60)
+            except (TimeoutError, urllib.error.URLError, ConnectionError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
     def memory(self) -> dict:
-        return self.request("/fluxion_probe/memory")
+        return self.poll("/fluxion_probe/memory")
 
     def run(self, prompt: dict) -> list[np.ndarray]:
         """Queue `prompt`, wait for it, and return the saved images as arrays."""
@@ -147,7 +158,7 @@ class Server:
             pytest.fail(f"prompt rejected ({error.code}): {error.read().decode(errors='replace')}")
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while True:
-            entry = self.request(f"/history/{prompt_id}").get(prompt_id, {})
+            entry = self.poll(f"/history/{prompt_id}").get(prompt_id, {})
             status = entry.get("status", {})
             if status.get("status_str") == "success":
                 break
@@ -367,4 +378,5 @@ def test_fluxion_models_are_loaded_and_unloaded_by_comfyui_as_core_checkpoints_a
         f"(loaded {(ours['rss_loaded'] - ours['baseline']) / MIB:.0f} MiB), core {core_held / MIB:.0f} MiB "
         f"(loaded {(core['rss_loaded'] - core['baseline']) / MIB:.0f} MiB)"
     )
-    assert ours_held <= core_held * 1.05 + 128 * MIB, (ours_held / MIB, core_held / MIB)
+    # measured 2026-12 (2 CPU cores): Fluxion 4485 MiB, core 4491 MiB; 128 MiB is for allocator noise
+    assert ours_held <= core_held + 128 * MIB, (ours_held / MIB, core_held / MIB)
