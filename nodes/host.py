@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -219,6 +219,74 @@ class ProgressReporter:
         stream.flush()
         if final:
             self._closed = True
+
+
+PREVIEW_METHODS = ("none", "auto", "latent2rgb", "taesd")
+_headless_preview_method = "none"
+
+# Linear maps from SD1.5 / SDXL latents to RGB (ComfyUI's latent_formats), for headless previews
+_LATENT_RGB: dict[bool, tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]] = {
+    False: (
+        (
+            (0.3512, 0.2297, 0.3227),
+            (0.3250, 0.4974, 0.2350),
+            (-0.2829, 0.1762, 0.2721),
+            (-0.2120, -0.2616, -0.7177),
+        ),
+        (0.0, 0.0, 0.0),
+    ),
+    True: (
+        (
+            (0.3651, 0.4232, 0.4341),
+            (-0.2533, -0.0042, 0.1068),
+            (0.1076, 0.1111, -0.0362),
+            (-0.3165, -0.2492, -0.2188),
+        ),
+        (0.1084, -0.0175, -0.0011),
+    ),
+}
+
+
+def set_preview_method(method: str) -> None:
+    """Headless: make step previews ("latent2rgb"; "auto" and "taesd" give latent2rgb too; default "none").
+    Hosted, ComfyUI's --preview-method decides."""
+    global _headless_preview_method
+    if method not in PREVIEW_METHODS:
+        raise ValueError(f"unknown preview method {method!r}; choose one of {', '.join(PREVIEW_METHODS)}")
+    _headless_preview_method = method
+
+
+def latent_to_rgb(latents: torch.Tensor, sdxl: bool) -> Image.Image:
+    """A rough RGB picture of the first (scaled) latent of a batch, without a decoder."""
+    factors, bias = _LATENT_RGB[sdxl]
+    weight = torch.tensor(factors, dtype=torch.float32, device=latents.device)
+    rgb = torch.einsum("chw,cr->hwr", latents[0, :4].float(), weight) + torch.tensor(
+        bias, device=latents.device
+    )
+    array = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def preview_decoder(sdxl: bool) -> Callable[[torch.Tensor], Image.Image] | None:
+    """What turns a step's predicted x0 (scaled latents) into a preview image, or None for no previews.
+
+    Hosted: ComfyUI's own previewer for `--preview-method` (none, auto, latent2rgb, or taesd with its decoder
+    from models/vae_approx), as KSampler uses it. Headless: `set_preview_method` (default none).
+    """
+    if _HOST is None:
+        if _headless_preview_method == "none":
+            return None
+        return lambda latents: latent_to_rgb(latents, sdxl)
+    try:
+        import latent_preview
+        from comfy import latent_formats
+    except Exception:  # a host without ComfyUI's preview module
+        return None
+    latent_format = latent_formats.SDXL() if sdxl else latent_formats.SD15()
+    previewer = latent_preview.get_previewer(_HOST[0].get_torch_device(), latent_format)
+    if previewer is None:
+        return None
+    return lambda latents: previewer.decode_latent_to_preview(latents.float())
 
 
 def _preview_size() -> int:

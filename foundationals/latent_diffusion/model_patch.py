@@ -42,6 +42,8 @@ class SamplingRun:
     regions: list[Region] = field(default_factory=list)
     """Masked adapters: each active one costs one more UNet pass per step (see `regional`)."""
     current_step: int | None = None
+    prediction_hooks: list[Callable[[Tensor, Tensor], None]] = field(default_factory=list)
+    """Called with (model input, prediction) after each prediction of the run (e.g. step previews)."""
 
     def progress(self, step: int) -> float:
         """Fraction of the whole schedule done before `step` (0 at the first step of txt2img)."""
@@ -73,9 +75,13 @@ class SamplingRun:
     def predict(self, unet: fl.Chain, x: Tensor) -> Tensor:
         """The UNet's prediction for `x` at the current step, with this run's regions blended in."""
         if not self.regions:
-            return unet(x)
-        step = self.first_step if self.current_step is None else self.current_step
-        return blend_region_predictions(unet, x, self.regions, self.progress(step))
+            prediction = unet(x)
+        else:
+            step = self.first_step if self.current_step is None else self.current_step
+            prediction = blend_region_predictions(unet, x, self.regions, self.progress(step))
+        for hook in self.prediction_hooks:
+            hook(x, prediction)
+        return prediction
 
 
 class ModelPatch(Protocol):
