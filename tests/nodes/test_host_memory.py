@@ -299,3 +299,20 @@ def test_headless_the_loader_keeps_the_last_checkpoint(monkeypatch, demo_models)
     del first
     gc.collect()
     assert alive() is not None and FluxionCheckpointLoader().load(SD15_CHECKPOINT)[0].model is alive()
+
+
+def test_a_fused_lora_keeps_its_backups_on_the_unets_offload_device(comfy, monkeypatch):
+    from nodes import lora_nodes
+
+    asked = []
+    original = lora_nodes.SDLoraManager.for_models.__func__
+
+    def for_models(cls, unet, *encoders, backup_device="cpu"):
+        if not any(encoders):  # the UNet part (the probe and the text part never fuse)
+            asked.append(backup_device)
+        return original(cls, unet, *encoders, backup_device=backup_device)
+
+    monkeypatch.setattr(lora_nodes.SDLoraManager, "for_models", classmethod(for_models))
+    model, clip, *_ = _wired()
+    _sample(model, clip)
+    assert asked and set(asked) == {comfy.patcher_of(model.model.unet).offload_device}  # unet_offload_device
