@@ -489,7 +489,9 @@ def test_fused_weights_keep_their_originals_on_the_backup_device_and_add_float32
         weight, original = site.layer.weight, site.original
         assert original.device == manager.backup_device and original.dtype == weight.dtype
         assert original.data_ptr() != weight.data_ptr()  # a copy of its own, off the layer
-        delta = sum(lora.delta_weight(torch.float32).reshape(weight.shape) for lora in site.adapter.iter_loras())
+        delta = sum(
+            lora.delta_weight(torch.float32).reshape(weight.shape) for lora in site.adapter.iter_loras()
+        )
         assert torch.equal(weight, (original.float() + delta).to(torch.float16))  # rounded once, same ops
     manager.unfuse()
     manager.clear()
