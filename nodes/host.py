@@ -23,8 +23,6 @@ from typing import IO, Any
 import torch
 from PIL import Image
 
-from ..fluxion.casting import compute_in
-
 
 def _import_host() -> tuple[ModuleType, ModuleType, ModuleType] | None:
     try:
@@ -620,6 +618,8 @@ class ManagedModel:
         self.size = module_bytes(module)
         self.patcher: Any = None
         if placement.compute_dtype is not None and placement.compute_dtype != placement.dtype:
+            from ..fluxion.casting import compute_in  # here: this module also loads on its own (tests)
+
             compute_in(module, placement.compute_dtype)
         if _HOST is not None:
             from comfy.model_patcher import ModelPatcher
