@@ -4,20 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..foundationals.clip.textual_inversion import EmbeddingLibrary
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
-from .host import list_model_files, model_file_path, model_search_paths
-from .wires import CLIP, MODEL, VAE, CheckpointCache, ClipWire, ModelWire, VaeWire
+from .host import list_model_files, manage, model_file_path, model_placement, model_search_paths
+from .wires import CLIP, MODEL, VAE, CheckpointCache, ClipWire, ModelWire, VaeWire, text_encoders
 
 
-def load_stable_diffusion(
-    path: Path, device: torch.device, unet_dtype: torch.dtype, vae_dtype: torch.dtype
-) -> StableDiffusion:
-    """A checkpoint file or diffusers folder as a `StableDiffusion`, with the embeddings folder attached."""
-    model = StableDiffusion.from_checkpoint(path, device=device, dtype=unet_dtype)
-    model.autoencoder.to(dtype=vae_dtype)
+def load_stable_diffusion(path: Path) -> StableDiffusion:
+    """A checkpoint file or diffusers folder as a `StableDiffusion`, with the embeddings folder attached.
+
+    Each part is read once, straight into the device and dtype the host gives its role (UNet, text encoders,
+    VAE: ComfyUI's `unet_dtype`, `text_encoder_dtype`, `vae_dtype`), on its offload device when hosted, and is
+    managed by the host from then on (`host.manage`).
+    """
+    unet, text, vae = (model_placement(role) for role in ("unet", "text_encoder", "vae"))
+    placement = {
+        "unet": (unet.offload_device, unet.dtype),
+        "text_encoders": (text.offload_device, text.dtype),
+        "autoencoder": (vae.offload_device, vae.dtype),
+    }
+    model = StableDiffusion.from_checkpoint(
+        path, device=unet.offload_device, dtype=unet.dtype, placement=placement
+    )
+    manage(model.unet, "unet", unet, f"{path.name} UNet")
+    manage(model.autoencoder, "vae", vae, f"{path.name} VAE")
+    for index, encoder in enumerate(text_encoders(model), start=1):
+        manage(encoder, "text_encoder", text, f"{path.name} text encoder {index}")
     folders = model_search_paths("embeddings")
     model.embeddings = EmbeddingLibrary(folders, model.text_encoder.config.embedding_dim)
     if model.text_encoder_2 is not None:

@@ -23,7 +23,7 @@ from ..foundationals.latent_diffusion.adapters.t2i_adapter import (
 from ..foundationals.latent_diffusion.canny import canny
 from ..foundationals.latent_diffusion.model_patch import ModelPatch
 from ..foundationals.model_files import read_header
-from .host import list_model_files, model_file_path
+from .host import list_model_files, manage, model_file_path, model_placement
 from .latent_nodes import require_finite
 from .wires import MODEL, MODEL_FILES, ModelWire
 
@@ -48,7 +48,12 @@ def _load_control_file(path: Path) -> ControlNet | T2IAdapter:
         target = next((p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin")), path)
     keys = read_header(target, what="ControlNet or T2I-Adapter")
     is_t2i = any(k.startswith(("body.", "adapter.body.")) for k in keys)
-    return load_t2i_adapter(path) if is_t2i else load_controlnet(path)
+    role = "adapter" if is_t2i else "controlnet"
+    placement = model_placement(role)  # read straight into the UNet's dtype, on the offload device
+    load = load_t2i_adapter if is_t2i else load_controlnet
+    model = load(path, device=placement.offload_device, dtype=placement.dtype)
+    manage(model, role, placement, path.name)
+    return model
 
 
 def load_control(path: Path) -> ControlNet | T2IAdapter:

@@ -8,11 +8,14 @@ ComfyUI's `models/` folder.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -59,14 +62,42 @@ def get_torch_device() -> torch.device:
     return torch.device("cpu")
 
 
+_FLOAT8 = tuple(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu")
+    if hasattr(torch, name)
+)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        print(f"[Fluxion] {message}", file=sys.stderr)
+
+
 def unet_dtype(device: torch.device) -> torch.dtype:
-    """Dtype for the denoiser weights: host's choice when hosted; fp16 on GPUs, fp32 on CPU."""
+    """Dtype for the denoiser weights: host's choice when hosted; fp16 on GPUs, fp32 on CPU.
+
+    ComfyUI's fp8 storage (`--fp8_e4m3fn-unet`, ...) is not taken: the pack's layers compute in their storage
+    dtype, so the UNet (and its ControlNets and adapters) is stored in the dtype ComfyUI computes fp8 weights
+    in (fp16, bf16 or fp32), with a warning.
+    """
     if _HOST is not None:
         supported = [torch.float16, torch.bfloat16, torch.float32]
         try:
-            return _HOST[0].unet_dtype(device=device, supported_dtypes=supported)
+            chosen = _HOST[0].unet_dtype(device=device, supported_dtypes=supported)
         except TypeError:  # older ComfyUI signature
-            return _HOST[0].unet_dtype(device)
+            chosen = _HOST[0].unet_dtype(device)
+        if chosen in _FLOAT8:
+            compute = _native_dtype(chosen, device)
+            _warn_once(
+                "fp8",
+                f"ComfyUI asks for {chosen} UNet weights; Fluxion's UNet, ControlNets and adapters cannot compute "
+                f"from fp8 storage and are stored in {compute} instead (about twice the memory of fp8)",
+            )
+            return compute
+        return chosen
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
@@ -186,6 +217,74 @@ class ProgressReporter:
         stream.flush()
         if final:
             self._closed = True
+
+
+PREVIEW_METHODS = ("none", "auto", "latent2rgb", "taesd")
+_headless_preview_method = "none"
+
+# Linear maps from SD1.5 / SDXL latents to RGB (ComfyUI's latent_formats), for headless previews
+_LATENT_RGB: dict[bool, tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]] = {
+    False: (
+        (
+            (0.3512, 0.2297, 0.3227),
+            (0.3250, 0.4974, 0.2350),
+            (-0.2829, 0.1762, 0.2721),
+            (-0.2120, -0.2616, -0.7177),
+        ),
+        (0.0, 0.0, 0.0),
+    ),
+    True: (
+        (
+            (0.3651, 0.4232, 0.4341),
+            (-0.2533, -0.0042, 0.1068),
+            (0.1076, 0.1111, -0.0362),
+            (-0.3165, -0.2492, -0.2188),
+        ),
+        (0.1084, -0.0175, -0.0011),
+    ),
+}
+
+
+def set_preview_method(method: str) -> None:
+    """Headless: make step previews ("latent2rgb"; "auto" and "taesd" give latent2rgb too; default "none").
+    Hosted, ComfyUI's --preview-method decides."""
+    global _headless_preview_method
+    if method not in PREVIEW_METHODS:
+        raise ValueError(f"unknown preview method {method!r}; choose one of {', '.join(PREVIEW_METHODS)}")
+    _headless_preview_method = method
+
+
+def latent_to_rgb(latents: torch.Tensor, sdxl: bool) -> Image.Image:
+    """A rough RGB picture of the first (scaled) latent of a batch, without a decoder."""
+    factors, bias = _LATENT_RGB[sdxl]
+    weight = torch.tensor(factors, dtype=torch.float32, device=latents.device)
+    rgb = torch.einsum("chw,cr->hwr", latents[0, :4].float(), weight) + torch.tensor(
+        bias, device=latents.device
+    )
+    array = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def preview_decoder(sdxl: bool) -> Callable[[torch.Tensor], Image.Image] | None:
+    """What turns a step's predicted x0 (scaled latents) into a preview image, or None for no previews.
+
+    Hosted: ComfyUI's own previewer for `--preview-method` (none, auto, latent2rgb, or taesd with its decoder
+    from models/vae_approx), as KSampler uses it. Headless: `set_preview_method` (default none).
+    """
+    if _HOST is None:
+        if _headless_preview_method == "none":
+            return None
+        return lambda latents: latent_to_rgb(latents, sdxl)
+    try:
+        import latent_preview
+        from comfy import latent_formats
+    except Exception:  # a host without ComfyUI's preview module
+        return None
+    latent_format = latent_formats.SDXL() if sdxl else latent_formats.SD15()
+    previewer = latent_preview.get_previewer(_HOST[0].get_torch_device(), latent_format)
+    if previewer is None:
+        return None
+    return lambda latents: previewer.decode_latent_to_preview(latents.float())
 
 
 def _preview_size() -> int:
@@ -391,57 +490,258 @@ def model_file_path(kind: str, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory
+# Memory: every model the pack loads is placed and moved by the host's memory manager
+#
+# Hosted, each torch module (UNet, text encoders, VAE, ControlNet, T2I-Adapter, IP-Adapter weights, CLIP
+# vision) is wrapped in a `comfy.model_patcher.ModelPatcher`, as ComfyUI wraps its own models, and brought
+# to its load device by `comfy.model_management.load_models_gpu` before it runs: ComfyUI lists it in
+# `current_loaded_models`, frees it for its own models, unloads it on "Unload models" / POST /free and on
+# an out-of-memory error, and the next `load_models` brings it back. Headless the same calls move the
+# module to its device (nothing to do when it is already there).
 
-_release_callbacks: list[Callable[[], None]] = []
-_host_hooked = False
+MODEL_ROLES = ("unet", "text_encoder", "vae", "controlnet", "adapter", "clip_vision")
+"""unet, controlnet and adapter (T2I, IP-Adapter) follow ComfyUI's UNet devices and dtype; text_encoder and
+clip_vision its text-encoder ones (as core places its CLIP vision); vae its VAE ones."""
+
+_MIB = 1024 * 1024
 
 
-def register_memory_release(callback: Callable[[], None]) -> Callable[[], None]:
-    """Call `callback` whenever the host frees model memory; returns it (usable as a decorator).
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's weights live: on `load_device` while it runs, else on `offload_device`, stored in `dtype`
+    and computed in `compute_dtype` (the same unless the device cannot compute in `dtype`: then each layer casts
+    its weights for its forward pass, as ComfyUI's manual cast does)."""
 
-    ComfyUI has no hook for this, so when hosted we wrap `comfy.model_management.unload_all_models`
-    (the "Unload models" button and POST /free) and `free_memory` (called before ComfyUI loads a
-    model): our callbacks run on every unload-all, and on `free_memory` when ComfyUI's own unloading
-    left less free memory than was asked for. Headless, `release_memory()` runs them.
-    """
-    if callback not in _release_callbacks:
-        _release_callbacks.append(callback)
+    load_device: torch.device
+    offload_device: torch.device
+    dtype: torch.dtype
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def computes_in(self) -> torch.dtype:
+        return self.dtype if self.compute_dtype is None else self.compute_dtype
+
+
+def _native_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """`dtype`, or what ComfyUI computes in when the device cannot compute in `dtype` (fp16 on most CPUs)."""
+    assert _HOST is not None
+    try:
+        cast = _HOST[0].unet_manual_cast(dtype, device)
+    except Exception:  # an older host without it
+        cast = None
+    return dtype if cast is None else cast
+
+
+def text_encoder_dtype(device: torch.device) -> torch.dtype:
+    """Storage dtype of text encoders (and of the CLIP vision encoder, as core's): ComfyUI's `text_encoder_dtype`
+    when hosted (fp16, or fp8 / bf16 / fp32 by its flags); headless the UNet's."""
     if _HOST is not None:
-        _hook_host_memory()
-    return callback
+        return _HOST[0].text_encoder_dtype(device)
+    return unet_dtype(device)
 
 
-def release_memory() -> None:
-    """Run every registered release callback (what the host does under memory pressure)."""
-    for callback in list(_release_callbacks):
-        callback()
+def model_placement(role: str) -> Placement:
+    """The devices and dtypes of a model playing `role` (see `MODEL_ROLES`)."""
+    if role not in MODEL_ROLES:
+        raise ValueError(f"unknown model role {role!r}; known: {', '.join(MODEL_ROLES)}")
+    if _HOST is None:
+        device = get_torch_device()
+        dtype = {"vae": vae_dtype, "text_encoder": text_encoder_dtype, "clip_vision": text_encoder_dtype}.get(
+            role, unet_dtype
+        )(device)
+        return Placement(device, device, dtype)
+    mm: Any = _HOST[0]
+    if role in ("text_encoder", "clip_vision"):
+        load = mm.text_encoder_device()
+        stored = text_encoder_dtype(load)
+        compute = _native_dtype(stored, load)
+        return Placement(
+            load, mm.text_encoder_offload_device(), stored, None if compute == stored else compute
+        )
+    if role == "vae":
+        load = mm.vae_device()
+        return Placement(load, mm.vae_offload_device(), vae_dtype(load))
+    load = mm.get_torch_device()
+    return Placement(load, mm.unet_offload_device(), unet_dtype(load))
 
 
-def _hook_host_memory() -> None:
-    global _host_hooked
-    if _host_hooked or _HOST is None:
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each tensor once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
+    tensor = next(iter((*module.parameters(), *module.buffers())), None)
+    return default if tensor is None else tensor.device
+
+
+class _PatcherModel(torch.nn.Module):
+    """What a ModelPatcher holds: our module as its one child, plus the plain attributes ComfyUI writes
+    (`device`, `model_loaded_weight_memory`, ...) so that none lands on our module."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.fluxion_module = module
+        self.device = device
+
+
+_HOLDER_CLASSES: dict[type, type[_PatcherModel]] = {}
+
+
+def _holder_class(module_type: type) -> type[_PatcherModel]:
+    """A `_PatcherModel` subclass named after the module's class ("FluxionUNet"): ComfyUI's logs name it."""
+    holder = _HOLDER_CLASSES.get(module_type)
+    if holder is None:
+        holder = type(f"Fluxion{module_type.__name__}", (_PatcherModel,), {"__module__": __name__})
+        _HOLDER_CLASSES[module_type] = holder
+    return holder
+
+
+_MANAGED_ATTRIBUTE = "_fluxion_managed_model"
+_managed_models: weakref.WeakSet[ManagedModel] = weakref.WeakSet()
+
+
+class ManagedModel:
+    """A torch module whose place the host decides: `load_models([...])` brings it to its load device."""
+
+    def __init__(self, module: torch.nn.Module, role: str, placement: Placement, name: str = "") -> None:
+        self.module = module
+        self.role = role
+        self.placement = placement
+        self.name = name or type(module).__name__
+        self.size = module_bytes(module)
+        self.patcher: Any = None
+        if placement.compute_dtype is not None and placement.compute_dtype != placement.dtype:
+            from ..fluxion.casting import compute_in  # here: this module also loads on its own (tests)
+
+            compute_in(module, placement.compute_dtype)
+        if _HOST is not None:
+            from comfy.model_patcher import ModelPatcher
+
+            holder = _holder_class(type(module))(module, _device_of(module, placement.offload_device))
+            self.patcher = ModelPatcher(
+                holder,
+                load_device=placement.load_device,
+                offload_device=placement.offload_device,
+                size=self.size,
+            )
+        _managed_models.add(self)
+
+    def __repr__(self) -> str:
+        return f"ManagedModel({self.name!r}, {self.role}, {self.size / _MIB:.1f} MiB, on {self.device})"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are now."""
+        return _device_of(self.module, self.placement.offload_device)
+
+    def offload(self) -> None:
+        """Move the weights to the offload device (what the host does when it unloads the model)."""
+        if self.patcher is not None:
+            self.patcher.detach()
+        else:
+            self.module.to(self.placement.offload_device)
+
+
+def manage(
+    module: torch.nn.Module, role: str, placement: Placement | None = None, name: str = ""
+) -> ManagedModel:
+    """The `ManagedModel` of `module`: the one it already has, else a new one for `role` (placed by
+    `model_placement(role)` unless `placement` is given). The module keeps it, so every holder of the module
+    (a wire in ComfyUI's output cache, the loader's cache) shares one ModelPatcher and one copy of the weights."""
+    existing = module.__dict__.get(_MANAGED_ATTRIBUTE)
+    if existing is not None:
+        return existing
+    managed = ManagedModel(module, role, placement or model_placement(role), name)
+    module.__dict__[_MANAGED_ATTRIBUTE] = managed
+    return managed
+
+
+def managed_model(module: torch.nn.Module) -> ManagedModel | None:
+    """The `ManagedModel` of a module given to `manage`, else None."""
+    return module.__dict__.get(_MANAGED_ATTRIBUTE)
+
+
+def offload_device(module: torch.nn.Module) -> torch.device:
+    """Where the host keeps `module` when it is not running (its managed placement; else the CPU)."""
+    managed = managed_model(module)
+    return managed.placement.offload_device if managed is not None else torch.device("cpu")
+
+
+def load_models(
+    modules: Iterable[torch.nn.Module], memory_required: float = 0.0, role: str = "adapter"
+) -> list[ManagedModel]:
+    """Bring `modules` to their load devices together, with `memory_required` bytes free for the work they do.
+
+    Hosted: one `load_models_gpu` call with their ModelPatchers (ComfyUI frees what it must, its own models
+    or ours, first). Headless: each module moves to its load device. A module never given to `manage` is
+    managed now as `role`.
+    """
+    models: list[ManagedModel] = []
+    for module in modules:
+        managed = managed_model(module) or manage(module, role)
+        if all(managed is not other for other in models):
+            models.append(managed)
+    if not models:
+        return models
+    if _HOST is not None:
+        _HOST[0].load_models_gpu(
+            [model.patcher for model in models], memory_required=memory_required, force_full_load=True
+        )
+    else:
+        for model in models:
+            if model.device != model.placement.load_device:
+                model.module.to(model.placement.load_device)
+    return models
+
+
+def unload_models() -> None:
+    """What "Unload models" does: every loaded model goes to its offload device (ComfyUI's own too, hosted)."""
+    if _HOST is not None:
+        _HOST[0].unload_all_models()
         return
-    model_management: Any = _HOST[0]
-    original_unload_all = model_management.unload_all_models
-    original_free = model_management.free_memory
+    for model in list(_managed_models):
+        model.offload()
 
-    def unload_all_models(*args: Any, **kwargs: Any) -> Any:
-        result = original_unload_all(*args, **kwargs)
-        release_memory()
-        return result
 
-    def free_memory(memory_required: float, device: torch.device, *args: Any, **kwargs: Any) -> Any:
-        result = original_free(memory_required, device, *args, **kwargs)
+def loaded_model_names() -> list[str]:
+    """Names of the pack's models the host has loaded now (hosted: those in `current_loaded_models`)."""
+    if _HOST is None:
+        return [m.name for m in _managed_models if m.device == m.placement.load_device]
+    patchers = {id(model.patcher): model for model in _managed_models}
+    loaded = [patchers.get(id(entry.model)) for entry in _HOST[0].current_loaded_models]
+    return [model.name for model in loaded if model is not None]
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def sampling_memory(latent_shape: Sequence[int], dtype: torch.dtype, sdxl: bool) -> float:
+    """Bytes a UNet pass over `latent_shape` (CFG batch included) needs beyond its weights: ComfyUI's estimate
+    for SD1.5 / SDXL (`BaseModel.memory_required`)."""
+    area = int(latent_shape[0]) * math.prod(int(side) for side in latent_shape[2:])
+    factor = 0.8 if sdxl else 1.0
+    flash = False
+    if _HOST is not None:
+        mm: Any = _HOST[0]
         try:
-            short = model_management.get_free_memory(device) < memory_required
+            flash = bool(mm.xformers_enabled() or mm.pytorch_attention_flash_attention())
         except Exception:
-            short = False
-        if short:
-            release_memory()
-            model_management.soft_empty_cache()
-        return result
+            flash = False
+    per_area = _dtype_bytes(dtype) * 0.01 if flash else 0.15
+    return area * per_area * factor * _MIB
 
-    model_management.unload_all_models = unload_all_models
-    model_management.free_memory = free_memory
-    _host_hooked = True
+
+def vae_memory(latent_shape: Sequence[int], dtype: torch.dtype, decode: bool) -> float:
+    """Bytes an SD autoencoder needs to decode `latent_shape` latents (or encode their image): ComfyUI's
+    estimate for AutoencoderKL."""
+    height, width = int(latent_shape[-2]), int(latent_shape[-1])
+    per_pixel = 2178 * 64 if decode else 1767 * 64  # encode: 1767 per image pixel, 64 pixels per latent
+    return float(per_pixel * height * width * _dtype_bytes(dtype))

@@ -22,7 +22,7 @@ from ..foundationals.latent_diffusion.adapters.ip_adapter import (
 )
 from ..foundationals.latent_diffusion.model_config import unet_family
 from ..foundationals.model_files import read_state_dict
-from .host import list_model_files, model_file_path
+from .host import list_model_files, load_models, manage, model_file_path, model_placement
 from .latent_nodes import require_finite
 from .wires import MODEL, MODEL_FILES, ModelWire
 
@@ -36,7 +36,24 @@ KIND_NAMES = {
 
 
 def _load_image_encoder(path: Path) -> CLIPImageEncoder:
-    return load_clip_image_encoder(read_state_dict(path, what="CLIP vision encoder"))
+    """A CLIP vision file, read into ComfyUI's text-encoder dtype on the offload device (as core places its
+    CLIP vision models), managed by the host."""
+    placement = model_placement("clip_vision")
+    encoder = load_clip_image_encoder(
+        read_state_dict(path, what="CLIP vision encoder"),
+        device=placement.offload_device,
+        dtype=placement.dtype,
+    )
+    manage(encoder, "clip_vision", placement, path.name)
+    return encoder
+
+
+def _load_ip_adapter(path: Path) -> IPAdapter:
+    """An IP-Adapter file in the UNet's dtype on the offload device, its weights managed by the host."""
+    placement = model_placement("adapter")
+    adapter = load_ip_adapter(path, device=placement.offload_device, dtype=placement.dtype)
+    manage(adapter.weights, "adapter", placement, path.name)
+    return adapter
 
 
 @dataclass(frozen=True)
@@ -70,7 +87,7 @@ class FluxionIPAdapterLoader:
 
     def load(self, ipadapter_name: str) -> tuple[NamedModel]:
         path = model_file_path("ipadapter", ipadapter_name)
-        return (NamedModel(ipadapter_name, MODEL_FILES.get("ipadapter", path, load_ip_adapter)),)
+        return (NamedModel(ipadapter_name, MODEL_FILES.get("ipadapter", path, _load_ip_adapter)),)
 
 
 class FluxionCLIPVisionLoader:
@@ -150,9 +167,11 @@ def encode_reference_images(
         raise ValueError(
             f"IP-Adapter {ipadapter.name} does not fit the CLIP vision encoder {clip_vision.name}: {error}"
         ) from error
+    load_models([encoder], role="clip_vision")
     with torch.no_grad():
         embeddings = adapter.encode_images(encoder, image, negative_image)
-    positive, negative = embeddings.positive, embeddings.negative
+    positive, negative = embeddings.positive.cpu(), embeddings.negative.cpu()  # wires keep theirs off the GPU
+    embeddings = ImageEmbeddings(positive, negative, embeddings.kind)
     if negative.shape[0] != positive.shape[0]:  # one negative for every reference (concat needs as many)
         negative = negative.expand_as(positive).contiguous()
         embeddings = ImageEmbeddings(positive, negative, embeddings.kind)
@@ -325,6 +344,7 @@ class FluxionApplyIPAdapter:
             )
         adapter = ipadapter.model
         assert isinstance(adapter, IPAdapter)
+        load_models([adapter.weights], role="adapter")  # its image projection makes the tokens now
         with torch.no_grad():
             patch = IPAdapterPatch(
                 adapter,

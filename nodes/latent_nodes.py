@@ -17,7 +17,7 @@ from ..foundationals.latent_diffusion.limits import (  # one implementation, sha
 )
 from ..foundationals.latent_diffusion.resizing import resize_mask
 from .core_types import MASKED_IMAGE_KEY, read_latents, write_latents
-from .wires import VAE, VaeWire
+from .wires import VAE, VaeWire, load_autoencoder
 
 LATENT_FACTOR = 8  # SD1.5 and SDXL autoencoders downscale by 8
 
@@ -121,7 +121,8 @@ class FluxionVAEEncode:
             raise ValueError("the image contains NaN or infinite values")
         image = images_to_tensor(images).clamp(0, 1)
         scaling = model.autoencoder.scaling_factor
-        result: dict[str, Any] = {"samples": write_latents(model.encode_image(image), scaling)}
+        load_autoencoder(model, (len(image), 4, image.shape[2] // factor, image.shape[3] // factor), False)
+        result: dict[str, Any] = {"samples": write_latents(model.encode_image(image).cpu(), scaling)}
         if mask is not None:
             top, left = (pixels.shape[1] - images.shape[1]) // 2, (pixels.shape[2] - images.shape[2]) // 2
             mask = mask if mask.dim() == 3 else mask[None]
@@ -173,6 +174,8 @@ class FluxionVAEDecode:
             )
         if not torch.isfinite(latents).all():
             raise ValueError("the latents contain NaN or infinite values")
+        tile = (latents.shape[0], latents.shape[1], min(latents.shape[2], 64), min(latents.shape[3], 64))
+        load_autoencoder(model, tile if tiled else tuple(latents.shape), decode=True)
         if tiled:
             parameter = next(model.autoencoder.parameters())
             with torch.no_grad():

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..fluxion.casting import cover_new_layers
 from ..foundationals.formats.lora import LoraFile, normalize_lora
 from ..foundationals.latent_diffusion.adapters.lora import (
     LORA_SCHEDULE_CONTEXT,
@@ -26,7 +27,7 @@ from ..foundationals.model_files import (
     read_metadata,
     read_state_dict,
 )
-from .host import list_model_files, model_file_path
+from .host import list_model_files, model_file_path, offload_device
 from .latent_nodes import require_finite
 from .wires import CLIP, MODEL, ClipWire, ModelWire
 
@@ -115,8 +116,8 @@ class LoraPatch:
             return _nothing
         if self.for_text:
             manager = SDLoraManager.for_models(model.unet, model.text_encoder, model.text_encoder_2)
-        else:
-            manager = SDLoraManager.for_models(model.unet)
+        else:  # fused weights keep their originals where the host offloads the UNet (the CPU, usually)
+            manager = SDLoraManager.for_models(model.unet, backup_device=offload_device(model.unet))
         manager.add_loras(
             self.file_name,
             part,
@@ -125,6 +126,9 @@ class LoraPatch:
             source=self.file_name,
         )
         if run is None:
+            for encoder in (model.text_encoder, model.text_encoder_2):
+                if encoder is not None:  # the LoRA layers compute as the encoder does (see fluxion.casting)
+                    cover_new_layers(encoder)
             return manager.clear
         try:
             undo_timing = self._time(manager, model, run)

@@ -6,7 +6,7 @@ import torch
 
 from ..foundationals.latent_diffusion.adapters.reference_only import ReferenceOnlyPatch
 from .latent_nodes import crop_to_multiple, images_to_tensor, require_finite
-from .wires import MODEL, VAE, ModelWire, VaeWire
+from .wires import MODEL, VAE, ModelWire, VaeWire, load_autoencoder
 
 
 class FluxionReferenceOnly:
@@ -69,6 +69,8 @@ class FluxionReferenceOnly:
         sd = vae.model
         require_finite(image, "the reference image")
         pixels = images_to_tensor(crop_to_multiple(image, sd.autoencoder.config.downscale_factor))
+        factor = sd.autoencoder.config.downscale_factor
+        load_autoencoder(sd, (1, 4, pixels.shape[2] // factor, pixels.shape[3] // factor), decode=False)
         latents = sd.encode_image(pixels[:1])
         patch = ReferenceOnlyPatch(latents, strength, style_fidelity, start_percent, end_percent)
         return (model.with_patch(patch),)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from PIL import Image
 
 from ..foundationals.latent_diffusion.adapters.t2i_adapter import T2IAdapterPatch
 from ..foundationals.latent_diffusion.model_config import unet_family
@@ -20,33 +19,10 @@ from .core_types import (
     read_latents,
     write_latents,
 )
-from .host import ProgressReporter, is_hosted, throw_if_interrupted
+from .host import ProgressReporter, throw_if_interrupted
 from .latent_nodes import check_size, require_finite
-from .wires import MODEL, ModelWire
-
-# Approximate linear maps from SD latents to RGB, for step previews only.
-_PREVIEW_FACTORS = {
-    False: (
-        (0.3512, 0.2297, 0.3227),
-        (0.3250, 0.4974, 0.2350),
-        (-0.2829, 0.1762, 0.2721),
-        (-0.2120, -0.2616, -0.7177),
-    ),
-    True: (
-        (0.3651, 0.4232, 0.4341),
-        (-0.2533, -0.0042, 0.1068),
-        (0.1076, 0.1111, -0.0362),
-        (-0.3165, -0.2492, -0.2188),
-    ),
-}
-
-
-def latent_preview(latents: torch.Tensor, sdxl: bool) -> Image.Image:
-    """A rough RGB picture of the first latent of the batch (no decoder run)."""
-    factors = torch.tensor(_PREVIEW_FACTORS[sdxl], dtype=torch.float32)
-    rgb = torch.einsum("chw,cr->hwr", latents[0, :4].float().cpu(), factors)
-    array = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
-    return Image.fromarray(array, mode="RGB")
+from .previews import x0_preview
+from .wires import MODEL, ModelWire, load_for_sampling
 
 
 def check_conditioning(model: ModelWire, conditioning: Any, which: str) -> None:
@@ -141,6 +117,7 @@ def sample_latents(
             "Encode's mask input, or core VAE Encode (for Inpainting) / Set Latent Noise Mask)"
         )
     masked = masked_image_latents(latent, samples, scaling) if sd.is_inpainting_model else None
+    load_for_sampling(model, tuple(samples.shape), cfg > 1.0)  # the UNet and its patches' models, together
     sampler = sd.make_solver(solver, steps, schedule, denoise)
     if sampler.first_inference_step >= sampler.num_inference_steps:
         return latent["samples"]  # nothing to denoise: the input as it is (ComfyUI at denoise 0)
@@ -163,13 +140,16 @@ def sample_latents(
         uses_guidance=cfg > 1.0,
     )
 
+    preview = x0_preview(sampler, cfg, sd.is_sdxl) if progress is not None else None
+    if preview is not None:  # KSampler's previews: the predicted x0, by the host's --preview-method
+        run.on_step(preview.on_step)
+        run.prediction_hooks.append(preview.on_prediction)
+
     def on_step(done: int, total: int, current: torch.Tensor) -> None:
         throw_if_interrupted()
         if progress is not None:
             progress.total = total  # img2img runs fewer steps than the schedule has
-            progress.update_absolute(
-                done, preview=latent_preview(current, sd.is_sdxl) if is_hosted() else None
-            )
+            progress.update_absolute(done, preview=None if preview is None else preview.image())
 
     throw_if_interrupted()
     with patched(sd, model.patches, run):

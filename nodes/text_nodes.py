@@ -9,7 +9,7 @@ import torch
 from ..foundationals.latent_diffusion.conditioning import SizeConditioning
 from ..foundationals.latent_diffusion.model_patch import patched
 from .core_types import core_conditioning
-from .wires import CLIP, ClipWire
+from .wires import CLIP, ClipWire, load_text_encoders
 
 _SIZE = {"default": 1024, "min": 0, "max": 16384, "step": 8}
 _PROMPT_SYNTAX = (
@@ -60,6 +60,7 @@ def encode_prompt(clip: ClipWire, text: str, clip_skip: int, sizes: dict[str, in
             (sizes["crop_h"], sizes["crop_w"]),
             (sizes["target_height"], sizes["target_width"]),
         )
+    load_text_encoders(model)
     with patched(model, clip.patches, None), torch.no_grad():
         conditioning = model.encode_prompt(text, clip_skip=layer, size=size)
     return core_conditioning(conditioning, sizes if model.is_sdxl else None)

@@ -9,8 +9,8 @@ import torch
 
 from ..foundationals.training import LoraOptions, LoraTrainer, TrainingOptions, TrainingProgress
 from ..foundationals.training.dataset import dataset_buckets, examples_from_tensor
-from .host import ProgressReporter, model_search_paths, throw_if_interrupted
-from .wires import CLIP, MODEL, ClipWire, ModelWire
+from .host import ProgressReporter, load_models, model_search_paths, throw_if_interrupted
+from .wires import CLIP, MODEL, ClipWire, ModelWire, text_encoders
 
 _SAFE_NAME = re.compile(r"^[\w\-. ]+$")
 
@@ -159,7 +159,9 @@ class FluxionTrainLora:
                 progress.update_absolute(state.step)
                 throw_if_interrupted()
 
-            with LoraTrainer(model.model, examples, lora, options) as trainer:
+            sd = model.model
+            load_models([sd.unet, sd.autoencoder, *text_encoders(sd)], role="unet")  # all train together
+            with LoraTrainer(sd, examples, lora, options) as trainer:
                 throw_if_interrupted()
                 trainer.train(callback=report)
                 trainer.save_lora(path, torch.float16, {"ss_output_name": path.stem})

@@ -10,6 +10,7 @@ undoes it afterwards.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..foundationals.latent_diffusion.model_patch import ModelPatch, SamplingRun, Undo, patched
+from ..foundationals.latent_diffusion.model_patch import ModelPatch, SamplingRun, Undo, patch_models, patched
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
-from .host import get_torch_device, register_memory_release, unet_dtype, vae_dtype
+from .host import is_hosted, load_models, model_placement, sampling_memory, vae_memory
 
 MODEL = "FLUXION_MODEL"
 CLIP = "FLUXION_CLIP"
@@ -126,49 +127,88 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-class CheckpointCache:
-    """Keeps the most recently loaded checkpoint; selecting another file or a host memory release drops it."""
+def text_encoders(model: StableDiffusion) -> list[torch.nn.Module]:
+    """The text encoder(s) of a model (CLIP-L, and OpenCLIP bigG for SDXL)."""
+    return [model.text_encoder] + ([model.text_encoder_2] if model.text_encoder_2 is not None else [])
 
-    def __init__(
-        self, loader: Callable[[Path, torch.device, torch.dtype, torch.dtype], StableDiffusion]
-    ) -> None:
+
+def load_text_encoders(model: StableDiffusion) -> None:
+    """Bring the text encoder(s) to their device before encoding (the host unloads them when it needs room)."""
+    load_models(text_encoders(model), role="text_encoder")
+
+
+def load_autoencoder(model: StableDiffusion, latent_shape: tuple[int, ...], decode: bool) -> None:
+    """Bring the VAE to its device with room to decode (or encode the image of) `latent_shape` latents."""
+    autoencoder = model.autoencoder
+    load_models([autoencoder], vae_memory(latent_shape, autoencoder.dtype, decode), role="vae")
+
+
+def load_for_sampling(wire: ModelWire, latent_shape: tuple[int, ...], guided: bool) -> None:
+    """Bring the UNet and the models its patches run (ControlNets, T2I-Adapters, IP-Adapters) to their device
+    together, with room for one UNet pass over `latent_shape` (doubled with guidance)."""
+    sd = wire.model
+    batch = latent_shape[0] * (2 if guided else 1)
+    memory = sampling_memory((batch, *latent_shape[1:]), sd.unet.dtype, sd.is_sdxl)
+    load_models([sd.unet, *patch_models(wire.patches)], memory, role="unet")
+
+
+class _Held:
+    """Holds a value strongly (headless) or weakly (hosted: ComfyUI's output cache owns the wires)."""
+
+    def __init__(self, value: Any, weak: bool) -> None:
+        self._strong = None if weak else value
+        self._weak = weakref.ref(value) if weak else None
+
+    def get(self) -> Any:
+        return self._strong if self._weak is None else self._weak()
+
+
+class CheckpointCache:
+    """The most recently loaded checkpoint, shared by every wire made from it (one copy of the weights).
+
+    Its models are managed by the host (`host.manage`): ComfyUI's "Unload models" moves them to the offload
+    device and the next run loads them back. Hosted the cache holds the model weakly: when ComfyUI's output
+    cache drops the wires (POST /free with free_memory), the weights go. Selecting another file drops the
+    previous one first.
+    """
+
+    def __init__(self, loader: Callable[[Path], StableDiffusion]) -> None:
         self._loader = loader
         self._key: tuple[Any, ...] | None = None
-        self._model: StableDiffusion | None = None
-        register_memory_release(self.clear)
+        self._held: _Held | None = None
 
     def get(self, path: Path) -> StableDiffusion:
-        device = get_torch_device()
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
-        if key != self._key or self._model is None:
+        placements = tuple(model_placement(role) for role in ("unet", "text_encoder", "vae"))
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, placements)
+        model = self._held.get() if self._held is not None and key == self._key else None
+        if model is None:
             self.clear()
-            self._model = self._loader(path, device, unet_dtype(device), vae_dtype(device))
-            self._key = key
-        return self._model
+            model = self._loader(path)
+            self._key, self._held = key, _Held(model, weak=is_hosted())
+        return model
 
     def clear(self) -> None:
         self._key = None
-        self._model = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self._held = None
 
 
 class LatestFileCache:
-    """One loaded model per kind, kept until its file changes, another file is asked for, or the host frees memory."""
+    """One loaded model per kind, kept until its file changes or another file is asked for (held weakly when
+    hosted, as `CheckpointCache`)."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[tuple[str, int], Any]] = {}
-        register_memory_release(self._entries.clear)
+        self._entries: dict[str, tuple[tuple[str, int], _Held]] = {}
 
     def get(self, kind: str, path: Path, load: Callable[[Path], Any]) -> Any:
         key = (str(path.resolve()), path.stat().st_mtime_ns)
         entry = self._entries.get(kind)
-        if entry is None or entry[0] != key:
+        value = entry[1].get() if entry is not None and entry[0] == key else None
+        if value is None:
             self._entries.pop(kind, None)  # drop the previous file before loading the next
-            entry = (key, load(path))
-            self._entries[kind] = entry
-        return entry[1]
+            value = load(path)
+            self._entries[kind] = (key, _Held(value, weak=is_hosted()))
+        return value
 
 
 MODEL_FILES = LatestFileCache()

@@ -61,10 +61,11 @@ class Lora(Chain, Generic[T]):
             with torch.no_grad():
                 layer.weight.copy_(weight.to(device=layer.weight.device, dtype=layer.weight.dtype))
 
-    def delta_weight(self) -> Tensor:
-        """The update this LoRA adds to its target's weight (`scale * up @ down`)."""
-        down = self.down.weight.flatten(1)
-        up = self.up.weight.flatten(1)
+    def delta_weight(self, dtype: DType | None = None) -> Tensor:
+        """The update this LoRA adds to its target's weight (`scale * up @ down`), computed in `dtype` (default:
+        the LoRA's own; fusing into fp16 weights asks for float32, rounded once when added)."""
+        down = self.down.weight.flatten(1).to(dtype)
+        up = self.up.weight.flatten(1).to(dtype)
         return self.scale * (up @ down)
 
     def is_compatible(self, layer: WeightedModule) -> bool:
@@ -99,8 +100,8 @@ class LinearLora(Lora[Linear]):
             and layer.out_features == self.out_features
         )
 
-    def delta_weight(self) -> Tensor:
-        return self.scale * (self.up.weight @ self.down.weight)
+    def delta_weight(self, dtype: DType | None = None) -> Tensor:
+        return self.scale * (self.up.weight.to(dtype) @ self.down.weight.to(dtype))
 
 
 class Conv2dLora(Lora[Conv2d]):
@@ -147,9 +148,9 @@ class Conv2dLora(Lora[Conv2d]):
             and tuple(layer.stride) == tuple(self.down.stride)
         )
 
-    def delta_weight(self) -> Tensor:
-        down = self.down.weight  # (rank, in, kh, kw)
-        up = self.up.weight.flatten(1)  # (out, rank)
+    def delta_weight(self, dtype: DType | None = None) -> Tensor:
+        down = self.down.weight.to(dtype)  # (rank, in, kh, kw)
+        up = self.up.weight.flatten(1).to(dtype)  # (out, rank)
         return self.scale * torch.einsum("or,rihw->oihw", up, down)
 
 

@@ -139,7 +139,31 @@ class StableDiffusionCheckpoint:
     `scheduler/scheduler_config.json` (`prediction_type`, `rescale_betas_zero_snr`)."""
 
 
+ComponentPlacement = Mapping[str, tuple[Device | str, DType]]
+"""Device and dtype per part of a checkpoint ("unet", "autoencoder", "text_encoders"); a part left out takes
+the loader's `device` and `dtype`."""
+PARTS = ("unet", "autoencoder", "text_encoders")
+
+
+def _where(
+    placement: ComponentPlacement | None, part: str, device: Device | str, dtype: DType
+) -> tuple[Device | str, DType]:
+    if placement is None:
+        return device, dtype
+    unknown = set(placement) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown checkpoint parts {sorted(unknown)}; the parts are {', '.join(PARTS)}")
+    return placement.get(part, (device, dtype))
+
+
 # -- Filling a meta model -----------------------------------------------------------------------------------
+
+
+def _owned_copy(tensor: Tensor, device: Device | str, dtype: DType) -> Tensor:
+    """`tensor` on `device`, floating point in `dtype`: always a copy, even when nothing converts, since a tensor
+    viewing the memory-mapped file would keep the whole mapping (every page read so far) resident for as long
+    as the model lives."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None, copy=True)
 
 
 def _fill(
@@ -177,7 +201,7 @@ def _fill(
                     f"the {what} expects {tuple(expected[ours])}"
                 )
             tensor = tensor.reshape(expected[ours])  # attention stored as 1x1 convolutions in LDM files
-        tensors[ours] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        tensors[ours] = _owned_copy(tensor, device, dtype)
     model.load_state_dict(tensors, strict=True, assign=True)
 
 
@@ -188,11 +212,13 @@ def load_single_file(
     text_encoders: bool = True,
     unet_config: UNetConfig | None = None,
     text_encoder_configs: Mapping[str, CLIPTextConfig] | None = None,
+    placement: ComponentPlacement | None = None,
 ) -> StableDiffusionCheckpoint:
     """An original (LDM/SGM layout) single-file checkpoint: UNet, autoencoder and, when asked, text encoders.
 
     `text_encoder_configs` ("clip_l", "clip_g") are for encoders whose heads and activation no preset of
     their shape gives (tiny test models); the real CLIP-L and OpenCLIP bigG are recognised by their shapes.
+    `placement` loads parts on their own device and dtype (each tensor converted once, as it is read).
     """
     file = TensorFile(path)
     source = str(file.path)
@@ -219,7 +245,14 @@ def load_single_file(
         )
 
     unet = UNet(config, device="meta")
-    _fill(unet, file, ldm_unet_key_map(unet), LDM_UNET_PREFIX, f"{family} UNet", device, dtype)
+    _fill(
+        unet,
+        file,
+        ldm_unet_key_map(unet),
+        LDM_UNET_PREFIX,
+        f"{family} UNet",
+        *_where(placement, "unet", device, dtype),
+    )
     v_prediction, zero_terminal_snr = sampling_markers(keys)
     checkpoint = StableDiffusionCheckpoint(
         source=file.path,
@@ -240,12 +273,13 @@ def load_single_file(
             infer_autoencoder_config(vae_shapes, scaling, source), device="meta"
         )
         key_map = ldm_autoencoder_key_map(autoencoder)
-        _fill(autoencoder, file, key_map, LDM_AUTOENCODER_PREFIX, "autoencoder", device, dtype)
+        where = _where(placement, "autoencoder", device, dtype)
+        _fill(autoencoder, file, key_map, LDM_AUTOENCODER_PREFIX, "autoencoder", *where)
         checkpoint.autoencoder = autoencoder
 
     if text_encoders and any(key.startswith(TEXT_ENCODER_PREFIXES) for key in keys):
         checkpoint.text_encoders = _load_single_file_text_encoders(
-            file, family, device, dtype, text_encoder_configs or {}
+            file, family, *_where(placement, "text_encoders", device, dtype), text_encoder_configs or {}
         )
     return checkpoint
 
@@ -272,7 +306,7 @@ def _load_single_file_text_encoders(
         owned = [key for key in file.keys() if TEXT_LAYOUTS[layout].owns(key)]
         claimed.update(owned)
         if owned:
-            state_dict = {key: file.tensor(key) for key in owned}
+            state_dict = {key: _owned_copy(file.tensor(key), device, dtype) for key in owned}
             encoders[name] = load_clip_text_encoder(
                 state_dict, layout, config=configs.get(name), device=device, dtype=dtype
             )
@@ -330,8 +364,10 @@ def load_diffusers_folder(
     device: Device | str = "cpu",
     dtype: DType = torch.float32,
     text_encoders: bool = True,
+    placement: ComponentPlacement | None = None,
 ) -> StableDiffusionCheckpoint:
-    """A diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`)."""
+    """A diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`); `placement` as for
+    `load_single_file`."""
     folder = Path(folder)
     config = unet_config_from_diffusers(_read_config(folder / "unet"), str(folder / "unet" / "config.json"))
     family = detect_family(config, str(folder))
@@ -342,8 +378,7 @@ def load_diffusers_folder(
         diffusers_unet_key_map(unet),
         "",
         f"{family} UNet",
-        device,
-        dtype,
+        *_where(placement, "unet", device, dtype),
     )
     prediction_type, zero_terminal_snr = read_scheduler_config(folder)
     checkpoint = StableDiffusionCheckpoint(
@@ -358,15 +393,17 @@ def load_diffusers_folder(
             autoencoder_config_from_diffusers(_read_config(folder / "vae")), device="meta"
         )
         key_map = diffusers_autoencoder_key_map(autoencoder)
-        _fill(autoencoder, _component_file(folder / "vae"), key_map, "", "autoencoder", device, dtype)
+        where = _where(placement, "autoencoder", device, dtype)
+        _fill(autoencoder, _component_file(folder / "vae"), key_map, "", "autoencoder", *where)
         checkpoint.autoencoder = autoencoder
     if text_encoders:
         from ..clip.text_encoder import load_clip_text_encoder_from_folder
 
+        text_device, text_dtype = _where(placement, "text_encoders", device, dtype)
         for name, subfolder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
             if (folder / subfolder).is_dir():
                 checkpoint.text_encoders[name] = load_clip_text_encoder_from_folder(
-                    folder / subfolder, device=device, dtype=dtype
+                    folder / subfolder, device=text_device, dtype=text_dtype
                 )
     return checkpoint
 
@@ -377,11 +414,15 @@ def load_checkpoint(
     dtype: DType = torch.float32,
     text_encoders: bool = True,
     text_encoder_configs: Mapping[str, CLIPTextConfig] | None = None,
+    placement: ComponentPlacement | None = None,
 ) -> StableDiffusionCheckpoint:
-    """A single file or a diffusers folder, whichever `path` is (`text_encoder_configs`: single files only)."""
+    """A single file or a diffusers folder, whichever `path` is (`text_encoder_configs`: single files only;
+    `placement`: each part's own device and dtype)."""
     path = Path(path)
     if path.is_dir():
-        return load_diffusers_folder(path, device, dtype, text_encoders)
+        return load_diffusers_folder(path, device, dtype, text_encoders, placement=placement)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder")
-    return load_single_file(path, device, dtype, text_encoders, text_encoder_configs=text_encoder_configs)
+    return load_single_file(
+        path, device, dtype, text_encoders, text_encoder_configs=text_encoder_configs, placement=placement
+    )

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...fluxion import layers as fl
 from .adapters.regional import Region, blend_region_predictions
@@ -74,6 +74,9 @@ class SamplingRun:
             return None
         return GuidanceStack(self.guidance, self.set_halves, self.stored_halves)
 
+    prediction_hooks: list[Callable[[Tensor, Tensor], None]] = field(default_factory=list)
+    """Called with (model input, prediction) after each prediction of the run (e.g. step previews)."""
+
     def progress(self, step: int) -> float:
         """Fraction of the whole schedule done before `step` (0 at the first step of txt2img)."""
         return step / self.num_steps
@@ -104,13 +107,22 @@ class SamplingRun:
     def predict(self, unet: fl.Chain, x: Tensor) -> Tensor:
         """The UNet's prediction for `x` at the current step, with this run's regions blended in."""
         if not self.regions:
-            return unet(x)
-        step = self.first_step if self.current_step is None else self.current_step
-        return blend_region_predictions(unet, x, self.regions, self.progress(step))
+            prediction = unet(x)
+        else:
+            step = self.first_step if self.current_step is None else self.current_step
+            prediction = blend_region_predictions(unet, x, self.regions, self.progress(step))
+        for hook in self.prediction_hooks:
+            hook(x, prediction)
+        return prediction
 
 
 class ModelPatch(Protocol):
-    """One entry of a model's adapter stack."""
+    """One entry of a model's adapter stack.
+
+    A patch that runs models of its own besides the UNet (a ControlNet, a T2I-Adapter, IP-Adapter weights)
+    also has `models() -> Sequence[torch.nn.Module]`: they are brought to the run's device with the UNet
+    before the patch is applied (see `patch_models`).
+    """
 
     @property
     def label(self) -> str:
@@ -123,6 +135,17 @@ class ModelPatch(Protocol):
         `run` is None when the patch is applied for text encoding only (a LoRA's text-encoder part).
         """
         ...
+
+
+def patch_models(patches: Sequence[object]) -> list[nn.Module]:
+    """The models `patches` run besides the UNet (each once, in stack order), from their `models()`."""
+    found: list[nn.Module] = []
+    for patch in patches:
+        models = getattr(patch, "models", None)
+        for model in models() if callable(models) else ():
+            if all(model is not other for other in found):
+                found.append(model)
+    return found
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from ..clip.text_encoder import CLIPTextEncoder
 from . import pipelines
 from .adapters.regional import sample_keeping_outside
 from .auto_encoder import LatentDiffusionAutoencoder, decode_retrying_in_float32, encode_retrying_in_float32
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, ComponentPlacement, load_checkpoint
 from .limits import check_size
 from .model_patch import SamplingRun
 from .sampling import (
@@ -66,9 +66,13 @@ class StableDiffusion:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         text_encoder_configs: Mapping[str, CLIPTextConfig] | None = None,
+        placement: ComponentPlacement | None = None,
     ) -> StableDiffusion:
-        """The models of an SD1.5 or SDXL single file or diffusers folder (see `checkpoint.load_checkpoint`)."""
-        checkpoint = load_checkpoint(path, device, dtype, text_encoder_configs=text_encoder_configs)
+        """The models of an SD1.5 or SDXL single file or diffusers folder (see `checkpoint.load_checkpoint`);
+        `placement` gives parts ("unet", "autoencoder", "text_encoders") their own device and dtype."""
+        checkpoint = load_checkpoint(
+            path, device, dtype, text_encoder_configs=text_encoder_configs, placement=placement
+        )
         sdxl = checkpoint.family.startswith("sdxl")
         needed = ("clip_l", "clip_g") if sdxl else ("clip_l",)
         missing = [name for name in needed if name not in checkpoint.text_encoders]

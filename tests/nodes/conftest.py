@@ -196,7 +196,6 @@ def headless_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(host, "_input_dir", folders["input"])
     monkeypatch.setattr(host, "_output_dir", folders["output"])
     monkeypatch.setattr(host, "_temp_dir", folders["temp"])
-    monkeypatch.setattr(host, "_release_callbacks", [])
     host.clear_cancel()
     yield folders
     host.clear_cancel()

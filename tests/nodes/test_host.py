@@ -159,18 +159,6 @@ def test_diffusers_models_are_folders_with_a_model_index(headless_folders):
     assert host.model_file_path("diffusers", "tiny-sd").is_dir()
 
 
-def test_memory_release_callbacks_run_on_release():
-    released = []
-
-    @host.register_memory_release
-    def drop_models():
-        released.append("dropped")
-
-    host.register_memory_release(drop_models)  # registering twice keeps one
-    host.release_memory()
-    assert released == ["dropped"]
-
-
 def test_directories_headless(headless_folders):
     assert host.output_directory() == headless_folders["output"]
     assert host.input_directory() == headless_folders["input"]
@@ -292,18 +280,6 @@ def test_hosted_model_folders_register_what_comfyui_lacks(hosted, tmp_path):
         f"it is at {tmp_path / 'comfy_models' / 'stray.safetensors'}: move it into {loras}"
     )
     assert module.output_directory() == tmp_path / "comfy_output"
-
-
-def test_hosted_memory_release_follows_comfyuis_unloading(hosted):
-    module, mm, _, events = hosted
-    released = []
-    module.register_memory_release(lambda: released.append(True))
-    mm.free_memory(10, torch.device("cpu"))  # ComfyUI freed enough by itself
-    assert released == []
-    mm.free_memory(10**6, torch.device("cpu"))  # still short after ComfyUI's own unloading
-    assert released == [True] and "soft_empty_cache" in events
-    mm.unload_all_models()  # the "unload models" button / POST /free
-    assert len(released) >= 2
 
 
 def test_hosted_training_configs_find_bare_names_in_comfyuis_models_folder(hosted, tmp_path):

@@ -108,6 +108,7 @@ class ReferencePass(fl.ContextModule):
         self.reference_latents = reference_latents
         self.generator = torch.Generator("cpu").manual_seed(seed)
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
+        self._tables: dict[str, Tensor] = {}
 
     def describe(self) -> str:
         return f"ReferencePass(context={self.context}, reference={tuple(self.reference_latents.shape)})"
@@ -118,15 +119,23 @@ class ReferencePass(fl.ContextModule):
         if latents.shape[0] not in (1, batch):
             raise ValueError(f"{latents.shape[0]} reference latents for a UNet batch of {batch}")
         latents = latents.expand(batch, *latents.shape[1:])
-        t = float(timestep.reshape(-1)[0].clamp(0, len(self.alphas_cumprod) - 1))
-        low = int(t)
-        high = min(low + 1, len(self.alphas_cumprod) - 1)
-        alpha = float(
-            self.alphas_cumprod[low] + (t - low) * (self.alphas_cumprod[high] - self.alphas_cumprod[low])
-        )
+        # the noise level is read on the timestep's device: no value comes back to the host in the step loop
+        table = self._alphas_on(timestep.device)
+        t = timestep.reshape(-1)[0].to(table.dtype).clamp(0, len(table) - 1)
+        low = t.floor()
+        high = (low + 1).clamp(max=len(table) - 1)
+        alpha = table[low.long()] + (t - low) * (table[high.long()] - table[low.long()])
         noise = torch.randn(latents.shape, generator=self.generator, dtype=torch.float32)
         noise = noise.to(device=latents.device, dtype=latents.dtype)
-        return alpha**0.5 * latents + (1 - alpha) ** 0.5 * noise
+        return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+
+    def _alphas_on(self, device: torch.device) -> Tensor:
+        """The schedule on `device` (float64, or float32 where the device has no float64), made once."""
+        table = self._tables.get(str(device))
+        if table is None:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            table = self._tables[str(device)] = self.alphas_cumprod.to(device=device, dtype=dtype)
+        return table
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.use_context(self.context)

@@ -19,8 +19,9 @@ then samples with them and puts the first run's latents back outside the masks a
 inpainting keeps the unmasked source), for one more UNet pass per step.
 
 Regions switch through the Context API: during a region's pass the UNet's context `REGIONS_CONTEXT` holds
-`{"active": region name, "mask": latent mask}`, which `RegionGate`s read; at any other time it is absent
-and every regional adapter is off.
+`{"active": region name, "mask": latent mask, "region": the Region}`, which `RegionGate`s read; at any other
+time it is absent and every regional adapter is off. A region keeps its mask on the device and on each
+layer's grid once made (`Region.mask_on`): no step copies or resizes it again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,7 @@ class Region:
     end: float = 1.0
     switch: Callable[[bool], None] | None = None
     keep_outside: bool = False
+    _prepared: dict[tuple[object, ...], Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start <= self.end <= 1.0:
@@ -81,6 +83,20 @@ class Region:
 
     def active_at(self, progress: float) -> bool:
         return self.start <= progress and (progress < self.end or self.end >= 1.0)
+
+    def mask_on(
+        self, device: torch.device, dtype: torch.dtype, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """The mask on `device` in `dtype`, resized (bilinear) to `size` when given: made once per run (a region
+        lives for one run) and reused by every step and layer, so no step copies it to the device again."""
+        key = (str(device), dtype, size)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            prepared = self.mask.to(device=device, dtype=dtype)
+            if size is not None:
+                prepared = resize_mask(prepared, size, "bilinear")
+            self._prepared[key] = prepared
+        return prepared
 
 
 def latent_region_mask(mask: Tensor, latent_height: int, latent_width: int) -> Tensor:
@@ -125,14 +141,14 @@ class RegionGate(fl.ContextModule):
         state = parent.provider.get_context(REGIONS_CONTEXT) if parent is not None else None
         if not state or state.get("active") != self.region:
             return torch.zeros_like(x)
-        mask: Tensor = state["mask"].to(device=x.device, dtype=x.dtype)
+        region: Region = state["region"]
         if x.dim() == 4:
-            grid = resize_mask(mask, x.shape[-2:], "bilinear")
+            grid = region.mask_on(x.device, x.dtype, (int(x.shape[-2]), int(x.shape[-1])))
             return x * _fit_batch(grid, x.shape[0])
         if x.dim() == 3:
             size = self._token_grid(x.shape[1])
             if size is not None:
-                grid = resize_mask(mask, size, "bilinear").flatten(1)[..., None]
+                grid = region.mask_on(x.device, x.dtype, size).flatten(1)[..., None]
                 return x * _fit_batch(grid, x.shape[0])
         return x
 
@@ -151,7 +167,7 @@ class RegionGate(fl.ContextModule):
 @contextmanager
 def region_pass(unet: fl.Chain, region: Region) -> Iterator[None]:
     """Within the block `region`'s adapters are on; outside it (no regions context) every regional one is off."""
-    state: dict[str, Any] = {"active": region.name, "mask": region.mask}
+    state: dict[str, Any] = {"active": region.name, "mask": region.mask, "region": region}
     unet.set_context(REGIONS_CONTEXT, state)
     try:
         if region.switch is not None:
@@ -171,9 +187,7 @@ def blend_region_predictions(unet: fl.Chain, x: Tensor, regions: Sequence[Region
     active = [region for region in regions if region.active_at(progress)]
     if not active:
         return base
-    masks = [
-        _fit_batch(region.mask.to(device=base.device, dtype=base.dtype), base.shape[0]) for region in active
-    ]
+    masks = [_fit_batch(region.mask_on(base.device, base.dtype), base.shape[0]) for region in active]
     normalizer = sum(masks[1:], masks[0]).clamp(min=1.0)
     prediction = base
     for region, mask in zip(active, masks):

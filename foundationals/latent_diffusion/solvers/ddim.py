@@ -38,7 +38,7 @@ class DDIM(Solver):
         evaluate: Evaluate | None = None,
     ) -> Tensor:
         """One DDIM update from the timestep of `step` down by num_train_timesteps // num_inference_steps."""
-        timestep = int(self.timesteps[step])
+        timestep = int(self.timestep_values[step])
         # diffusers steps down by a fixed stride whatever the spacing (so not always onto the next timestep)
         previous_timestep = timestep - self.params.num_train_timesteps // self.num_inference_steps
         alpha_bar = self.alphas_cumprod[timestep]

@@ -22,10 +22,10 @@ class DDPM(Solver):
         evaluate: Evaluate | None = None,
     ) -> Tensor:
         """Mean of the posterior at the next timestep plus its (fixed, small) variance times fresh noise."""
-        timestep = int(self.timesteps[step])
+        timestep = int(self.timestep_values[step])
         alpha_bar = self.alphas_cumprod[timestep]
         if step + 1 < self.num_inference_steps:
-            previous_alpha_bar = self.alphas_cumprod[int(self.timesteps[step + 1])]
+            previous_alpha_bar = self.alphas_cumprod[int(self.timestep_values[step + 1])]
         else:
             previous_alpha_bar = torch.ones_like(alpha_bar)
         alpha = alpha_bar / previous_alpha_bar

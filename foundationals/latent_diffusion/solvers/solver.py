@@ -206,6 +206,7 @@ class Solver(ABC):
         self.alphas_cumprod = cumulative_alphas(self.params, clamp_terminal=self.clamp_terminal_alpha)
         self.build_schedule()
         self._refuse_division_by_zero_alpha()
+        self.timestep_values: list[float] = self.timesteps.tolist()  # read per step without a device sync
         self.device, self.dtype = torch.device(device), dtype
         self.to(device, dtype)
 
@@ -268,7 +269,7 @@ class Solver(ABC):
 
     def add_noise(self, x: Tensor, noise: Tensor, step: int) -> Tensor:
         """Clean latents noised to the level of `step` (the start of image-to-image)."""
-        alpha_bar = self.alphas_cumprod[int(self.timesteps[step])].to(x.dtype)
+        alpha_bar = self.alphas_cumprod[int(self.timestep_values[step])].to(x.dtype)
         return alpha_bar**0.5 * x + (1 - alpha_bar) ** 0.5 * noise
 
     def first_step_from_strength(self, strength: float) -> int:

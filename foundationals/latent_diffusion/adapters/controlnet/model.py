@@ -266,7 +266,7 @@ class ControlNetBranch(fl.ContextModule):
         self._controlnet = [controlnet]  # its own tree: not a child, so it keeps its own contexts
         self._hint = hint
         self._mask = mask
-        self._prepared: dict[tuple[int, ...], Tensor] = {}
+        self._prepared: dict[tuple[object, ...], Tensor] = {}
         self.strength = strength
         self.mode = mode
         self.uses_guidance = uses_guidance
@@ -310,12 +310,12 @@ class ControlNetBranch(fl.ContextModule):
             if pooled is None or time_ids is None:
                 raise ValueError("an SDXL ControlNet needs the UNet's pooled text embedding and time ids")
             controlnet.set_sdxl_conditioning(pooled.to(device=device, dtype=dtype), time_ids.to(device))
-        controlnet.set_hint(self._batched(self._hint, x, copies).to(device=device, dtype=dtype))
+        controlnet.set_hint(self._batched(self._hint, x, copies, device, dtype))
         outputs = [output.to(x.dtype) for output in controlnet(x.to(device=device, dtype=dtype))]
         outputs = self._scaled(outputs)
         if self._mask is not None:
-            mask = self._batched(self._mask, x, copies, is_mask=True)
-            outputs = [o * resize_mask(mask.float(), o.shape[-2:], "area", o.shape[0]).to(o) for o in outputs]
+            mask = self._batched(self._mask, x, copies, x.device, torch.float32, is_mask=True)
+            outputs = [o * self._mask_on(mask, o) for o in outputs]
         if conditional_only and len(halves) > 1:  # the other halves get no control
             outputs = [
                 torch.cat([o if index == positive else torch.zeros_like(o) for index in range(len(halves))])
@@ -334,10 +334,19 @@ class ControlNetBranch(fl.ContextModule):
             ]
         return [output * self.strength for output in outputs]
 
-    def _batched(self, source: Tensor, x: Tensor, copies: int, is_mask: bool = False) -> Tensor:
-        """The hint (or mask) for latents `x`: resized once per shape, batch broadcast, repeated per batch half."""
+    def _batched(
+        self,
+        source: Tensor,
+        x: Tensor,
+        copies: int,
+        device: Device,
+        dtype: DType,
+        is_mask: bool = False,
+    ) -> Tensor:
+        """The hint (or mask) for latents `x`: resized, batch broadcast, repeated per batch half and moved to
+        `device` in `dtype` once per shape (every later step reuses it: no copy per step)."""
         batch = x.shape[0] // copies
-        key = (int(is_mask), *x.shape[-2:], batch, copies)
+        key = (int(is_mask), *x.shape[-2:], batch, copies, str(device), str(dtype))
         if key not in self._prepared:
             if is_mask:
                 prepared = broadcast_batch(source if source.dim() > 2 else source[None], batch)
@@ -345,7 +354,16 @@ class ControlNetBranch(fl.ContextModule):
                 factor = self.controlnet.config.downscale_factor
                 hint = resize_hint(source, x.shape[-2] * factor, x.shape[-1] * factor)
                 prepared = broadcast_batch(hint, batch)
-            self._prepared[key] = torch.cat([prepared] * copies) if copies > 1 else prepared
+            prepared = torch.cat([prepared] * copies) if copies > 1 else prepared
+            self._prepared[key] = prepared.to(device=device, dtype=dtype)
+        return self._prepared[key]
+
+    def _mask_on(self, mask: Tensor, output: Tensor) -> Tensor:
+        """The mask resized ("area") to one residual's grid, made once per grid and batch."""
+        key = ("mask_on", id(mask), *output.shape[-2:], output.shape[0])
+        if key not in self._prepared:
+            resized = resize_mask(mask, output.shape[-2:], "area", output.shape[0])
+            self._prepared[key] = resized.to(dtype=output.dtype)
         return self._prepared[key]
 
     def description_parts(self) -> list[str]:
@@ -401,14 +419,17 @@ class ControlNetPatch:
     def label(self) -> str:
         return f"{self.name} ({self.strength:g}, steps {self.start:g}-{self.end:g}, {self.mode})"
 
+    def models(self) -> tuple[ControlNet]:
+        """The ControlNet: brought to the run's device with the UNet (see `model_patch.patch_models`)."""
+        return (self.controlnet,)
+
     def apply(self, model: StableDiffusion, run: SamplingRun | None) -> Undo:
         """Inject into `model.unet`; the undo ejects it and restores the UNet's contexts exactly."""
         unet: UNet = model.unet
         check_controlnet_fits(self.controlnet.config, unet.config)
         if run is None:
             return lambda: None
-        parameter = next(unet.parameters())
-        self.controlnet.to(device=parameter.device, dtype=parameter.dtype)
+        # The ControlNet runs where it is (the host loads it with the UNet: `models()`); inputs go to it.
         branch = ControlNetBranch(
             self.controlnet, self.hint, self.strength, self.mask, self.mode, uses_guidance=run.uses_guidance
         )

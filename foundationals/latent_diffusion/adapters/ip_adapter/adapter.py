@@ -78,8 +78,14 @@ class ImageAttentionWeight(fl.ContextModule):
         if mask is None:
             return x
         height, width = self.use_context("spatial_transformer")["image"].shape[-2:]
-        grid = resize_mask(mask[:, None].to(device=x.device, dtype=x.dtype), (height, width), "bilinear")
-        grid = grid.flatten(1)[..., None]  # (B_mask, tokens, 1)
+        grids: dict[tuple[object, ...], Tensor] = state.setdefault("mask_grids", {})
+        key = (int(height), int(width), str(x.device), x.dtype)
+        grid = grids.get(key)
+        if grid is None:  # once per grid size for the run, not once per block and step
+            on_device = mask[:, None].to(device=x.device, dtype=x.dtype)
+            grid = resize_mask(on_device, (height, width), "bilinear")
+            grid = grid.flatten(1)[..., None]  # (B_mask, tokens, 1)
+            grids[key] = grid
         if grid.shape[0] not in (1, x.shape[0]):
             raise ValueError(
                 f"IP-Adapter mask batch {grid.shape[0]} does not fit the UNet batch {x.shape[0]}"
@@ -171,8 +177,30 @@ def _family(context_dim: int) -> str:
     return FAMILIES.get(context_dim, f"a {context_dim}-wide text context")
 
 
+class IPAdapterWeights(torch.nn.Module):
+    """Every tensor of an IP-Adapter file in one module (its image projection and the `to_k_ip`/`to_v_ip` of each
+    cross-attention block), so that the adapter moves between devices as one model."""
+
+    def __init__(
+        self,
+        image_projection: ImageProjection | PerceiverResampler,
+        key_value_weights: Sequence[tuple[Tensor, Tensor]],
+    ) -> None:
+        super().__init__()
+        self.image_projection = image_projection
+        self.to_k_ip = torch.nn.ParameterList(
+            [torch.nn.Parameter(key, requires_grad=False) for key, _ in key_value_weights]
+        )
+        self.to_v_ip = torch.nn.ParameterList(
+            [torch.nn.Parameter(value, requires_grad=False) for _, value in key_value_weights]
+        )
+
+
 class IPAdapter:
-    """A loaded IP-Adapter file: its image projection and one `to_k_ip`/`to_v_ip` pair per cross-attention block."""
+    """A loaded IP-Adapter file: its image projection and one `to_k_ip`/`to_v_ip` pair per cross-attention block.
+
+    The tensors live in `weights` (a torch module: the host moves it to the UNet's device with the UNet).
+    """
 
     def __init__(
         self,
@@ -180,8 +208,7 @@ class IPAdapter:
         key_value_weights: Sequence[tuple[Tensor, Tensor]],
         name: str = "ip-adapter",
     ) -> None:
-        self.image_projection = image_projection
-        self.key_value_weights = list(key_value_weights)
+        self.weights = IPAdapterWeights(image_projection, key_value_weights)
         self.name = name
         self.kind = BASE if isinstance(image_projection, ImageProjection) else PLUS
         self.context_dim = int(self.key_value_weights[0][0].shape[1])
@@ -195,6 +222,15 @@ class IPAdapter:
             f"IPAdapter({self.name!r}, {self.kind}, {self.family}, {len(self.key_value_weights)} blocks, "
             f"{self.image_projection.num_tokens} tokens per image)"
         )
+
+    @property
+    def image_projection(self) -> ImageProjection | PerceiverResampler:
+        return self.weights.image_projection  # type: ignore[return-value]
+
+    @property
+    def key_value_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """(to_k_ip, to_v_ip) of each cross-attention block, where the weights are now."""
+        return list(zip(self.weights.to_k_ip, self.weights.to_v_ip))
 
     @property
     def family(self) -> str:
@@ -371,6 +407,7 @@ class IPAdapterInjection:
                 raise ValueError(f"an IP-Adapter mask is (H, W) or (B, H, W), got {tuple(mask.shape)}")
             mask = mask.float()
         self._state()["mask"] = mask
+        self._state()["mask_grids"] = {}
 
     def eject(self) -> None:
         """Take every adapter out (in reverse order) and forget the context."""
@@ -427,6 +464,10 @@ class IPAdapterPatch:
     ) -> IPAdapterPatch:
         """Encode ComfyUI images (B, H, W, C) with `encoder` (checked against the adapter), then patch."""
         return IPAdapterPatch(adapter, adapter.encode_images(encoder, images, negative_images), **options)
+
+    def models(self) -> tuple[IPAdapterWeights]:
+        """The adapter's weights: brought to the run's device with the UNet (see `model_patch.patch_models`)."""
+        return (self.adapter.weights,)
 
     @property
     def label(self) -> str:

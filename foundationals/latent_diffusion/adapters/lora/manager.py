@@ -131,6 +131,10 @@ class SDLoraManager:
     `models` maps components (`unet`, `text_encoder`, `text_encoder_2`) to our Chains;
     `module_maps` maps, per component, canonical module paths to our module paths (the part of our
     state-dict keys before `.weight`). Both are read once, before any adapter is injected.
+
+    Fusing keeps each original weight on `backup_device` (the CPU by default, as ComfyUI keeps its backups
+    on the offload device: the GPU holds one copy of each weight) and adds the LoRA deltas computed in
+    float32, rounded to the weight's dtype once.
     """
 
     def __init__(
@@ -138,9 +142,11 @@ class SDLoraManager:
         models: Mapping[str, fl.Chain],
         module_maps: Mapping[str, Mapping[str, str]],
         namespace: LoraNamespace = SD15,
+        backup_device: torch.device | str = "cpu",
     ) -> None:
         self.models = dict(models)
         self.namespace = namespace
+        self.backup_device = torch.device(backup_device)
         self.targets: dict[str, dict[str, fl.WeightedModule]] = {}
         for component, mapping in module_maps.items():
             root = self.models[component]
@@ -161,8 +167,10 @@ class SDLoraManager:
         unet: UNet,
         text_encoder: CLIPTextEncoder | None = None,
         text_encoder_2: CLIPTextEncoder | None = None,
+        backup_device: torch.device | str = "cpu",
     ) -> SDLoraManager:
-        """A manager for our UNet and text encoders, placing LoRAs through their diffusers/transformers key maps."""
+        """A manager for our UNet and text encoders, placing LoRAs through their diffusers/transformers key maps
+        (`backup_device`: where fusing keeps the original weights)."""
         models: dict[str, fl.Chain] = {UNET: unet}
         maps: dict[str, dict[str, str]] = {UNET: unet_lora_module_map(unet)}
         layers: dict[str, int] = {}
@@ -181,7 +189,7 @@ class SDLoraManager:
             config.addition_embedding == "text_time",
             layers,
         )
-        return cls(models, maps, namespace)
+        return cls(models, maps, namespace, backup_device)
 
     @property
     def names(self) -> list[str]:
@@ -377,19 +385,22 @@ class SDLoraManager:
         self.fused = False
 
     def _refuse(self, sites: Iterable[_Site]) -> None:
-        """While fused: rewrite these layers' weights as original + the sum of their LoRAs' deltas."""
+        """While fused: rewrite these layers' weights as original + the sum of their LoRAs' deltas.
+
+        The original goes to `backup_device` (kept bit for bit); the deltas are summed in float32 on the
+        weight's device and the result is rounded to the weight's dtype once."""
         for site in sites:
             assert site.adapter is not None
             weight = site.layer.weight
-            if site.original is None:
-                site.original = weight.detach().clone()
             with torch.no_grad():
-                weight.copy_(site.original)  # DoRA reads the base weight
-                delta = sum(
-                    (lora.delta_weight().reshape(weight.shape) for lora in site.adapter.iter_loras()),
-                    torch.zeros_like(weight),
-                )
-                weight.copy_(site.original + delta)
+                if site.original is None:
+                    site.original = weight.detach().to(self.backup_device, copy=True)
+                else:
+                    weight.copy_(site.original)  # DoRA reads the base weight
+                delta = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+                for lora in site.adapter.iter_loras():
+                    delta += lora.delta_weight(torch.float32).reshape(weight.shape).to(weight.device)
+                weight.copy_(weight.float() + delta)
 
     def clear(self) -> None:
         """Remove every LoRA (fused or not): the model is back to its base weights and structure."""

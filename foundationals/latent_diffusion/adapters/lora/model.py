@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch import dtype as DType
 
 from .....fluxion import layers as fl
 from .....fluxion.adapters.lora import Conv2dLora, LinearLora, Lora
@@ -104,8 +105,10 @@ class TuckerConv2dLora(Lora[fl.Conv2d]):
             and tuple(layer.kernel_size) == tuple(self.mid.kernel_size)
         )
 
-    def delta_weight(self) -> Tensor:
-        core, up, down = self.mid.weight, self.up.weight.flatten(1), self.down.weight.flatten(1)
+    def delta_weight(self, dtype: DType | None = None) -> Tensor:
+        core, up, down = (
+            w.to(dtype) for w in (self.mid.weight, self.up.weight.flatten(1), self.down.weight.flatten(1))
+        )
         return self.scale * torch.einsum("abhw,oa,bi->oihw", core, up, down)
 
 
@@ -121,8 +124,9 @@ class WeightFactors(fl.WeightedModule):
             weight = tensor.to(device=target.weight.device, dtype=target.weight.dtype)
             self.register_parameter(role, torch.nn.Parameter(weight, requires_grad=False))
 
-    def delta(self) -> Tensor:
-        return compute_delta(self.method, dict(self.named_parameters(recurse=False)), self.shape)
+    def delta(self, dtype: DType | None = None) -> Tensor:
+        factors = {role: tensor.to(dtype) for role, tensor in self.named_parameters(recurse=False)}
+        return compute_delta(self.method, factors, self.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         return _apply_weight(x, self.delta(), self._conv)
@@ -143,8 +147,8 @@ class DeltaLora(Lora[fl.WeightedModule]):
     def is_compatible(self, layer: fl.WeightedModule) -> bool:
         return tuple(layer.weight.shape) == self.shape
 
-    def delta_weight(self) -> Tensor:
-        return self.scale * self[0].delta()  # type: ignore[operator]
+    def delta_weight(self, dtype: DType | None = None) -> Tensor:
+        return self.scale * self[0].delta(dtype)  # type: ignore[operator]
 
 
 class DoraLora(Lora[fl.WeightedModule]):
@@ -192,15 +196,16 @@ class DoraLora(Lora[fl.WeightedModule]):
     def is_compatible(self, layer: fl.WeightedModule) -> bool:
         return layer is self._target_layer[0]
 
-    def delta_weight(self) -> Tensor:
-        weight = self._target_layer[0].weight
-        adapted = weight + self.scale * self.inner.delta_weight().reshape(weight.shape)
+    def delta_weight(self, dtype: DType | None = None) -> Tensor:
+        inner = self.inner.delta_weight(dtype)
+        weight = self._target_layer[0].weight.to(device=inner.device, dtype=inner.dtype)
+        adapted = weight + self.scale * inner.reshape(weight.shape)
         other = [dim for dim in range(weight.dim()) if dim != self.norm_dim]
         norm = adapted.norm(dim=other, keepdim=True)
-        return self[1].weight * adapted / norm - weight  # type: ignore[union-attr]
+        return self[1].weight.to(inner.dtype) * adapted / norm - weight  # type: ignore[union-attr]
 
     def forward(self, x: Tensor) -> Tensor:
-        output = _apply_weight(x, self.delta_weight(), self._conv)
+        output = _apply_weight(x, self.delta_weight().to(x.dtype), self._conv)
         for gate in (self.find(ScheduleGate), self.find(RegionGate)):
             if gate is not None:
                 output = gate(output)

@@ -275,6 +275,10 @@ class T2IAdapterPatch:
     def label(self) -> str:
         return f"{self.name} ({self.strength:g}, steps {self.start:g}-{self.end:g})"
 
+    def models(self) -> tuple[T2IAdapter]:
+        """The adapter: brought to the run's device with the UNet (see `model_patch.patch_models`)."""
+        return (self.adapter,)
+
     def features(self, run: SamplingRun, device: torch.device, dtype: DType) -> list[Tensor]:
         """The scaled features for the run's size and batch (both CFG halves when guided)."""
         factor = self.adapter.config.latent_factor

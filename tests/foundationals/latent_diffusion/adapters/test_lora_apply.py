@@ -471,3 +471,29 @@ def test_a_second_manager_finds_the_same_layers_after_a_first_injected_unfused_l
     late.clear()
     first.clear()
     assert repr(sd.unet) == tree
+
+
+def test_fused_weights_keep_their_originals_on_the_backup_device_and_add_float32_deltas_once():
+    from nodes.demo import kohya_lora, tiny_sd15
+
+    model = tiny_sd15()
+    unet = model.unet.to(dtype=torch.float16)  # fp16 weights, as on a GPU
+    before = {name: weight.clone() for name, weight in unet.state_dict().items()}
+    files = kohya_lora(model), kohya_lora(model, seed=5)  # read the layers' shapes before any injection
+    manager = SDLoraManager.for_models(unet, backup_device="cpu")
+    manager.add_loras("style", files[0], unet_scale=0.8)
+    manager.add_loras("other", files[1], unet_scale=-0.5)
+    manager.fuse()
+    sites = list(manager._sites.values())
+    assert sites
+    for site in sites:
+        weight, original = site.layer.weight, site.original
+        assert original.device == manager.backup_device and original.dtype == weight.dtype
+        assert original.data_ptr() != weight.data_ptr()  # a copy of its own, off the layer
+        delta = sum(
+            lora.delta_weight(torch.float32).reshape(weight.shape) for lora in site.adapter.iter_loras()
+        )
+        assert torch.equal(weight, (original.float() + delta).to(torch.float16))  # rounded once, same ops
+    manager.unfuse()
+    manager.clear()
+    assert all(torch.equal(unet.state_dict()[name], weight) for name, weight in before.items())  # bit for bit
