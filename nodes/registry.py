@@ -13,6 +13,7 @@ from types import ModuleType
 from . import (
     checkpoint_nodes,
     control_nodes,
+    core_model_nodes,
     image_prompt_nodes,
     ip_adapter_embeds_nodes,
     latent_nodes,
@@ -35,6 +36,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     ip_adapter_embeds_nodes,
     reference_only_nodes,
     model_nodes,
+    core_model_nodes,
     training_nodes,
 )
 
