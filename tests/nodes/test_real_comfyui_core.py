@@ -1,0 +1,262 @@
+"""Fluxion models and core models in one real ComfyUI (opt-in, full-size random SD1.5 weights).
+
+Runs when `FLUXION_COMFYUI` (a ComfyUI checkout) and `FLUXION_COMFYUI_PYTHON` are set, like
+test_real_comfyui.py; skips cleanly otherwise. It writes a full-size random SD1.5 checkpoint (~1.7 GB, core's
+loaders detect real architectures only) and a kohya-named LoRA, starts ComfyUI on the CPU (loopback, a port
+from FLUXION_COMFYUI_PORT or a free one) and checks, through /prompt and core SaveLatent files:
+
+- core KSampler (euler / normal, 3 steps, cfg 5, 128 px) on `Fluxion To Core Model` of our loaded checkpoint
+  equals core KSampler on core's own MODEL of the same file (core CLIP Text Encode conditioning for both):
+  max abs difference of the latents <= 1e-5 of their max abs (see CORE_PARITY);
+- with the LoRA, core KSampler on our model + Fluxion Load LoRA equals core KSampler on core's model + core
+  LoraLoader (the same LoRA applied by core) within CORE_PARITY, and the LoRA changes the result by far more;
+- after the LoRA run, the plain run on the same loaded model gives the first run's latents again
+  (torch.equal: same path, same inputs: the stack was undone);
+- adopting core's MODEL / CLIP / VAE grows the ComfyUI process's RSS by far less than a second copy, and
+  our sampler runs on the adopted model.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+COMFYUI = os.environ.get("FLUXION_COMFYUI", "")
+PYTHON = os.environ.get("FLUXION_COMFYUI_PYTHON") or sys.executable
+START_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 900
+CHECKPOINT = "random_sd15.safetensors"
+LORA = "random_sd15_lora.safetensors"
+CORE_PARITY = 1e-5
+"""Max abs difference of 3-step latents, ours vs core, relative to the latents' max abs (two float paths:
+attention and conv order differ). Measured 1.5e-6 (plain: 5.7e-4 on latents up to 373; random weights give
+large latents) and 1.3e-6 (LoRA)."""
+
+
+def _relative(a, b) -> float:
+    return float((a - b).abs().max()) / float(b.abs().max())
+
+
+pytestmark = pytest.mark.skipif(
+    not (COMFYUI and (Path(COMFYUI) / "main.py").is_file()),
+    reason="set FLUXION_COMFYUI to a ComfyUI checkout (and FLUXION_COMFYUI_PYTHON to its python)",
+)
+
+
+def _port() -> int:
+    wanted = os.environ.get("FLUXION_COMFYUI_PORT")
+    if wanted:
+        return int(wanted)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path, port: int, process: subprocess.Popen, log: Path):
+        self.base, self.url, self.process, self.log = base, f"http://127.0.0.1:{port}", process, log
+
+    def request(self, path: str, data: dict | None = None, timeout: float = 30.0):
+        body = None if data is None else json.dumps(data).encode()
+        request = urllib.request.Request(
+            self.url + path, data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def rss_bytes(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    def run(self, prompt: dict, free: bool = True) -> dict:
+        if free:  # empty the output cache, keep loaded models (our checkpoint cache stays too)
+            self.request("/free", {"free_memory": True, "unload_models": False})
+        try:
+            prompt_id = self.request("/prompt", {"prompt": prompt})["prompt_id"]
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"/prompt refused ({error.code}): {error.read().decode(errors='replace')}")
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while True:
+            entry = self.request(f"/history/{prompt_id}").get(prompt_id, {})
+            status = entry.get("status", {})
+            if status.get("status_str") in ("success", "error"):
+                errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+                assert status["status_str"] == "success", json.dumps(errors, indent=1)[:6000]
+                return entry
+            if self.process.poll() is not None:
+                pytest.fail(f"ComfyUI exited:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.request("/interrupt", {})
+                pytest.fail(f"no result within {RUN_TIMEOUT_S} s:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def latent(self, entry: dict, node: str):
+        from safetensors.torch import load_file
+
+        files = entry["outputs"][node]["latents"]
+        item = files[0]
+        path = self.base / "output" / item.get("subfolder", "") / item["filename"]
+        return load_file(str(path))["latent_tensor"]
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    from tests.support.full_size import write_random_sd15, write_random_sd15_lora
+
+    base = tmp_path_factory.mktemp("comfyui_core")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-Fluxion").symlink_to(REPO, target_is_directory=True)
+    for folder in ("output", "user", "input"):
+        (base / folder).mkdir(exist_ok=True)
+    write_random_sd15(base / "models" / "checkpoints" / CHECKPOINT)
+    write_random_sd15_lora(base / "models" / "loras" / LORA)
+    port = _port()
+    command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
+    command += [
+        "--base-directory",
+        str(base),
+        "--database-url",
+        "sqlite:///:memory:",
+        "--disable-auto-launch",
+    ]
+    log = base / "comfyui.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=COMFYUI, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    server = Server(base, port, process, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {process.returncode} while starting:\n{server.log_tail()}")
+            try:
+                server.request("/system_stats", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer within {START_TIMEOUT_S} s:\n{server.log_tail()}")
+                time.sleep(1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def _sampling_nodes(model: list, prefix: str, suffix: str) -> dict:
+    """Core text encoding (core CLIP of node "core"), an empty latent, KSampler and SaveLatent."""
+    return {
+        f"pos{suffix}": {
+            "class_type": "CLIPTextEncode",
+            "inputs": {"text": "a red fox", "clip": ["core", 1]},
+        },
+        f"neg{suffix}": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["core", 1]}},
+        f"latent{suffix}": {
+            "class_type": "EmptyLatentImage",
+            "inputs": {"width": 128, "height": 128, "batch_size": 1},
+        },
+        f"sampler{suffix}": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model,
+                "seed": 7,
+                "steps": 3,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": [f"pos{suffix}", 0],
+                "negative": [f"neg{suffix}", 0],
+                "latent_image": [f"latent{suffix}", 0],
+                "denoise": 1.0,
+            },
+        },
+        f"save{suffix}": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": [f"sampler{suffix}", 0], "filename_prefix": f"latents/{prefix}"},
+        },
+    }
+
+
+CORE_LOADER = {"core": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}}}
+OUR_LOADER = {"ours": {"class_type": "FluxionCheckpointLoader", "inputs": {"ckpt_name": CHECKPOINT}}}
+
+
+def _plain_prompt(prefix: str) -> dict:
+    return {
+        **CORE_LOADER,
+        **OUR_LOADER,
+        "to_core": {"class_type": "FluxionToCoreModel", "inputs": {"model": ["ours", 0]}},
+        **_sampling_nodes(["core", 0], f"{prefix}_core", "_core"),
+        **_sampling_nodes(["to_core", 0], f"{prefix}_ours", "_ours"),
+    }
+
+
+def _lora_prompt() -> dict:
+    lora_inputs = {"lora_name": LORA, "strength_model": 1.0}
+    return {
+        **CORE_LOADER,
+        **OUR_LOADER,
+        "core_lora": {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["core", 0], **lora_inputs},
+        },
+        "our_lora": {
+            "class_type": "FluxionLoraLoader",
+            "inputs": {
+                "model": ["ours", 0],
+                "clip": ["ours", 1],
+                **lora_inputs,
+                "strength_clip": 0.0,
+                "fuse": True,
+            },
+        },
+        "to_core": {"class_type": "FluxionToCoreModel", "inputs": {"model": ["our_lora", 0]}},
+        **_sampling_nodes(["core_lora", 0], "lora_core", "_core"),
+        **_sampling_nodes(["to_core", 0], "lora_ours", "_ours"),
+    }
+
+
+@pytest.fixture(scope="module")
+def plain(comfyui):
+    entry = comfyui.run(_plain_prompt("plain"))
+    return comfyui.latent(entry, "save_core"), comfyui.latent(entry, "save_ours")
+
+
+def test_ksampler_on_a_fluxion_model_equals_ksampler_on_cores_model(plain):
+    core, ours = plain
+    assert core.shape == ours.shape == (1, 4, 16, 16)
+    difference = _relative(ours, core)
+    print(
+        f"plain: max |core - ours| / max |core| = {difference:.3g} (latents up to {float(core.abs().max()):.3g})"
+    )
+    assert difference <= CORE_PARITY
+
+
+def test_a_fluxion_lora_acts_in_ksampler_as_cores_lora_and_is_undone(comfyui, plain):
+    entry = comfyui.run(_lora_prompt())
+    core, ours = comfyui.latent(entry, "save_core"), comfyui.latent(entry, "save_ours")
+    plain_core, plain_ours = plain
+    difference = _relative(ours, core)
+    effect = _relative(ours, plain_ours)
+    print(f"LoRA: relative |core - ours| = {difference:.3g}, relative LoRA effect on ours = {effect:.3g}")
+    assert difference <= CORE_PARITY
+    assert effect > 1000 * CORE_PARITY and _relative(core, plain_core) > 1000 * CORE_PARITY
+    again = comfyui.run(_plain_prompt("again"))
+    assert (comfyui.latent(again, "save_ours") == plain_ours).all()  # same path, same inputs: stack undone
