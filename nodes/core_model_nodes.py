@@ -83,10 +83,11 @@ class FluxionAdoptCoreModel:
 
     def adopt(self, model: Any, clip: Any, vae: Any) -> tuple[ModelWire, ClipWire, VaeWire]:
         _require_comfyui("Fluxion Adopt Core Model")
-        from .comfy_models import adopt_core_models
+        from .comfy_models import adopt_core_models, adopted_patches
 
         sd, name = adopt_core_models(model, clip, vae)
-        return ModelWire(sd, name), ClipWire(sd, name), VaeWire(sd, name)
+        model_patches, clip_patches = adopted_patches(model, clip)
+        return ModelWire(sd, name, model_patches), ClipWire(sd, name, clip_patches), VaeWire(sd, name)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -64,7 +64,7 @@ class Server:
     def __init__(self, base: Path, port: int, process: subprocess.Popen, log: Path):
         self.base, self.url, self.process, self.log = base, f"http://127.0.0.1:{port}", process, log
 
-    def request(self, path: str, data: dict | None = None, timeout: float = 30.0):
+    def request(self, path: str, data: dict | None = None, timeout: float = 180.0):
         body = None if data is None else json.dumps(data).encode()
         request = urllib.request.Request(
             self.url + path, data=body, headers={"Content-Type": "application/json"}
@@ -260,3 +260,102 @@ def test_a_fluxion_lora_acts_in_ksampler_as_cores_lora_and_is_undone(comfyui, pl
     assert effect > 1000 * CORE_PARITY and _relative(core, plain_core) > 1000 * CORE_PARITY
     again = comfyui.run(_plain_prompt("again"))
     assert (comfyui.latent(again, "save_ours") == plain_ours).all()  # same path, same inputs: stack undone
+
+
+def _core_weights_bytes() -> int:
+    from foundationals.clip.config import text_preset
+    from foundationals.latent_diffusion.model_config import SD15_AUTOENCODER, SD15_UNET
+
+    counts = 0
+    for config, builder in (
+        (SD15_UNET, "foundationals.latent_diffusion.unet:UNet"),
+        (SD15_AUTOENCODER, "foundationals.latent_diffusion.auto_encoder:LatentDiffusionAutoencoder"),
+        (text_preset("clip_l"), "foundationals.clip.text_encoder:CLIPTextEncoder"),
+    ):
+        import importlib
+
+        module, name = builder.split(":")
+        model = getattr(importlib.import_module(module), name)(config, device="meta")
+        counts += sum(p.numel() for p in model.parameters())
+    return counts * 4  # core on the CPU holds them in fp32
+
+
+SIZES = {
+    "clip_skip": 1,
+    "width": 128,
+    "height": 128,
+    "crop_w": 0,
+    "crop_h": 0,
+    "target_width": 128,
+    "target_height": 128,
+}
+
+
+def _adopt_prompt() -> dict:
+    return {
+        **CORE_LOADER,
+        "adopt": {
+            "class_type": "FluxionAdoptCoreModel",
+            "inputs": {"model": ["core", 0], "clip": ["core", 1], "vae": ["core", 2]},
+        },
+        "to_core": {"class_type": "FluxionToCoreModel", "inputs": {"model": ["adopt", 0]}},
+        **_sampling_nodes(["to_core", 0], "adopted_core", "_adopted"),
+        "fl_pos": {
+            "class_type": "FluxionTextEncode",
+            "inputs": {"clip": ["adopt", 1], "text": "a red fox", **SIZES},
+        },
+        "fl_neg": {
+            "class_type": "FluxionTextEncode",
+            "inputs": {"clip": ["adopt", 1], "text": "blurry", **SIZES},
+        },
+        "fl_latent": {
+            "class_type": "FluxionEmptyLatent",
+            "inputs": {"width": 128, "height": 128, "batch_size": 1},
+        },
+        "fl_sampler": {
+            "class_type": "FluxionSampler",
+            "inputs": {
+                "model": ["adopt", 0],
+                "positive": ["fl_pos", 0],
+                "negative": ["fl_neg", 0],
+                "latent_image": ["fl_latent", 0],
+                "seed": 7,
+                "steps": 2,
+                "cfg": 5.0,
+                "solver": "euler",
+                "schedule": "normal",
+                "denoise": 1.0,
+            },
+        },
+        "fl_decode": {
+            "class_type": "FluxionVAEDecode",
+            "inputs": {"vae": ["adopt", 2], "samples": ["fl_sampler", 0], "tiled": False},
+        },
+        "fl_save": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["fl_decode", 0], "filename_prefix": "adopted"},
+        },
+    }
+
+
+def test_adopting_core_models_shares_their_weights_and_our_sampler_runs(comfyui, plain):
+    plain_core, plain_ours = plain
+    before = comfyui.rss_bytes()
+    entry = comfyui.run(_adopt_prompt())
+    after = comfyui.rss_bytes()
+    adopted = comfyui.latent(entry, "save_adopted")
+    copy = _core_weights_bytes()
+    growth = after - before
+    print(
+        f"adopt: RSS {before / 2**30:.2f} -> {after / 2**30:.2f} GiB (+{growth / 2**20:.0f} MiB; "
+        f"a second fp32 copy would be {copy / 2**20:.0f} MiB); "
+        f"relative |adopted - core| = {_relative(adopted, plain_core):.3g}, "
+        f"equal to our own load: {bool((adopted == plain_ours).all())}"
+    )
+    assert growth < 0.1 * copy
+    assert _relative(adopted, plain_core) <= CORE_PARITY
+    images = entry["outputs"]["fl_save"]["images"]
+    assert (
+        images
+        and (comfyui.base / "output" / images[0].get("subfolder", "") / images[0]["filename"]).is_file()
+    )
