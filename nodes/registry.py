@@ -23,6 +23,7 @@ from . import (
     sampler_nodes,
     text_nodes,
     training_nodes,
+    vae_nodes,
 )
 
 FEATURE_MODULES: tuple[ModuleType, ...] = (
@@ -37,6 +38,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     reference_only_nodes,
     model_nodes,
     core_model_nodes,
+    vae_nodes,
     training_nodes,
 )
 
