@@ -359,3 +359,26 @@ def test_adopting_core_models_shares_their_weights_and_our_sampler_runs(comfyui,
         images
         and (comfyui.base / "output" / images[0].get("subfolder", "") / images[0]["filename"]).is_file()
     )
+
+
+def test_the_mixed_examples_run(comfyui):
+    folder = REPO / "examples" / "comfyui_workflows"
+    examples = sorted(folder.glob("*.api.json"))
+    assert examples
+    for path in examples:
+        prompt = json.loads(path.read_text())
+        for node in prompt.values():  # this test's files, and a small, short run
+            inputs = node["inputs"]
+            if "ckpt_name" in inputs:
+                inputs["ckpt_name"] = CHECKPOINT
+            if "lora_name" in inputs:
+                inputs["lora_name"] = LORA
+            if node["class_type"] == "EmptyLatentImage":
+                inputs.update(width=128, height=128)
+            if "steps" in inputs:
+                inputs["steps"] = 2
+        entry = comfyui.run(prompt)
+        images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
+        assert images, f"{path.name} saved no image"
+        for image in images:
+            assert (comfyui.base / image["type"] / image.get("subfolder", "") / image["filename"]).is_file()
