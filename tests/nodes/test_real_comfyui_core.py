@@ -41,6 +41,8 @@ START_TIMEOUT_S = 180
 RUN_TIMEOUT_S = 900
 CHECKPOINT = "random_sd15.safetensors"
 LORA = "random_sd15_lora.safetensors"
+CONTROLNET = "random_sd15_controlnet.safetensors"
+HINT = "hint.png"
 CORE_PARITY = 1e-5
 """Max abs difference of 3-step latents, ours vs core, relative to the latents' max abs (two float paths:
 attention and conv order differ). Measured 1.5e-6 (plain: 5.7e-4 on latents up to 373; random weights give
@@ -118,9 +120,23 @@ class Server:
         return load_file(str(path))["latent_tensor"]
 
 
+def _write_hint(path: Path) -> None:
+    """A 128x128 hint (the output size: neither side resizes it): bright squares on black."""
+    from PIL import Image
+
+    image = Image.new("RGB", (128, 128))
+    for corner in ((16, 16), (72, 40), (32, 88)):
+        image.paste((255, 255, 255), (*corner, corner[0] + 24, corner[1] + 24))
+    image.save(path)
+
+
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
-    from tests.support.full_size import write_random_sd15, write_random_sd15_lora
+    from tests.support.full_size import (
+        write_random_sd15,
+        write_random_sd15_controlnet,
+        write_random_sd15_lora,
+    )
 
     base = tmp_path_factory.mktemp("comfyui_core")
     (base / "custom_nodes").mkdir()
@@ -129,6 +145,8 @@ def comfyui(tmp_path_factory):
         (base / folder).mkdir(exist_ok=True)
     write_random_sd15(base / "models" / "checkpoints" / CHECKPOINT)
     write_random_sd15_lora(base / "models" / "loras" / LORA)
+    write_random_sd15_controlnet(base / "models" / "controlnet" / CONTROLNET)
+    _write_hint(base / "input" / HINT)
     port = _port()
     command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
     command += [
@@ -393,3 +411,64 @@ def test_the_mixed_examples_run(comfyui):
         assert images, f"{path.name} saved no image"
         for image in images:
             assert (comfyui.base / image["type"] / image.get("subfolder", "") / image["filename"]).is_file()
+
+
+def _controlnet_prompt() -> dict:
+    """Three branches with core's conditioning: core ControlNet on core's model, Fluxion ControlNet on our model
+    (through Fluxion To Core Model), core ControlNet on our model."""
+    prompt = {**CORE_LOADER, **OUR_LOADER}
+    prompt["hint"] = {"class_type": "LoadImage", "inputs": {"image": HINT}}
+    prompt["core_cn"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
+    prompt["our_cn"] = {"class_type": "FluxionControlLoader", "inputs": {"control_name": CONTROLNET}}
+    prompt["our_apply"] = {
+        "class_type": "FluxionApplyControl",
+        "inputs": {
+            "model": ["ours", 0],
+            "control": ["our_cn", 0],
+            "image": ["hint", 0],
+            "strength": 1.0,
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+            "mode": "balanced",
+        },
+    }
+    prompt["to_core_cn"] = {"class_type": "FluxionToCoreModel", "inputs": {"model": ["our_apply", 0]}}
+    prompt["to_core"] = {"class_type": "FluxionToCoreModel", "inputs": {"model": ["ours", 0]}}
+    for suffix, model, core_control in (
+        ("_core", ["core", 0], True),
+        ("_ours", ["to_core_cn", 0], False),
+        ("_mapped", ["to_core", 0], True),
+    ):
+        nodes = _sampling_nodes(model, f"cn{suffix}", suffix)
+        if core_control:
+            prompt[f"apply{suffix}"] = {
+                "class_type": "ControlNetApplyAdvanced",
+                "inputs": {
+                    "positive": [f"pos{suffix}", 0],
+                    "negative": [f"neg{suffix}", 0],
+                    "control_net": ["core_cn", 0],
+                    "image": ["hint", 0],
+                    "strength": 1.0,
+                    "start_percent": 0.0,
+                    "end_percent": 1.0,
+                },
+            }
+            nodes[f"sampler{suffix}"]["inputs"].update(
+                positive=[f"apply{suffix}", 0], negative=[f"apply{suffix}", 1]
+            )
+        prompt.update(nodes)
+    return prompt
+
+
+def test_controlnets_act_in_ksampler_on_a_fluxion_model_as_on_cores(comfyui, plain):
+    plain_core, plain_ours = plain
+    entry = comfyui.run(_controlnet_prompt())
+    core, ours, mapped = (comfyui.latent(entry, f"save{s}") for s in ("_core", "_ours", "_mapped"))
+    effect = _relative(core, plain_core)
+    print(
+        f"ControlNet: relative |Fluxion CN on ours - core CN on core| = {_relative(ours, core):.3g}, "
+        f"|core CN on ours - core CN on core| = {_relative(mapped, core):.3g}, ControlNet effect = {effect:.3g}"
+    )
+    assert effect > 1000 * CORE_PARITY
+    assert _relative(ours, core) <= CORE_PARITY
+    assert _relative(mapped, core) <= CORE_PARITY

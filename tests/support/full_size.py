@@ -63,3 +63,21 @@ def write_random_sd15_lora(path: Path, seed: int = 0, rank: int = 4, scale: floa
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float16) for k, v in tensors.items()}, str(path))
     return path
+
+
+def write_random_sd15_controlnet(path: Path, seed: int = 0) -> Path:
+    """A full-size random SD1.5 ControlNet in the diffusers layout (fp16), zero convolutions redrawn too.
+
+    Written by diffusers (`ControlNetModel(...).state_dict()`); ComfyUI and our loader both read that layout.
+    Weights ~N(0, 0.01) (norms ~1) keep the residuals finite through the full-size network.
+    """
+    from foundationals.latent_diffusion.model_config import SD15_UNET
+    from tests.support.tiny_control import diffusers_controlnet, redraw
+
+    model = diffusers_controlnet(SD15_UNET, hint_channels=(16, 32, 96, 256), seed=seed)
+    redraw(model, 0.01)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(path)
+    )
+    return path
