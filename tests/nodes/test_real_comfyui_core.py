@@ -414,16 +414,20 @@ def test_the_mixed_examples_run(comfyui):
 
 
 def _controlnet_prompt() -> dict:
-    """Three branches with core's conditioning: core ControlNet on core's model, Fluxion ControlNet on our model
-    (through Fluxion To Core Model), core ControlNet on our model."""
-    prompt = {**CORE_LOADER, **OUR_LOADER}
+    """Core's conditioning, four branches: core's model without and with core's ControlNet, then the adopted
+    model (the same weights: no second copy in memory) with the Fluxion ControlNet and with core's."""
+    prompt = {**CORE_LOADER}
+    prompt["adopt"] = {
+        "class_type": "FluxionAdoptCoreModel",
+        "inputs": {"model": ["core", 0], "clip": ["core", 1], "vae": ["core", 2]},
+    }
     prompt["hint"] = {"class_type": "LoadImage", "inputs": {"image": HINT}}
     prompt["core_cn"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
     prompt["our_cn"] = {"class_type": "FluxionControlLoader", "inputs": {"control_name": CONTROLNET}}
     prompt["our_apply"] = {
         "class_type": "FluxionApplyControl",
         "inputs": {
-            "model": ["ours", 0],
+            "model": ["adopt", 0],
             "control": ["our_cn", 0],
             "image": ["hint", 0],
             "strength": 1.0,
@@ -433,8 +437,9 @@ def _controlnet_prompt() -> dict:
         },
     }
     prompt["to_core_cn"] = {"class_type": "FluxionToCoreModel", "inputs": {"model": ["our_apply", 0]}}
-    prompt["to_core"] = {"class_type": "FluxionToCoreModel", "inputs": {"model": ["ours", 0]}}
+    prompt["to_core"] = {"class_type": "FluxionToCoreModel", "inputs": {"model": ["adopt", 0]}}
     for suffix, model, core_control in (
+        ("_plain", ["core", 0], False),
         ("_core", ["core", 0], True),
         ("_ours", ["to_core_cn", 0], False),
         ("_mapped", ["to_core", 0], True),
@@ -460,11 +465,13 @@ def _controlnet_prompt() -> dict:
     return prompt
 
 
-def test_controlnets_act_in_ksampler_on_a_fluxion_model_as_on_cores(comfyui, plain):
-    plain_core, plain_ours = plain
-    entry = comfyui.run(_controlnet_prompt())
-    core, ours, mapped = (comfyui.latent(entry, f"save{s}") for s in ("_core", "_ours", "_mapped"))
-    effect = _relative(core, plain_core)
+def test_controlnets_act_in_ksampler_on_a_fluxion_model_as_on_cores(comfyui):
+    comfyui.request("/free", {"unload_models": True, "free_memory": True})  # drop our own loaded copy
+    entry = comfyui.run(_controlnet_prompt(), free=False)
+    plain, core, ours, mapped = (
+        comfyui.latent(entry, f"save{s}") for s in ("_plain", "_core", "_ours", "_mapped")
+    )
+    effect = _relative(core, plain)
     print(
         f"ControlNet: relative |Fluxion CN on ours - core CN on core| = {_relative(ours, core):.3g}, "
         f"|core CN on ours - core CN on core| = {_relative(mapped, core):.3g}, ControlNet effect = {effect:.3g}"
