@@ -15,7 +15,11 @@ from FLUXION_COMFYUI_PORT or a free one) and checks, through /prompt and core Sa
 - adopting core's MODEL / CLIP / VAE grows the ComfyUI process's RSS by far less than a second copy (< 10%;
   measured +48 MiB, a second fp32 copy is 4067 MiB), KSampler on the adopted model gives our own load's latents
   exactly, and our sampler, text encoder and VAE decoder run on the adopted weights;
-- the examples of examples/comfyui_workflows/ run (their model names replaced by this test's files).
+- the examples of examples/comfyui_workflows/ run (their model names replaced by this test's files);
+- with a full-size random ControlNet (diffusers layout, read by both), KSampler on core's model + core Apply
+  ControlNet equals KSampler on the adopted model + Fluxion Apply Control (1.36e-6 relative, measured) and on
+  the adopted model + core Apply ControlNet (1.63e-6: core's `control` residuals mapped onto our UNet), within
+  CORE_PARITY, while the ControlNet itself changes the result by 0.045.
 
 Measured on 2026-12-03 (AMD EPYC, 2 threads, ComfyUI 0.8.0): all four pass in ~8 min; relative differences
 ours vs core 1.52e-6 (plain) and 1.51e-6 (with the LoRA, whose own effect is 0.25).
