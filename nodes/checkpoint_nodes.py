@@ -6,7 +6,16 @@ from pathlib import Path
 
 from ..foundationals.clip.textual_inversion import EmbeddingLibrary
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
-from .host import list_model_files, manage, model_file_path, model_placement, model_search_paths
+from .host import (
+    ModelFileNames,
+    list_model_files,
+    list_model_folders,
+    manage,
+    model_file_path,
+    model_folder_path,
+    model_placement,
+    model_search_paths,
+)
 from .wires import CLIP, MODEL, VAE, CheckpointCache, ClipWire, ModelWire, VaeWire, text_encoders
 
 
@@ -40,6 +49,28 @@ def load_stable_diffusion(path: Path) -> StableDiffusion:
 _CACHE = CheckpointCache(load_stable_diffusion)
 
 
+def checkpoint_names() -> ModelFileNames:
+    """Checkpoint files, then diffusers folders (model_index.json) in models/checkpoints and models/diffusers.
+
+    Files inside a diffusers folder (its unet/vae/text_encoder weights) are not checkpoints and are left out.
+    """
+    folders = list_model_folders("checkpoints")
+    files = [
+        name for name in list_model_files("checkpoints") if not any(name.startswith(f + "/") for f in folders)
+    ]
+    extra = [name for name in list_model_folders("diffusers") if name not in folders and name not in files]
+    return ModelFileNames("checkpoints", [*files, *folders, *extra])
+
+
+def checkpoint_path(name: str) -> Path:
+    """The file or diffusers folder `name` (models/checkpoints first, then models/diffusers)."""
+    for kind in ("checkpoints", "diffusers"):
+        folder = model_folder_path(kind, name)
+        if folder is not None and (folder / "model_index.json").is_file():
+            return folder
+    return model_file_path("checkpoints", name)
+
+
 class FluxionCheckpointLoader:
     """Load a checkpoint from ComfyUI's checkpoints folder."""
 
@@ -63,16 +94,17 @@ class FluxionCheckpointLoader:
         return {
             "required": {
                 "ckpt_name": (
-                    list_model_files("checkpoints"),
+                    checkpoint_names(),
                     {
-                        "tooltip": "Checkpoint file (.safetensors, .ckpt) or diffusers folder in models/checkpoints."
+                        "tooltip": "Checkpoint file (.safetensors, .ckpt) in models/checkpoints, or diffusers folder "
+                        "(with model_index.json) in models/checkpoints or models/diffusers."
                     },
                 )
             }
         }
 
     def load(self, ckpt_name: str) -> tuple[ModelWire, ClipWire, VaeWire]:
-        model = _CACHE.get(model_file_path("checkpoints", ckpt_name))
+        model = _CACHE.get(checkpoint_path(ckpt_name))
         return ModelWire(model, ckpt_name), ClipWire(model, ckpt_name), VaeWire(model, ckpt_name)
 
 

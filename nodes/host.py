@@ -418,6 +418,34 @@ def _diffusers_folders(roots: list[Path]) -> list[str]:
     return sorted(found)
 
 
+def list_model_folders(kind: str, is_model: Callable[[Path], bool] | None = None) -> list[str]:
+    """Names ('/'-separated, relative) of the model folders under `kind`'s folders: folders holding a diffusers
+    `model_index.json`, or those `is_model(folder)` accepts (e.g. a diffusers VAE's config.json)."""
+    _check_kind(kind)
+    roots = model_search_paths(kind)
+    if is_model is None:
+        return _diffusers_folders(roots)
+    found = set()
+    for root in roots:
+        if root.is_dir():
+            for config in root.rglob("config.json"):
+                if is_model(config.parent):
+                    found.add(config.parent.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def model_folder_path(kind: str, name: str) -> Path | None:
+    """The folder `name` under one of `kind`'s folders, or None."""
+    _check_kind(kind)
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        return None
+    for root in model_search_paths(kind):
+        if (root / relative).is_dir():
+            return root / relative
+    return None
+
+
 class ModelFileNames(list[str]):
     """The names `list_model_files` gives, remembering their folder kind (so a missing name's error can name
     the folders searched); a plain list to everything else (ComfyUI's COMBO, JSON)."""

@@ -13,6 +13,7 @@ from types import ModuleType
 from . import (
     checkpoint_nodes,
     control_nodes,
+    core_model_nodes,
     guidance_nodes,
     image_prompt_nodes,
     ip_adapter_embeds_nodes,
@@ -24,6 +25,7 @@ from . import (
     sampler_nodes,
     text_nodes,
     training_nodes,
+    vae_nodes,
 )
 
 FEATURE_MODULES: tuple[ModuleType, ...] = (
@@ -39,6 +41,8 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     guidance_nodes,
     model_nodes,
     model_sampling_nodes,
+    core_model_nodes,
+    vae_nodes,
     training_nodes,
 )
 

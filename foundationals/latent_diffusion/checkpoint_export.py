@@ -34,6 +34,17 @@ def _text_encoder_tensors(encoder: CLIPTextEncoder, layout: str) -> dict[str, Te
     )
 
 
+def _is_autoencoder_attention_weight(key: str) -> bool:
+    """`*.attn_1.{q,k,v,proj_out}.weight`: Linear in our autoencoder, 1x1 Conv2d in LDM files (and core's VAE)."""
+    parts = key.split(".")
+    return (
+        len(parts) >= 3
+        and parts[-3] == "attn_1"
+        and parts[-2] in ("q", "k", "v", "proj_out")
+        and parts[-1] == "weight"
+    )
+
+
 def single_file_state_dict(model: StableDiffusion) -> dict[str, Tensor]:
     """Every tensor of `model` under its original single-file key."""
     unet_state, autoencoder_state = model.unet.state_dict(), model.autoencoder.state_dict()
@@ -42,8 +53,8 @@ def single_file_state_dict(model: StableDiffusion) -> dict[str, Tensor]:
     }
     for theirs, ours in ldm_autoencoder_key_map(model.autoencoder).items():
         tensor = autoencoder_state[ours]
-        if ".attn_1." in theirs and theirs.endswith(".weight") and tensor.dim() == 2:
-            tensor = tensor[:, :, None, None]  # LDM files store the attention projections as 1x1 convolutions
+        if _is_autoencoder_attention_weight(theirs) and tensor.dim() == 2:
+            tensor = tensor.reshape(*tensor.shape, 1, 1)  # LDM files store them as 1x1 convolutions
         tensors[LDM_AUTOENCODER_PREFIX + theirs] = tensor
     if model.text_encoder_2 is None:
         tensors.update(_text_encoder_tensors(model.text_encoder, "sd15"))
