@@ -211,8 +211,8 @@ PARITY: dict[str, Parity] = {
         "ComfyUI flavours: FreeU / FreeU V2 block patches, RescaleCFG, SAG blur map (`FLUXION_COMFYUI`)",
         "ComfyUI 0.8 `comfy_extras` node code",
         "adapters/test_guidance_comfyui.py",
-        1e-3,
-        "",
+        2e-05,
+        "5.7e-6 (RescaleCFG, x0 up to ~8; FreeU, blur: 0.0)",
     ),
 }
 

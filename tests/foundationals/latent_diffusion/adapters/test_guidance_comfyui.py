@@ -35,6 +35,8 @@ SCRIPT = r"""
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
+from comfy.cli_args import args
+args.cpu = True  # before comfy.model_management looks for a GPU
 from comfy_extras.nodes_freelunch import FreeU, FreeU_V2
 from comfy_extras.nodes_model_advanced import RescaleCFG
 from comfy_extras.nodes_sag import create_blur_map
