@@ -212,7 +212,7 @@ PARITY: dict[str, Parity] = {
         "ComfyUI 0.8 `comfy_extras` node code",
         "adapters/test_guidance_comfyui.py",
         2e-05,
-        "5.7e-6 (RescaleCFG, x0 up to ~8; FreeU, blur: 0.0)",
+        "5.7e-6 (RescaleCFG, x0 up to ~12; FreeU, blur: 0.0)",
     ),
 }
 
