@@ -7,7 +7,7 @@ hooks to their sampling run (perturbed-attention and self-attention guidance, re
 
 1. asks each hook whether this step runs the negative (unconditional) half at all (`uses_negative`: a CFG
    cutoff says no after its step, and the step runs the positive half alone, as diffusers' cutoff callback),
-2. lets each hook prepare (`before`), runs the main pass and combines CFG,
+2. lets each hook prepare (`before`), runs the main pass (then `after_main_pass`) and combines CFG,
 3. lets each hook adjust the prediction (`adjust`), in phase order: `COMBINE` (a rule replacing the CFG
    combination), `TERMS` (extra guidance terms, each may run one more UNet pass on one half of the batch:
    PAG, SAG), `RESCALE` (rescaling the final prediction, as diffusers' `guidance_rescale`). Within a phase,
@@ -155,6 +155,9 @@ class GuidanceHook:
     def before(self, step: GuidanceStep) -> None:
         """Called before the step's main pass."""
 
+    def after_main_pass(self, step: GuidanceStep) -> None:
+        """Called after the step's main pass, before any hook adjusts (and runs passes of its own)."""
+
     def adjust(
         self, step: GuidanceStep, unconditional: Tensor | None, conditional: Tensor, prediction: Tensor
     ) -> Tensor:
@@ -208,6 +211,8 @@ class GuidanceStack:
             else:
                 conditional = passes.one(step.model_input, POSITIVE)
                 prediction = conditional
+            for hook in self.hooks:
+                hook.after_main_pass(step)
             for hook in self.hooks:
                 prediction = hook.adjust(step, unconditional, conditional, prediction)
             return prediction

@@ -229,6 +229,13 @@ PARITY: dict[str, Parity] = {
         1e-05,
         "1.7e-6 (FreeU: 0.0)",
     ),
+    "guidance_comfyui": Parity(
+        "ComfyUI flavours: FreeU / FreeU V2 block patches, RescaleCFG, SAG blur map (`FLUXION_COMFYUI`)",
+        "ComfyUI 0.8 `comfy_extras` node code",
+        "adapters/test_guidance_comfyui.py",
+        2e-05,
+        "5.7e-6 (RescaleCFG, x0 up to ~12; FreeU, blur: 0.0)",
+    ),
 }
 
 

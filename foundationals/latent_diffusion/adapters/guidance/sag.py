@@ -2,7 +2,7 @@
 
 As diffusers' `StableDiffusionSAGPipeline` (and ComfyUI's SelfAttentionGuidance): the step's main pass records
 the attention probabilities of the middle block's first self-attention (computed explicitly there, softmax
-of `q k^T / sqrt(d)`). From the unconditional half (the conditional one when the step has no CFG):
+of `q k^T / sqrt(d)`; the last call of the main pass, which is the generation's own). From the unconditional half (the conditional one when the step has no CFG):
 
 1. mask: the attention each key receives, averaged over heads and summed over queries, `> 1` (tokens that
    draw more than an average share), at the block's grid, resized (nearest) to the latent size;
@@ -63,7 +63,8 @@ class AttentionRecorder(fl.Chain, Adapter[fl.Module]):
         state = self.use_context(self.context)
         if not state["armed"] or rest:
             return self[0](query, key, value, *rest)
-        state["armed"] = False
+        # armed for the whole main pass: the last call is the generation's own (reference-only runs the UNet
+        # on its reference inside the pass, first)
         batch, length, width = query.shape
         heads, head_width = self.num_heads, width // self.num_heads
 
@@ -129,11 +130,13 @@ class SAGHook(GuidanceHook):
         state = self.guidance.state
         state.update(armed=self.scale != 0 and min(step.model_input.shape[-2:]) > 4, maps={})
 
+    def after_main_pass(self, step: GuidanceStep) -> None:
+        self.guidance.state["armed"] = False
+
     def adjust(
         self, step: GuidanceStep, unconditional: Tensor | None, conditional: Tensor, prediction: Tensor
     ) -> Tensor:
         state = self.guidance.state
-        state["armed"] = False
         half = NEGATIVE if unconditional is not None else POSITIVE
         probabilities = state["maps"].get(half)
         if probabilities is None:  # scale 0, or too small a latent to blur
