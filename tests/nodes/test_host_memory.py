@@ -271,7 +271,7 @@ def test_text_encoders_are_stored_in_comfyuis_text_encoder_dtype_and_computed_as
     encoder = model.model.text_encoder
     assert {p.dtype for p in encoder.parameters()} == {torch.float16}
     conditioning = _prompted(model, clip, "a house")
-    assert conditioning.text_embedding.dtype == torch.float32
+    assert conditioning[0][0].dtype == torch.float32  # core CONDITIONING: [[embedding, {...}]]
     assert {p.dtype for p in encoder.parameters()} == {torch.float16}  # the stored weights never change
 
 
