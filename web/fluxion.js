@@ -15,7 +15,8 @@ function showText(node, lines) {
   if (!widget) {
     widget = ComfyWidgets.STRING(node, TEXT_WIDGET, ["STRING", { multiline: true }], app).widget;
     widget.serialize = false; // not in the saved widgets_values
-    widget.options = { ...(widget.options ?? {}), serialize: false }; // not an input of the queued prompt
+    widget.options ??= {};
+    widget.options.serialize = false; // not an input of the queued prompt (options may hold the DOM getters)
     if (widget.inputEl) {
       widget.inputEl.readOnly = true;
       widget.inputEl.style.opacity = 0.85;
