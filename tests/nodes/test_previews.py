@@ -61,9 +61,11 @@ def test_asked_for_headless_previews_show_the_predicted_x0(wires, monkeypatch):
     progress = Recorder()
     latents = _run(wires, progress)
     assert len(progress.previews) == 4 and all(image.size == (8, 8) for image in progress.previews)
-    # Euler's last step lands on its prediction: the last preview's x0 is the result (measured 1.9e-6 apart)
-    assert torch.allclose(shown[-1], latents, rtol=0, atol=1e-5), (shown[-1] - latents).abs().max()
-    assert not torch.allclose(shown[0], latents, atol=0.1)  # the first is a rough guess (1.6 apart)
+    # Euler's last step lands on its prediction: the last preview's x0 is the result (measured 1.9e-6 apart).
+    # Previews see the model's scaled latent, as ComfyUI's previewers do; the LATENT output is unscaled.
+    scaled = latents * wires[0].model.autoencoder.scaling_factor
+    assert torch.allclose(shown[-1], scaled, rtol=0, atol=1e-5), (shown[-1] - scaled).abs().max()
+    assert not torch.allclose(shown[0], scaled, atol=0.1)  # the first is a rough guess (1.6 apart)
 
 
 def test_hosted_previews_go_through_comfyuis_previewer(wires, monkeypatch):
