@@ -25,7 +25,6 @@ from .host import is_hosted, load_models, model_placement, sampling_memory, vae_
 MODEL = "FLUXION_MODEL"
 CLIP = "FLUXION_CLIP"
 VAE = "FLUXION_VAE"
-CONDITIONING = "FLUXION_CONDITIONING"
 
 
 @dataclass(frozen=True)
