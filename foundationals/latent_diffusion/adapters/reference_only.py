@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ....fluxion import layers as fl
 from ....fluxion.adapters.adapter import Adapter
+from ....fluxion.casting import compute_placement
 from ..guidance import NEGATIVE, Halves, halves_for
 from ..model_patch import SamplingRun, Undo
 from ..unet import SelfAttentionBlock, UNet, cross_attention_blocks
@@ -191,9 +192,9 @@ class ReferenceOnly:
             ReferenceAttention(list(block)[1], self.context, enabled=strength > index / len(blocks))
             for index, block in enumerate(blocks)
         ]
-        parameter = next(unet.parameters())
+        device, dtype = compute_placement(unet)
         self.reference_pass = ReferencePass(
-            self.context, reference_latents.to(device=parameter.device, dtype=parameter.dtype), seed
+            self.context, reference_latents.to(device=device, dtype=dtype), seed
         )
         unet.set_context(
             self.context, {"mode": OFF, "style_fidelity": style_fidelity, "uses_guidance": uses_guidance}
