@@ -40,6 +40,7 @@ class _LeafCast:
         self.dtype: torch.dtype | None = None
         self.streamed = False
         self.device: torch.device | None = None
+        self.unannounced = False  # streamed by `set_stream_device` because its tensors were elsewhere
         self.stored: list[dict[str, Tensor]] = []
         self.handles: list[RemovableHandle] = []
 
@@ -188,7 +189,7 @@ def stream_weights(layer: nn.Module, streamed: bool, device: torch.device | None
         return
     state = layer.__dict__.get(_LEAF)
     if state is not None:
-        state.streamed, state.device = False, None
+        state.streamed, state.device, state.unannounced = False, None, False
         _release_leaf(layer)
 
 
@@ -199,13 +200,28 @@ def is_streamed(layer: nn.Module) -> bool:
 
 
 def set_stream_device(module: nn.Module, device: torch.device) -> int:
-    """Make `device` the compute device of every streamed layer of `module`; the number of streamed layers."""
+    """Make `device` the compute device of every streamed layer of `module`, and stream any layer whose tensors a
+    host left elsewhere without saying so (a layer without ComfyUI's switch that did not fit); the number of
+    streamed layers. A layer streamed only for that reason stops being streamed once its tensors are on `device`."""
+    device = torch.device(device)
     count = 0
     for layer in module.modules():
+        tensors = _own_tensors(layer)
+        if not tensors:
+            continue
+        away = any(tensor.device != device for _, tensor in tensors)
         state: _LeafCast | None = layer.__dict__.get(_LEAF)
-        if state is not None and state.streamed:
-            state.device = torch.device(device)
-            count += 1
+        if state is not None and state.streamed and state.unannounced and not away:
+            stream_weights(layer, False)
+            continue
+        if state is None or not state.streamed:
+            if not away:
+                continue
+            stream_weights(layer, True)
+            state = _leaf_state(layer)
+            state.unannounced = True
+        state.device = device
+        count += 1
     return count
 
 

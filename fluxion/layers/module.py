@@ -144,7 +144,10 @@ class WeightedModule(Module):
         """Whether this layer's weights are streamed to the compute device for each call (`casting.stream_weights`).
 
         The name is the one a host's memory manager sets: ComfyUI's ModelPatcher turns it on for the layers it
-        leaves on the offload device (`--lowvram`, `--novram`, partial loads) and off when it loads them."""
+        leaves on the offload device (`--lowvram`, `--novram`, partial loads) and off when it loads them. It
+        reads `weight` and `bias` of such layers (None when absent): a layer without both has no switch."""
+        if "weight" not in self._parameters or not ("bias" in self._parameters or "bias" in self.__dict__):
+            raise AttributeError(f"{type(self).__name__} has no weight and bias: no comfy_cast_weights")
         return is_streamed(self)
 
     @comfy_cast_weights.setter

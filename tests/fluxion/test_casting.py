@@ -101,3 +101,17 @@ def test_streamed_layers_report_the_compute_device_set_for_them_and_compose_with
     assert all(p.dtype == torch.float16 for p in model.parameters())  # restored after the failed call
     compute_in(model, None)  # the dtype goes, the streaming stays until the host turns it off
     assert is_streamed(model[0]) and model(x.half()).dtype == torch.float16
+
+
+def test_layers_a_host_left_elsewhere_unannounced_are_streamed_until_they_arrive():
+    model = fl.Chain(fl.Linear(8, 8), fl.Linear(8, 4))
+    model[1].to_empty(device="meta")  # a layer the host did not move (it has no say in the matter)
+    assert set_stream_device(model, torch.device("cpu")) == 1
+    assert is_streamed(model[1]) and not is_streamed(model[0])
+    model[1].to_empty(device="cpu")  # loaded at last
+    assert set_stream_device(model, torch.device("cpu")) == 0 and not is_streamed(model[1])
+
+
+def test_only_layers_with_a_weight_and_a_bias_offer_the_hosts_switch():
+    assert all(hasattr(layer, "comfy_cast_weights") for layer in (fl.Embedding(4, 2), fl.Parameter(3)))
+    assert fl.Embedding(4, 2).bias is None  # what ComfyUI reads of every layer it may stream

@@ -51,6 +51,11 @@ def test_a_partial_load_streams_the_layers_comfyui_leaves_offloaded_and_the_outp
     assert partial["equal"]
 
 
+def test_the_text_encoder_streams_too(default_flags):
+    report = default_flags["text_encoder"]
+    assert report["streamed"] > 0 and report["equal"]
+
+
 def test_a_partial_unload_to_make_room_streams_what_it_offloaded(default_flags):
     unloaded = default_flags["lowvram"]["partially_unloaded"]
     assert unloaded["freed"] > 0 and unloaded["streamed"] > 0 and unloaded["equal"]

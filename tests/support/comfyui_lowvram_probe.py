@@ -46,6 +46,8 @@ sys.modules["fluxion_pack"] = pack
 spec.loader.exec_module(pack)
 
 from fluxion_pack.fluxion.casting import compute_placement  # noqa: E402
+from fluxion_pack.foundationals.clip.config import text_preset  # noqa: E402
+from fluxion_pack.foundationals.clip.text_encoder import CLIPTextEncoder  # noqa: E402
 from fluxion_pack.foundationals.latent_diffusion.model_config import TINY_UNET  # noqa: E402
 from fluxion_pack.foundationals.latent_diffusion.unet import UNet  # noqa: E402
 from fluxion_pack.nodes import host  # noqa: E402
@@ -135,6 +137,21 @@ def lowvram_report() -> dict[str, object]:
     return report
 
 
+def text_encoder_report() -> dict[str, object]:
+    """The CLIP text encoder (embeddings, attention, MLPs) under the same partial load."""
+    torch.manual_seed(0)
+    encoder = CLIPTextEncoder(text_preset("tiny"))
+    managed = host.manage(encoder, "text_encoder", name="tiny text encoder")
+    host.load_models([encoder])
+    tokens = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = encoder(tokens).float()
+        managed.patcher.detach()
+        managed.patcher.load(CPU, lowvram_model_memory=managed.size // 3)
+        partial = encoder(tokens).float()
+    return {"streamed": streamed(encoder), "equal": bool(torch.equal(partial, full))}
+
+
 def fp8_report() -> dict[str, object]:
     placement = host.model_placement("unet")
     report: dict[str, object] = {"dtype": str(placement.dtype), "compute_dtype": str(placement.compute_dtype)}
@@ -152,4 +169,6 @@ def fp8_report() -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    print(json.dumps({"lowvram": lowvram_report(), "fp8": fp8_report()}))
+    print(
+        json.dumps({"lowvram": lowvram_report(), "text_encoder": text_encoder_report(), "fp8": fp8_report()})
+    )
