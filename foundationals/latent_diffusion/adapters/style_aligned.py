@@ -152,8 +152,9 @@ class SharedSelfAttention(fl.Chain, Adapter[fl.SelfAttention]):
             if first_is_reference:
                 factors[:, 0] = 1.0  # refiners: the reference's own copy of itself is not scaled
             reference_key, reference_value = reference_key * factors, reference_value * factors
-        key = torch.cat([key, reference_key.expand_as(key)], dim=-2)
-        value = torch.cat([value, reference_value.expand_as(value)], dim=-2)
+        batch = query.shape[1]  # the reference may have another number of tokens (another size)
+        key = torch.cat([key, reference_key.expand(-1, batch, -1, -1)], dim=-2)
+        value = torch.cat([value, reference_value.expand(-1, batch, -1, -1)], dim=-2)
         return query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1)
 
 

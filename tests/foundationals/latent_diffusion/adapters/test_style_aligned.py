@@ -241,6 +241,11 @@ def test_the_reference_latent_mode_reads_what_the_reference_pass_wrote():
     attention, root, adapter = one_layer(state)
     reference = torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(4))
     x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # a reference of another size (7 tokens): the shared keys are just longer
+        root.use_context("style")["mode"] = "write"
+        root(torch.randn(1, 7, 8))
+        root.use_context("style")["mode"] = READ
+        assert root(x).shape == x.shape
     with torch.no_grad():
         root.use_context("style")["mode"] = "write"
         root(reference)
