@@ -361,6 +361,8 @@ def reference_only() -> dict:
                 "style_fidelity": 0.5,
                 "start_percent": 0.0,
                 "end_percent": 1.0,
+                "mode": "attn",
+                "adain_strength": 1.0,
             },
         },
         "6": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
