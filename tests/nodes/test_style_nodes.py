@@ -113,3 +113,20 @@ def test_bad_reference_latents_are_refused_by_name(stack):
         FluxionStyleAligned().apply(model, 1.0, True, True, False, False, 0.0, 1.0, torch.zeros(1))
     with pytest.raises(ValueError, match="Fluxion Reference-Only: mode must be one of"):
         FluxionReferenceOnly().apply(model, vae, STYLE, 1.0, 0.5, 0.0, 1.0, "style")
+
+
+def test_reference_only_attn_and_style_aligned_refuse_to_share_one_model(stack):
+    model, vae, positive, negative = stack
+    unet = model.model.unet
+    before = repr(unet)
+    attn = FluxionReferenceOnly().apply(model, vae, STYLE, 1.0, 0.5, 0.0, 1.0)[0]
+    both = FluxionStyleAligned().apply(attn, 1.0, True, True, False, False, 0.0, 1.0)[0]
+    with pytest.raises(
+        Exception, match="StyleAligned cannot go on a model whose self-attention already carries"
+    ):
+        sample(both, positive, negative, 2)
+    assert repr(unet) == before
+    adain = FluxionReferenceOnly().apply(model, vae, STYLE, 1.0, 0.5, 0.0, 1.0, "adain")[0]
+    fine = FluxionStyleAligned().apply(adain, 1.0, True, True, False, False, 0.0, 1.0)[0]
+    assert torch.isfinite(sample(fine, positive, negative, 2)).all()
+    assert repr(unet) == before

@@ -73,9 +73,13 @@ def scaled_linear_alphas_cumprod(
 class ReferenceAttention(fl.Chain, Adapter[fl.Module]):
     """A self-attention that stores its input in the reference pass and attends over it too in the generation."""
 
+    replaces_attention = True
+    """Marks adapters that compute the attention themselves: two of them cannot wrap one self-attention."""
+
     def __init__(self, target: fl.Module, context: str, enabled: bool = True) -> None:
         self.context = context
         self.enabled = enabled
+        self.replaces_attention = enabled  # a disabled one only passes through
         self._bank: list[Tensor] = []
         with self.setup_adapter(target):
             super().__init__(target)
@@ -96,7 +100,7 @@ class ReferenceAttention(fl.Chain, Adapter[fl.Module]):
     def forward(self, x: Tensor) -> Tensor:
         plain = self[0]
         state = self.use_context(self.context)
-        if not self.enabled or state["mode"] == OFF:
+        if not self.enabled or state["mode"] == OFF or in_other_reference_pass(self, state):
             return plain(x)
         if state["mode"] == WRITE:
             self._bank = [x]
@@ -120,6 +124,22 @@ class ReferenceAttention(fl.Chain, Adapter[fl.Module]):
             conditional_style[unconditional] = plain(x[unconditional])
             output = fidelity * conditional_style + (1.0 - fidelity) * output
         return output
+
+
+IN_REFERENCE_PASS = "in_reference_pass"
+"""Key of the UNet's "unet" context, set while a reference pass runs: other reference adapters then act plain."""
+
+
+def in_reference_pass(layer: fl.ContextModule) -> bool:
+    """Whether `layer` runs inside a reference pass (of any reference adapter of its UNet)."""
+    parent = layer.parent
+    context = parent.provider.get_context("unet") if parent is not None else None
+    return bool(context and context.get(IN_REFERENCE_PASS))
+
+
+def in_other_reference_pass(layer: fl.ContextModule, state: dict[str, Any]) -> bool:
+    """Whether `layer` (its adapter in READ mode) runs inside another adapter's reference pass."""
+    return state["mode"] == READ and in_reference_pass(layer)
 
 
 def _blend_unconditional(output: Tensor, plain: Tensor, state: dict[str, Any]) -> Tensor:
@@ -157,7 +177,7 @@ class ReferenceAdaIN(fl.ContextModule):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.use_context(self.context)
-        if state["mode"] == OFF:
+        if state["mode"] == OFF or in_other_reference_pass(self, state):
             return x
         if state["mode"] == WRITE:
             self._bank = [torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)]
@@ -236,20 +256,43 @@ class ReferencePass(fl.ContextModule):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.use_context(self.context)
-        if state["mode"] != READ:
-            return x
         unet = self.ensure_parent
         unet_state = unet.use_context("unet")
+        if state["mode"] != READ or unet_state.get(IN_REFERENCE_PASS):
+            return x  # off, or inside another adapter's reference pass (which sees the plain UNet)
         control = unet_state["control_residuals"]
         reference = self.noised_reference(unet.use_context("diffusion")["timestep"], x.shape[0])
         state["mode"] = WRITE
         unet_state["control_residuals"] = [0.0] * len(control)
+        unet_state[IN_REFERENCE_PASS] = True
         try:
             unet(reference.to(device=x.device, dtype=x.dtype))
         finally:
             state["mode"] = READ
             unet_state["control_residuals"] = control
+            unet_state.pop(IN_REFERENCE_PASS, None)
         return x
+
+
+def attention_replacers(block: SelfAttentionBlock) -> list[str]:
+    """Names of the adapters around `block`'s self-attention that compute the attention themselves."""
+    found, module = [], list(block)[1]
+    while not isinstance(module, fl.SelfAttention):
+        if getattr(module, "replaces_attention", False):
+            found.append(type(module).__name__)
+        module = module.target  # type: ignore[attr-defined]
+    return found
+
+
+def refuse_shared_attention(blocks: list[SelfAttentionBlock], adapter: str) -> None:
+    """Raise (before anything is injected) when another adapter already computes these self-attentions."""
+    taken = sorted({name for block in blocks for name in attention_replacers(block)})
+    if taken:
+        raise ValueError(
+            f"{adapter} cannot go on a model whose self-attention already carries {', '.join(taken)} "
+            "(reference-only in attn / attn+adain mode and StyleAligned each compute it: use one of them, or "
+            "reference-only in adain mode beside StyleAligned)"
+        )
 
 
 def self_attention_blocks_by_width(unet: UNet) -> list[SelfAttentionBlock]:
@@ -293,6 +336,8 @@ class ReferenceOnly:
             ReferenceAttention(list(block)[1], self.context, enabled=attn and strength > index / len(blocks))
             for index, block in enumerate(blocks)
         ]
+        if attn and strength > 0:
+            refuse_shared_attention(blocks, "reference-only")
         self.adain_sites = [
             (block, position, ReferenceAdaIN(self.context, weight))
             for block, position, weight in (adain_sites(unet) if use_adain else [])

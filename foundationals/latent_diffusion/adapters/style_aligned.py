@@ -41,7 +41,7 @@ from ....fluxion.adapters.adapter import Adapter
 from ..guidance import Halves, halves_for
 from ..model_patch import SamplingRun, Undo
 from ..unet import SelfAttentionBlock, UNet
-from .reference_only import READ, WRITE, ReferencePass
+from .reference_only import READ, WRITE, ReferencePass, in_reference_pass, refuse_shared_attention
 
 if TYPE_CHECKING:
     from ..stable_diffusion import StableDiffusion
@@ -73,6 +73,8 @@ def _innermost_self_attention(module: fl.Module) -> fl.SelfAttention:
 class SharedSelfAttention(fl.Chain, Adapter[fl.SelfAttention]):
     """A self-attention whose images also attend to the style reference's tokens (see the module docstring)."""
 
+    replaces_attention = True
+
     def __init__(self, target: fl.SelfAttention, context: str) -> None:
         self.context = context
         self._bank: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -91,8 +93,8 @@ class SharedSelfAttention(fl.Chain, Adapter[fl.SelfAttention]):
         plain = self[0]
         state = self.use_context(self.context)
         mode = state["mode"]
-        if mode == OFF:
-            return plain(x)
+        if mode == OFF or (mode != WRITE and in_reference_pass(self)):
+            return plain(x)  # off, or inside another adapter's reference pass (which sees the plain UNet)
         halves: Halves = state.get("halves") or halves_for(state["uses_guidance"])
         groups = len(halves)
         if x.shape[0] % groups != 0:
@@ -199,6 +201,7 @@ class StyleAligned:
                     f"channels; got latents {tuple(reference_latents.shape)} for a UNet of "
                     f"{unet.config.in_channels} input channels (inpainting UNets take no reference latent)"
                 )
+        refuse_shared_attention(list(unet.layers(SelfAttentionBlock)), "StyleAligned")
         self.unet = unet
         self.context = f"style_aligned_{next(_IDS)}"
         self.attentions = [
