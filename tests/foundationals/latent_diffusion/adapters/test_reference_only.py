@@ -277,3 +277,25 @@ def test_a_wrong_mode_is_refused():
         ReferenceOnlyPatch(torch.zeros(1, 4, 8, 8), mode="style")
     with pytest.raises(ValueError, match="adain_strength must be within 0..1"):
         ReferenceOnlyPatch(torch.zeros(1, 4, 8, 8), adain_strength=2.0)
+
+
+def test_a_second_attention_sharing_adapter_is_refused_before_anything_is_injected():
+    from foundationals.latent_diffusion.adapters.style_aligned import StyleAligned
+
+    unet = UNet(UNET_PRESETS["tiny"], device="meta")
+    plain = repr(unet)
+    first = ReferenceOnly(unet, torch.zeros(1, 4, 8, 8, device="meta"))
+    before = repr(unet)
+    with pytest.raises(
+        ValueError, match="reference-only cannot go on a model whose self-attention already carries"
+    ):
+        ReferenceOnly(unet, torch.zeros(1, 4, 8, 8, device="meta"))
+    with pytest.raises(ValueError, match="StyleAligned cannot go on .* ReferenceAttention"):
+        StyleAligned(unet)
+    assert repr(unet) == before
+    adain = ReferenceOnly(
+        unet, torch.zeros(1, 4, 8, 8, device="meta"), mode="adain"
+    )  # no attention of its own
+    adain.eject()
+    first.eject()
+    assert repr(unet) == plain
