@@ -26,6 +26,10 @@ Two ways to give the reference:
   instead of following a DDIM-inversion trajectory. It costs one more UNet pass per call.
 
 Shared group / layer norms (the community node's `share_norm`) and the paper's score shift are not implemented.
+
+StyleAligned composes with LoRA, ControlNet, IP-Adapter, guidance and reference-only in adain mode; it refuses a
+model whose self-attention reference-only (attn / attn+adain) already computes, and reference-only refuses it in
+turn (each computes the attention itself). Inside another adapter's reference pass it acts as the plain UNet.
 """
 
 from __future__ import annotations
