@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import (
+    acceleration_nodes,
     checkpoint_nodes,
     control_nodes,
     core_model_nodes,
@@ -44,6 +45,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     core_model_nodes,
     vae_nodes,
     training_nodes,
+    acceleration_nodes,
 )
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
