@@ -3,9 +3,9 @@ ratio 0 is the exact run, the merged count and the unmerged shape, exact inject 
 
 The reference below is written from the method's description (loops over tokens, no shared code with ours): for
 every token the merge-then-unmerge round trip gives the mean of its group (a destination and the sources merged
-into it). Measured max abs difference to ours: ~1e-7 (float32 means summed in another order); tolerance 1e-6.
+into it). The tolerance and the measured differences are in tests/support/parity.py (`token_merging`).
 With FLUXION_COMFYUI (a ComfyUI checkout) and FLUXION_COMFYUI_PYTHON (its venv's python), ComfyUI's own
-`bipartite_soft_matching_random2d` runs in a subprocess on the same tokens and destinations: same tolerance.
+`bipartite_soft_matching_random2d` runs in a subprocess on the same tokens and destinations (same check).
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ from foundationals.latent_diffusion.adapters.token_merging import (
 )
 from foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from tests.support.guided import guided_text_to_image
+from tests.support.parity import assert_parity
 from tests.support.tiny_sd import (
     diffusers_autoencoder,
     diffusers_unet,
     ours_from_diffusers,
     transformers_text_encoder,
 )
-
-TOLERANCE = 1e-6
 
 
 def reference_round_trip(
@@ -81,9 +80,7 @@ def test_merge_matches_the_hand_derived_reference(height, width, ratio):
     assert merged.shape == (2, height * width - min(r, sources), 16)
     back = unmerge(merged)
     assert back.shape == x.shape
-    torch.testing.assert_close(
-        back, reference_round_trip(x, height, width, r, choice), rtol=0, atol=TOLERANCE
-    )
+    assert_parity("token_merging", back, reference_round_trip(x, height, width, r, choice))
     # another width through the same merge (an attention's outputs): the unmerge puts them back per token
     projection = torch.randn(16, 24, generator=generator)
     torch.testing.assert_close(unmerge(merged @ projection), back @ projection, rtol=1e-5, atol=1e-5)
@@ -146,9 +143,7 @@ def test_merge_matches_comfyui_tomesd(tmp_path):
         merged = merge(case["x"])
         assert merged.shape == theirs[name]["merged"].shape
         back = unmerge(merged)
-        difference = (back - theirs[name]["round_trip"]).abs().max().item()
-        report[name] = difference
-        assert difference <= TOLERANCE
+        report[name] = assert_parity("token_merging", back, theirs[name]["round_trip"])
     print("ours vs ComfyUI tomesd round trip max|Δ|:", json.dumps(report))
 
 
