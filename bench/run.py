@@ -18,6 +18,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import resource
 import statistics
@@ -48,6 +49,16 @@ from sd15_side_by_side import (  # noqa: E402
     ours_sd15,
     random_weights,
     refiners_sd15,
+)
+from speed_sections import (  # noqa: E402
+    COMFYUI,
+    ComfyCandidate,
+    ComfyWorker,
+    RemoteTiming,
+    comfyui_checkout,
+    count_flops,
+    measure_ceiling,
+    psnr,
 )
 
 OURS, DIFFUSERS, REFINERS = "ours", "diffusers", "refiners"
@@ -104,6 +115,10 @@ class Row:
     samples: dict[str, list[float]] = field(default_factory=dict)
     note: str = ""
     cpu: dict[str, float] = field(default_factory=dict)  # medians of this process' CPU time
+    flops: float | None = (
+        None  # FLOPs of one call (torch.utils.flop_counter), the same for every implementation
+    )
+    dtype: str = "fp32"  # the compute dtype (which ceiling the achieved GFLOP/s is read against)
 
 
 @dataclass
@@ -139,6 +154,52 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     extra: dict[str, list[str]] = field(default_factory=dict)  # markdown blocks after the main table
     _models: tuple[Reference, Any, Refiners | None] | None = None
+    ceiling: dict[str, float] = field(default_factory=dict)  # GFLOP/s of the machine (see `ceiling_section`)
+    _comfy: ComfyWorker | None = None
+    _comfy_dtype: str | None = None
+    _single_file_written: bool = False
+    load_averages: list[str] = field(default_factory=list)
+
+    def comfy(self, dtype: str = "fp32", force_compute: bool = False) -> ComfyWorker | None:
+        """ComfyUI's models in a worker process (FLUXION_BENCH_COMFYUI), on our SD1.5 weights written as a single
+        file; None when no checkout is named or off the CPU."""
+        checkout = comfyui_checkout()
+        if checkout is None or self.cuda:
+            return None
+        key = f"{dtype}{' forced' if force_compute else ''}"
+        if self._comfy is None:
+            self.write_single_file()
+            self._comfy = ComfyWorker(checkout, self.folder)
+        if self._comfy_dtype != key:
+            info = self._comfy.load(self.folder / "sd15-random-fp32.safetensors", dtype, force_compute)
+            self._comfy_dtype = key
+            self.notes.append(
+                f"ComfyUI ({checkout}, torch {info['torch']}, {info['threads']} threads) loaded the single file "
+                f"in {key}: UNet weights {info['unet_dtype']}, manual cast {info['manual_cast']}"
+            )
+        return self._comfy
+
+    def write_single_file(self) -> Path:
+        """Our fp32 SD1.5 (the tensors diffusers' models share) as an original-layout single file, once per run."""
+        from foundationals.latent_diffusion.checkpoint_export import save_single_file
+
+        path = self.folder / "sd15-random-fp32.safetensors"
+        if not self._single_file_written:
+            _, ours, _ = self.models()
+            if ours.unet.dtype != torch.float32 or self.device.type != "cpu":
+                raise RuntimeError("the ComfyUI single file is written from the fp32 CPU models")
+            save_single_file(ours, path)
+            self._single_file_written = True
+        return path
+
+    def close_comfy(self) -> None:
+        if self._comfy is not None:
+            self._comfy.close()
+        self._comfy, self._comfy_dtype = None, None
+
+    def note_load(self, when: str) -> None:
+        one, five, fifteen = os.getloadavg()
+        self.load_averages.append(f"{when}: {one:.2f} / {five:.2f} / {fifteen:.2f}")
 
     @property
     def cuda(self) -> bool:
@@ -197,8 +258,12 @@ class Bench:
                 for name in order:
                     gc.collect()
                     start, start_cpu = time.perf_counter(), time.process_time()
-                    candidates[name]()
+                    result = candidates[name]()
                     self.synchronize()
+                    if isinstance(result, RemoteTiming):  # another process: it timed itself
+                        wall[name].append(result.wall)
+                        cpu[name].append(result.cpu)
+                        continue
                     wall[name].append(time.perf_counter() - start)
                     cpu[name].append(time.process_time() - start_cpu)
         return Timing(
@@ -227,7 +292,10 @@ def first(value: Any) -> Tensor:
 def parity(candidates: dict[str, Callable[[], Any]], against: str = DIFFUSERS) -> str:
     """Max abs difference of each implementation's output from `against`'s (run once, outside timing)."""
     with torch.no_grad():
-        outputs = {name: first(run()) for name, run in candidates.items()}
+        outputs = {
+            name: first(run.output() if isinstance(run, ComfyCandidate) else run())
+            for name, run in candidates.items()
+        }
     return ", ".join(
         f"{name} vs {against} max|Δ| {max_difference(value, outputs[against]):.1e}"
         for name, value in outputs.items()
@@ -306,12 +374,28 @@ def unet_candidates(
     return candidates
 
 
+def with_comfy(
+    bench: Bench, candidates: dict[str, Callable[[], Any]], what: str, **inputs: Tensor
+) -> dict[str, Callable[[], Any]]:
+    """`candidates` plus ComfyUI's call of `what` on the same inputs (when FLUXION_BENCH_COMFYUI names a checkout)."""
+    worker = bench.comfy()
+    if worker is None:
+        return candidates
+    worker.set_inputs(**inputs)
+    return {**candidates, COMFYUI: ComfyCandidate(worker, what)}
+
+
 def unet_section(bench: Bench) -> list[Row]:
     latent = bench.sizes.unet_latent
     candidates = unet_candidates(bench, latent)
+    x, timestep, context = unet_inputs(bench, latent)
+    candidates = with_comfy(bench, candidates, "unet", x=x, timestep=timestep, context=context)
     check = parity(candidates)
+    flops = count_flops(candidates[OURS])
     timing = bench.time(candidates, bench.sizes.repeats)
-    return [timing.row("UNet", f"step, batch 2, {latent}² latent", check)]
+    row = timing.row("UNet", f"step, batch 2, {latent}² latent", check)
+    row.flops = flops
+    return [row]
 
 
 def text_section(bench: Bench) -> list[Row]:
@@ -323,9 +407,13 @@ def text_section(bench: Bench) -> list[Row]:
     }
     if refiners is not None:
         candidates[REFINERS] = lambda: refiners.text_encoder(tokens)
+    candidates = with_comfy(bench, candidates, "clip", tokens=tokens)
     check = parity(candidates)
+    flops = count_flops(candidates[OURS])
     timing = bench.time(candidates, max(bench.sizes.repeats, 3) * 2)
-    return [timing.row("CLIP-L", "text encode, batch 2 × 77", check)]
+    row = timing.row("CLIP-L", "text encode, batch 2 × 77", check)
+    row.flops = flops
+    return [row]
 
 
 def decode_section(bench: Bench) -> list[Row]:
@@ -339,9 +427,13 @@ def decode_section(bench: Bench) -> list[Row]:
     }
     if refiners is not None:
         candidates[REFINERS] = lambda: refiners.autoencoder.decode(latents)
+    candidates = with_comfy(bench, candidates, "vae", latents=latents)
     check = parity(candidates)
+    flops = count_flops(candidates[OURS])
     timing = bench.time(candidates, bench.sizes.repeats)
-    return [timing.row("VAE", f"decode {latent}² latent → {latent * 8}² (fp32)", check)]
+    row = timing.row("VAE", f"decode {latent}² latent → {latent * 8}² (fp32)", check)
+    row.flops = flops
+    return [row]
 
 
 def pipeline_section(bench: Bench) -> list[Row]:
@@ -1137,7 +1229,230 @@ def load_section(bench: Bench) -> list[Row]:
     return rows
 
 
+# -- Issue 22: the machine's ceiling, bf16, training-free accelerations -------------------------------
+
+
+def ceiling_section(bench: Bench) -> list[Row]:
+    """The machine's own limit: GFLOP/s of a 4096³ matmul and a 320-channel 3×3 conv, fp32 and bf16."""
+    if bench.cuda:
+        bench.notes.append("ceiling: measured on CPUs only")
+        return []
+    results = measure_ceiling(quick=bench.sizes is QUICK)
+    bench.ceiling = {
+        name: max(results[f"matmul {name}"], results[f"conv {name}"]) for name in ("fp32", "bf16")
+    }
+    size = int(results["matmul size"])
+    lines = [
+        "| kernel | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |",
+        "|---|---|---|---|",
+        f"| matmul {size}³ | {results['matmul fp32']:.0f} | {results['matmul bf16']:.0f} | "
+        f"{results['matmul bf16'] / results['matmul fp32']:.2f} |",
+        f"| conv 3×3, 320 → 320 channels, 2×320×64×64 | {results['conv fp32']:.0f} | {results['conv bf16']:.0f} | "
+        f"{results['conv bf16'] / results['conv fp32']:.2f} |",
+    ]
+    bench.extra["Machine ceiling"] = [
+        f"Best of a few runs each, torch threads = {torch.get_num_threads()}. The 'GFLOP/s' column of the main "
+        "table is ours' FLOPs (counted with torch.utils.flop_counter on one call: matmuls, convolutions, "
+        "attention) over ours' median time, and its percentage is of the row dtype's ceiling (the faster of the two "
+        "kernels below).",
+        "",
+        *lines,
+    ]
+    return []
+
+
+def bf16_section(bench: Bench) -> list[Row]:
+    """bf16 UNet and text encoder (VAE fp32): ours vs diffusers vs ComfyUI in bf16, vs ours in fp32, and the
+    deviation of a bf16 txt2img image from the fp32 one."""
+    if bench.cuda:
+        bench.notes.append("bf16 section: CPU only (on CUDA run the whole benchmark with --dtype)")
+        return []
+    bench.write_single_file()  # before the models go: ComfyUI loads our fp32 weights from it
+    bench.free_models()
+    reference = diffusers_sd15()
+    ours32 = ours_sd15(reference)
+    size, steps = 8 * bench.sizes.unet_latent, bench.sizes.pipeline_steps
+    prompt, negative = "a red fox in the snow", "blurry"
+    with torch.no_grad():
+        image32 = ours32.text_to_image(prompt, negative, width=size, height=size, steps=steps, seed=0)
+    reference.unet.to(torch.bfloat16)
+    reference.text_encoder.to(torch.bfloat16)
+    ours16 = ours_sd15(reference)  # on diffusers' bf16 tensors; the VAE stays fp32 (shared)
+    latent = bench.sizes.unet_latent
+    x = bench.randn(2, 4, latent, latent, seed=1, dtype=torch.float32)
+    timestep = torch.tensor([999.0])
+    context = bench.randn(2, 77, 768, seed=11, dtype=torch.float32)
+    x16, context16 = x.to(torch.bfloat16), context.to(torch.bfloat16)
+    tokens = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(2))
+    unet: dict[str, Callable[[], Any]] = {
+        OURS: ours_unet_step(ours16.unet, x16, timestep, context16),
+        DIFFUSERS: lambda: reference.unet(x16, timestep, context16).sample,
+    }
+    text: dict[str, Callable[[], Any]] = {
+        OURS: lambda: ours16.text_encoder(tokens),
+        DIFFUSERS: lambda: reference.text_encoder(tokens).last_hidden_state,
+    }
+    worker = bench.comfy("bf16", force_compute=True)
+    if worker is not None:
+        worker.set_inputs(x=x, timestep=timestep, context=context, tokens=tokens)
+        unet[COMFYUI] = ComfyCandidate(worker, "unet")
+        text[COMFYUI] = ComfyCandidate(worker, "clip")
+    fp32_step = ours_unet_step(ours32.unet, x, timestep, context)
+    unet_check, text_check = parity(unet), parity(text)
+    with torch.no_grad():
+        exact = fp32_step()
+        rounded = unet[OURS]().float()
+    unet_timing = bench.time({**unet, "ours fp32": fp32_step}, bench.sizes.repeats)
+    text_timing = bench.time(
+        {**text, "ours fp32": lambda: ours32.text_encoder(tokens)}, bench.sizes.repeats * 2
+    )
+    rows = [
+        unet_timing.row("bf16", f"UNet step, batch 2, {latent}² latent (bf16)", unet_check, only=tuple(unet)),
+        text_timing.row("bf16", "CLIP-L text encode, batch 2 × 77 (bf16)", text_check, only=tuple(text)),
+    ]
+    rows[0].flops, rows[0].dtype = count_flops(unet[OURS]), "bf16"
+    rows[1].flops, rows[1].dtype = count_flops(text[OURS]), "bf16"
+    policy: dict[str, float] = {}
+    if worker is not None:  # ComfyUI as it runs with --bf16-unet on a CPU: bf16 weights, fp32 compute
+        worker = bench.comfy("bf16", force_compute=False)
+        assert worker is not None
+        worker.set_inputs(x=x, timestep=timestep, context=context, tokens=tokens)
+        own = bench.time(
+            {OURS: unet[OURS], COMFYUI: ComfyCandidate(worker, "unet")}, max(1, bench.sizes.repeats - 1)
+        )
+        policy = own.medians
+    with torch.no_grad():
+        image16 = ours16.text_to_image(prompt, negative, width=size, height=size, steps=steps, seed=0)
+    deviation = (image16.float() - image32.float()).abs().max().item()
+    quality = psnr(image16, image32)
+    lines = [
+        "| what | ours fp32 | ours bf16 | diffusers bf16 | ComfyUI bf16 | ours bf16 / fp32 | ours/diffusers | ours/ComfyUI |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, timing in (
+        (f"UNet step, batch 2, {latent}²", unet_timing),
+        ("CLIP-L encode, 2 × 77", text_timing),
+    ):
+        medians = timing.medians
+        comfy = medians.get(COMFYUI)
+        lines.append(
+            f"| {label} | {medians['ours fp32']:.3f} s | {medians[OURS]:.3f} s | {medians[DIFFUSERS]:.3f} s | "
+            + (f"{comfy:.3f} s" if comfy else "—")
+            + f" | {medians[OURS] / medians['ours fp32']:.3f} | {medians[OURS] / medians[DIFFUSERS]:.3f} | "
+            + (f"{medians[OURS] / comfy:.3f}" if comfy else "—")
+            + " |"
+        )
+    block = [
+        "UNet and text encoder in bf16 (weights and compute), VAE fp32; the same tensors for ours and diffusers "
+        "(diffusers' models converted, ours on them); ComfyUI loads the same single file with its UNet and text "
+        "encoder in bf16 and its manual cast off, so it computes in bf16 too. One interleaved loop per model "
+        "(ours fp32 in the same loop).",
+        "",
+        *lines,
+        "",
+        f"- UNet output, bf16 vs fp32 (same inputs): max|Δ| {(rounded - exact).abs().max().item():.3g} "
+        f"(outputs up to {exact.abs().max().item():.3g})",
+        f"- txt2img {size}², {steps} DDIM steps, CFG 7.5: the bf16 image vs the fp32 image (in [0, 1]): max|Δ| "
+        f"{deviation:.3g}, PSNR {quality:.1f} dB (random weights: a noise-like image, a harsh case for rounding)",
+    ]
+    if policy:
+        block.append(
+            f"- ComfyUI as it runs with `--bf16-unet` on a CPU (its `should_use_bf16` is False there: bf16 weights, "
+            f"fp32 compute through its manual cast): UNet step {policy[COMFYUI]:.3f} s vs ours bf16 "
+            f"{policy[OURS]:.3f} s (ours/ComfyUI {policy[OURS] / policy[COMFYUI]:.3f})"
+        )
+    bench.extra["bf16 on this CPU"] = block
+    bench.close_comfy()  # the worker's bf16 models go; a later section loads fp32 again
+    bench.free_models()
+    return rows
+
+
+def accelerations_section(bench: Bench) -> list[Row]:
+    """DeepCache (default) and ToMe (0.5) on the full-size SD1.5 UNet: time to image over a 20-step txt2img run at
+    a 64² latent, and the deviation of the image from the exact run's."""
+    from foundationals.latent_diffusion.adapters.deep_cache import DeepCachePatch
+    from foundationals.latent_diffusion.adapters.token_merging import TokenMergingPatch
+    from tests.support.guided import guided_text_to_image
+
+    _, ours, _ = bench.models()
+    quick = bench.sizes is QUICK
+    latent, steps = (8, 3) if quick else (64, 20)
+    size = 8 * latent
+    variants: dict[str, list[Any]] = {
+        "exact": [],
+        "DeepCache (interval 3, depth 1)": [DeepCachePatch(interval=3, depth=1)],
+        "ToMe (ratio 0.5)": [TokenMergingPatch(ratio=0.5)],
+        "DeepCache + ToMe 0.5": [DeepCachePatch(interval=3, depth=1), TokenMergingPatch(ratio=0.5)],
+    }
+    if not quick:
+        variants.pop("DeepCache + ToMe 0.5")  # one more 20-step run: kept for --quick only
+    prompt, negative = "a red fox in the snow", "blurry"
+
+    def make(patches: list[Any], count: int) -> Callable[[], Tensor]:
+        return lambda: guided_text_to_image(
+            ours, patches, prompt, negative, width=size, height=size, steps=count, guidance_scale=7.5, seed=0
+        )
+
+    with torch.no_grad():
+        for patches in variants.values():  # warm-up: a 2-step run of each at the same size
+            make(patches, 2)()
+    images: dict[str, Tensor] = {}
+    seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    order = list(variants)[1:] + ["exact"]  # the exact run last: it cannot profit from an earlier warm-up
+    with torch.no_grad():
+        for name in order:
+            gc.collect()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            images[name] = make(variants[name], steps)()
+            seconds[name], cpu[name] = time.perf_counter() - start, time.process_time() - start_cpu
+            print(f"  acceleration {name}: {seconds[name]:.1f} s", flush=True)
+    targets = {"DeepCache (interval 3, depth 1)": 1.8, "ToMe (ratio 0.5)": 1.3}
+    lines = [
+        "| variant | time to image | speed-up (wall) | speed-up (CPU time) | target | max abs vs exact | PSNR vs exact |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for name in variants:
+        speed = seconds["exact"] / seconds[name]
+        speed_cpu = cpu["exact"] / cpu[name]
+        difference = (images[name] - images["exact"]).abs().max().item()
+        quality = psnr(images[name], images["exact"])
+        target = targets.get(name)
+        lines.append(
+            f"| {name} | {seconds[name]:.1f} s | {speed:.2f}× | {speed_cpu:.2f}× | "
+            + (f"≥ {target}× ({'met' if speed >= target else 'not met'})" if target else "—")
+            + f" | {difference:.3g} | "
+            + ("exact" if name == "exact" else f"{quality:.1f} dB")
+            + " |"
+        )
+        rows.append(
+            Row(
+                "acceleration",
+                f"txt2img {steps} DDIM steps, {size}², CFG: {name}",
+                {OURS: seconds[name]},
+                samples={OURS: [seconds[name]]},
+                cpu={OURS: cpu[name]},
+                note=""
+                if name == "exact"
+                else f"{speed:.2f}× the exact run, max|Δ| {difference:.3g}, PSNR {quality:.1f} dB",
+            )
+        )
+    bench.extra[f"Accelerations: SD1.5, {steps}-step txt2img at {size}² ({latent}² latent)"] = [
+        f"Ours, full-size SD1.5 with random weights, DDIM, CFG 7.5 (batch 2 per UNet pass), seed 0; time to image = "
+        "prompt encoding + sampling + VAE decode, one timed run each after a 2-step warm-up of each, the exact run "
+        "last; deviation of the decoded image (in [0, 1]) from the exact run's. DeepCache at its default runs the "
+        f"full UNet on {len(range(0, steps, 3))} of the {steps} steps and the shallow branch (input blocks 0-1, "
+        "output blocks 10-11) on the others. ToMe merges half of the query tokens of the five self-attentions at "
+        "the latent's resolution (ComfyUI's TomePatchModel rule). The compile node's path is the 'compiled' row.",
+        "",
+        *lines,
+    ]
+    return rows
+
+
 SECTIONS: list[Section] = [
+    Section("ceiling", ceiling_section, description="the machine's fp32 / bf16 matmul and conv GFLOP/s"),
     Section("load", load_section, description="fp32 single-file load in fresh subprocesses (CPU)"),
     Section("sdxl", sdxl_section, description="SDXL base UNet step (frees the SD1.5 models first)"),
     Section("unet", unet_section),
@@ -1152,6 +1467,8 @@ SECTIONS: list[Section] = [
     Section("profile", profile_section),
     Section("channels_last", channels_last_section, description="opt-in NHWC weights (eager)"),
     Section("compiled", compiled_section, description="opt-in torch.compile path (inductor)"),
+    Section("bf16", bf16_section, description="bf16 UNet / text encoder: ours, diffusers, ComfyUI; vs fp32"),
+    Section("accelerations", accelerations_section, description="DeepCache and ToMe, 20-step 512² txt2img"),
 ]
 """Run in this order (SDXL first: it needs the memory the SD1.5 models would hold). Add a section here."""
 
@@ -1210,17 +1527,27 @@ def ratio(row: Row, values: dict[str, float], other: str) -> str:
     return "—"
 
 
-def table(rows: list[Row], columns: list[str]) -> list[str]:
-    header = ["section", "what", *columns, "ours/diffusers"]
-    if REFINERS in columns:
-        header.append("ours/refiners")
-    header.append("ours/diffusers (CPU time)")
+def achieved(row: Row, ceiling: dict[str, float]) -> str:
+    """Ours' achieved GFLOP/s, and its share of the ceiling of the row's dtype (the faster kernel of the two)."""
+    if row.flops is None or not row.medians.get(OURS):
+        return "—"
+    rate = row.flops / row.medians[OURS] / 1e9
+    limit = ceiling.get(row.dtype)
+    return f"{rate:.0f}" + (f" ({100 * rate / limit:.0f} %)" if limit else "")
+
+
+def table(rows: list[Row], columns: list[str], ceiling: dict[str, float] | None = None) -> list[str]:
+    others = [other for other in (DIFFUSERS, COMFYUI, REFINERS) if other in columns]
+    header = ["section", "what", *columns, *(f"ours/{other}" for other in others)]
+    header += ["ours/diffusers (CPU time)", "GFLOP", "ours GFLOP/s (% of ceiling)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [row.section, row.what, *(format_value(row.medians.get(c), row.unit) for c in columns)]
-        for other in (DIFFUSERS, REFINERS) if REFINERS in columns else (DIFFUSERS,):
+        for other in others:
             cells.append(ratio(row, row.medians, other))
         cells.append(ratio(row, row.cpu, DIFFUSERS))
+        cells.append("—" if row.flops is None else f"{row.flops / 1e9:,.0f}")
+        cells.append(achieved(row, ceiling or {}))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -1304,13 +1631,15 @@ FINDINGS = [
 def report(rows: list[Row], info: dict[str, str], bench: Bench, quick: bool, command: str) -> str:
     sizes = bench.sizes
     columns = [OURS, DIFFUSERS]
+    if any(COMFYUI in row.medians for row in rows):
+        columns.append(COMFYUI)
     if any(REFINERS in row.medians for row in rows):
         columns.append(REFINERS)
     if any("raw" in row.medians for row in rows):
         columns.append("raw")
     device = f"{bench.device.type}, {str(bench.dtype).removeprefix('torch.')} (VAE fp32)"
     lines = [
-        "# Benchmarks: SD1.5 and SDXL, ours side by side with diffusers and refiners",
+        "# Benchmarks: SD1.5 and SDXL, ours side by side with diffusers, ComfyUI and refiners",
         "",
         f"Generated by `{command}`: do not edit by hand. Full-size SD1.5 (UNet, autoencoder, CLIP-L) and the "
         "SDXL base UNet with random weights; the implementations share the same weight tensors and run in "
@@ -1331,12 +1660,19 @@ def report(rows: list[Row], info: dict[str, str], bench: Bench, quick: bool, com
         f"repeats {sizes.repeats} (pipeline {sizes.pipeline_repeats}; LoRA, ControlNet, IP-Adapter, SDXL "
         f"{max(1, sizes.repeats - 1)}), after one warm-up run each.",
         "- noise: 2 cores that other work may share: absolute seconds vary between samples; read the "
-        "ratios of the same loop, and expect a few percent of spread in them.",
+        "ratios of the same loop, and expect a few percent of spread in them. Load average (1 / 5 / 15 min): "
+        + ("; ".join(bench.load_averages) or "not recorded")
+        + ".",
+        "- ComfyUI: its own `comfy` package (the checkout named by FLUXION_BENCH_COMFYUI, in its own venv and "
+        "torch, a worker subprocess: `bench/comfyui_worker.py`) loads our weights written as an original-layout "
+        "single file and runs its UNet (`diffusion_model`), CLIP-L (`text_model`) and VAE (`first_stage_model."
+        "decode`) on the same inputs, interleaved with ours and diffusers; it times itself (wall and its own CPU "
+        "time). Without the variable the ComfyUI column stays empty.",
         "- GPU: `--device cuda --dtype fp16` runs every section on a CUDA device (fp16 UNet and text "
         "encoder, fp32 VAE; loading stays a CPU measurement). No GPU was available for this run, so no "
         "CUDA figures are reported here; that path has not been run yet.",
         "",
-        *table(rows, columns),
+        *table(rows, columns, bench.ceiling),
         "",
     ]
     lines += targets(rows)
@@ -1411,7 +1747,29 @@ def main() -> None:
     command = " ".join(["python bench/run.py", *shown])
     started = time.perf_counter()
     rows: list[Row] = []
-    for section in SECTIONS:
+    bench.note_load("start")
+    try:
+        run_sections(bench, chosen, rows, started, args.output, args.quick, command)
+    finally:
+        bench.close_comfy()
+    bench.note_load("end")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    bench.notes.append(
+        f"this process' peak RSS {peak:,.0f} MiB; total run {time.perf_counter() - started:.0f} s"
+    )
+    text = report(rows, machine(), bench, args.quick, command) + kept_sections(args.output)
+    args.output.write_text(text, encoding="utf-8")
+    print("\n" + text)
+
+
+COMFY_SECTIONS = ("unet", "text", "decode", "bf16")
+"""The sections that run ComfyUI's worker: it is stopped (its memory freed) once none of them is left."""
+
+
+def run_sections(
+    bench: Bench, chosen: set[str], rows: list[Row], started: float, output: Path, quick: bool, command: str
+) -> None:
+    for index, section in enumerate(SECTIONS):
         if section.name not in chosen:
             continue
         try:
@@ -1431,16 +1789,12 @@ def main() -> None:
                 f"[{time.perf_counter() - started:5.0f} s] {row.section} / {row.what}: {figures}", flush=True
             )
         print(f"[{time.perf_counter() - started:5.0f} s] section {section.name} done", flush=True)
-        partial = report(rows, machine(), bench, args.quick, command + f"  (partial: up to {section.name})")
-        partial += kept_sections(args.output)
-        args.output.write_text(partial, encoding="utf-8")  # a run cut short still leaves its figures
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    bench.notes.append(
-        f"this process' peak RSS {peak:,.0f} MiB; total run {time.perf_counter() - started:.0f} s"
-    )
-    text = report(rows, machine(), bench, args.quick, command) + kept_sections(args.output)
-    args.output.write_text(text, encoding="utf-8")
-    print("\n" + text)
+        bench.note_load(f"after {section.name}")
+        if not any(later.name in chosen and later.name in COMFY_SECTIONS for later in SECTIONS[index + 1 :]):
+            bench.close_comfy()
+        partial = report(rows, machine(), bench, quick, command + f"  (partial: up to {section.name})")
+        partial += kept_sections(output)
+        output.write_text(partial, encoding="utf-8")  # a run cut short still leaves its figures
 
 
 if __name__ == "__main__":

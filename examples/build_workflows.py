@@ -687,6 +687,27 @@ def reference_adain() -> dict:
     return workflow
 
 
+def speed() -> dict:
+    """The opt-in accelerations: DeepCache (default settings) and token merging (ratio 0.5) on SD1.5."""
+    return {
+        **sd15_base("a lighthouse on a cliff at sunset, oil painting"),
+        "4": {
+            "class_type": "FluxionDeepCache",
+            "inputs": {
+                "model": ["1", 0],
+                "cache_interval": 3,
+                "cache_depth": 1,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+            },
+        },
+        "5": {"class_type": "FluxionTokenMerging", "inputs": {"model": ["4", 0], "ratio": 0.5, "seed": 0}},
+        "6": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "7": sampler(["5", 0], ["6", 0]),
+        **decode_and_save(["7", 0], "fluxion_speed", 8),
+    }
+
+
 WORKFLOWS = {
     "sd15_txt2img": txt2img,
     "sd15_img2img": img2img,
@@ -712,6 +733,7 @@ WORKFLOWS = {
     "sd15_inpaint_core_mask": inpaint_core_mask,
     "sd15_style_aligned": style_aligned,
     "sd15_reference_adain": reference_adain,
+    "sd15_speed": speed,
 }
 IN_COMFYUI = {"sd15_core_clip_and_vae": core_clip_and_vae}
 """Workflows holding core nodes that need ComfyUI's own models: they run inside ComfyUI only."""

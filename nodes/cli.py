@@ -58,6 +58,15 @@ def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="where LoadImage reads (default: an 'input' folder beside the workflow, else ./input)",
     )
+    parser.add_argument(
+        "--cpu-dtype",
+        choices=host.CPU_DTYPE_CHOICES,
+        help="on a CPU: dtype of the UNet and text encoders (default fp32, or FLUXION_CPU_DTYPE); auto = bf16 "
+        "where the CPU has AVX512-BF16 or AMX",
+    )
+    parser.add_argument(
+        "--cpu-vae-dtype", choices=("fp32", "bf16"), help="on a CPU: dtype of the VAE (default fp32)"
+    )
 
 
 def use_models_dir(path: Path | None) -> None:
@@ -75,6 +84,7 @@ def use_models_dir(path: Path | None) -> None:
 def apply_folder_arguments(args: argparse.Namespace, workflow_path: Path | None = None) -> None:
     """Point the host's headless folders at what the command line asked for."""
     use_models_dir(args.models_dir)
+    host.set_cpu_dtype(getattr(args, "cpu_dtype", None), getattr(args, "cpu_vae_dtype", None))
     host.set_output_directory(args.output)
     host.set_temp_directory(args.output / "temp")
     input_dir = args.input_dir

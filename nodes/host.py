@@ -65,14 +65,14 @@ def get_torch_device() -> torch.device:
 def unet_dtype(device: torch.device) -> torch.dtype:
     """Storage dtype of the denoiser weights (and of its ControlNets and adapters): the host's choice when hosted,
     fp8 included (`--fp8_e4m3fn-unet`, ...: `model_placement` then computes them in the dtype ComfyUI computes
-    fp8 weights in, one layer at a time, as its manual cast does); headless fp16 on GPUs, fp32 on CPU."""
+    fp8 weights in, one layer at a time, as its manual cast does); headless fp16 on GPUs, `cpu_dtype()` on CPU (fp32 by default)."""
     if _HOST is not None:
         supported = [torch.float16, torch.bfloat16, torch.float32]
         try:
             return _HOST[0].unet_dtype(device=device, supported_dtypes=supported)
         except TypeError:  # older ComfyUI signature
             return _HOST[0].unet_dtype(device)
-    return torch.float32 if device.type == "cpu" else torch.float16
+    return cpu_dtype() if device.type == "cpu" else torch.float16
 
 
 def vae_dtype(device: torch.device) -> torch.dtype:
@@ -84,7 +84,71 @@ def vae_dtype(device: torch.device) -> torch.dtype:
             return _HOST[0].vae_dtype(device)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
+    if device.type == "cpu":
+        return cpu_dtype(vae=True)
     return torch.float32
+
+
+# The CPU's compute dtype when ComfyUI is absent (hosted, ComfyUI's flags choose: --bf16-unet, ...): fp32 by
+# default; bf16 on request, or "auto": bf16 where the CPU has native bf16 matrix instructions (AVX512-BF16 or
+# AMX), which run bf16 GEMMs / convolutions at about twice the fp32 rate. The UNet and the text encoders follow
+# it; the VAE stays fp32 unless asked for separately (its decoder is the most sensitive to rounding).
+
+CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU_DTYPE_CHOICES = ("fp32", "bf16", "auto")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+_cpu_choice: dict[str, str] = {}
+
+
+def set_cpu_dtype(choice: str | None = None, vae: str | None = None) -> None:
+    """Headless: the CPU dtype of the UNet and text encoders (`fp32`, `bf16`, `auto`) and of the VAE (`fp32`,
+    `bf16`); None leaves that one to the environment (FLUXION_CPU_DTYPE, FLUXION_CPU_VAE_DTYPE) or the default."""
+    for key, value, allowed in (("model", choice, CPU_DTYPE_CHOICES), ("vae", vae, ("fp32", "bf16"))):
+        if value is None:
+            _cpu_choice.pop(key, None)
+        elif value not in allowed:
+            raise ValueError(f"CPU {key} dtype {value!r}: expected one of {', '.join(allowed)}")
+        else:
+            _cpu_choice[key] = value
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags (the `flags` line of /proc/cpuinfo; empty where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None, capability: str | None = None) -> bool:
+    """Whether the CPU computes bf16 natively: AVX512-BF16 or AMX-BF16 in its flags, and torch's kernels at
+    AVX512 level (`torch.backends.cpu.get_cpu_capability()`; AMX implies it)."""
+    flags = cpu_flags() if flags is None else flags
+    if capability is None:
+        capability = torch.backends.cpu.get_cpu_capability()
+    if "amx_bf16" in flags:
+        return True
+    return "avx512_bf16" in flags and capability.upper().startswith("AVX512")
+
+
+def cpu_dtype(vae: bool = False, flags: set[str] | None = None, capability: str | None = None) -> torch.dtype:
+    """The headless CPU dtype of the UNet and text encoders (or, with `vae`, of the VAE): see `set_cpu_dtype`."""
+    if vae:
+        choice = _cpu_choice.get("vae") or os.environ.get("FLUXION_CPU_VAE_DTYPE", "fp32")
+        if choice not in ("fp32", "bf16"):
+            raise ValueError(f"FLUXION_CPU_VAE_DTYPE={choice!r}: expected fp32 or bf16")
+        return CPU_DTYPES[choice]
+    choice = _cpu_choice.get("model") or os.environ.get("FLUXION_CPU_DTYPE", "fp32")
+    if choice not in CPU_DTYPE_CHOICES:
+        raise ValueError(f"FLUXION_CPU_DTYPE={choice!r}: expected one of {', '.join(CPU_DTYPE_CHOICES)}")
+    if choice == "auto":
+        return torch.bfloat16 if cpu_has_native_bf16(flags, capability) else torch.float32
+    return CPU_DTYPES[choice]
 
 
 # ---------------------------------------------------------------------------------------------

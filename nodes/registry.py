@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import (
+    acceleration_nodes,
     checkpoint_nodes,
     control_nodes,
     core_model_nodes,
@@ -46,6 +47,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     vae_nodes,
     training_nodes,
     style_aligned_nodes,
+    acceleration_nodes,
 )
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}

@@ -250,6 +250,13 @@ PARITY: dict[str, Parity] = {
         1e-05,
         "4.8e-7",
     ),
+    "token_merging": Parity(
+        "Token merging (ToMe) merge / unmerge round trip; ComfyUI's with `FLUXION_COMFYUI`",
+        "a per-token reference from the method's description; ComfyUI 0.8 `nodes_tomesd.py`",
+        "adapters/test_token_merging.py",
+        1e-06,
+        "1.2e-7 (reference: means summed in another order); ComfyUI: 0.0",
+    ),
 }
 
 
