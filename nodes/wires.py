@@ -20,7 +20,7 @@ import torch
 
 from ..foundationals.latent_diffusion.model_patch import ModelPatch, SamplingRun, Undo, patch_models, patched
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
-from .host import is_hosted, load_models, model_placement, sampling_memory, vae_memory
+from .host import MODEL_ROLES, is_hosted, load_models, model_placement, sampling_memory, vae_memory
 
 MODEL = "FLUXION_MODEL"
 CLIP = "FLUXION_CLIP"
@@ -197,10 +197,12 @@ class LatestFileCache:
     hosted, as `CheckpointCache`)."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[tuple[str, int], _Held]] = {}
+        self._entries: dict[str, tuple[tuple[object, ...], _Held]] = {}
 
     def get(self, kind: str, path: Path, load: Callable[[Path], Any]) -> Any:
-        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        # the placements are part of the key: another device or dtype (ComfyUI's flags, the CPU dtype) loads again
+        placements = tuple(model_placement(role) for role in MODEL_ROLES)
+        key = (str(path.resolve()), path.stat().st_mtime_ns, placements)
         entry = self._entries.get(kind)
         value = entry[1].get() if entry is not None and entry[0] == key else None
         if value is None:
