@@ -236,6 +236,13 @@ PARITY: dict[str, Parity] = {
         2e-05,
         "5.7e-6 (RescaleCFG, x0 up to ~12; FreeU, blur: 0.0)",
     ),
+    "ip_adapter_weight_types": Parity(
+        "IP-Adapter weight types, layer weights, precise variants (one UNet call, tiny SDXL and SD1.5 layouts)",
+        "diffusers per-block `set_ip_adapter_scale` (dict form)",
+        "adapters/test_ip_adapter_weight_types.py",
+        1e-06,
+        "0.0",
+    ),
 }
 
 

@@ -10,12 +10,17 @@ from .adapter import (
     IPAdapterPatch,
     iter_ip_adapters,
 )
+from .block_weights import WEIGHT_TYPES, BlockWeights, block_weights, spatial_transformers
 from .embeddings import IMAGE_EMBEDS, PENULTIMATE, ImageEmbeddings
 from .loading import ip_adapter_from_state_dict, load_ip_adapter
 from .model import ImageProjection, PerceiverResampler
 
 __all__ = [
     "COMBINE_MODES",
+    "WEIGHT_TYPES",
+    "BlockWeights",
+    "block_weights",
+    "spatial_transformers",
     "IMAGE_EMBEDS",
     "PENULTIMATE",
     "IPAdapter",

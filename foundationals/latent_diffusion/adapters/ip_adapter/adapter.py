@@ -48,6 +48,7 @@ from ..regional import Region, latent_region_mask, new_region_name
 if TYPE_CHECKING:
     from ...stable_diffusion import StableDiffusion
 
+from .block_weights import WEIGHT_TYPES, BlockWeights, block_weights, parse_layer_weights
 from .embeddings import IMAGE_EMBEDS, PENULTIMATE, ImageEmbeddings
 from .model import ImageProjection, PerceiverResampler
 
@@ -64,16 +65,41 @@ def _query(query: Tensor, *keys_values: Tensor) -> Tensor:
     return query
 
 
-class ImageAttentionWeight(fl.ContextModule):
-    """Multiplies the image attention by the adapter's scale and, if set, by its mask on this block's grid."""
+def block_scale(state: dict[str, Any], index: int) -> float:
+    """The image attention's weight in cross-attention block `index`: the adapter's scale times the block's."""
+    scales: Sequence[float] | None = state.get("block_scales")
+    return state["scale"] if scales is None else state["scale"] * scales[index]
 
-    def __init__(self, context: str) -> None:
+
+class ImageTokens(fl.ContextModule):
+    """The image tokens this block attends to: the adapter's, or in a "precise" weight type's swapped blocks
+    the swapped ones (positive rows zero, negative rows the reference)."""
+
+    def __init__(self, context: str, index: int = 0) -> None:
         super().__init__()
         self.context = context
+        self.index = index
+
+    def forward(self, *_: Any) -> Tensor:
+        state = self.use_context(self.context)
+        swapped: Tensor | None = state.get("swapped_tokens")
+        if swapped is not None and self.index in state.get("swapped", ()):
+            return swapped
+        return state["tokens"]
+
+
+class ImageAttentionWeight(fl.ContextModule):
+    """Multiplies the image attention by the adapter's scale (times this block's weight) and, if set, by its
+    mask on this block's grid."""
+
+    def __init__(self, context: str, index: int = 0) -> None:
+        super().__init__()
+        self.context = context
+        self.index = index
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.use_context(self.context)
-        x = x * state["scale"]
+        x = x * block_scale(state, self.index)
         mask: Tensor | None = state.get("mask")
         if mask is None:
             return x
@@ -104,27 +130,29 @@ class ImageAttention(fl.Chain):
         num_heads: int,
         device: Device | str | None = None,
         dtype: DType | None = None,
+        index: int = 0,
     ) -> None:
         self.context = context
+        self.index = index
         super().__init__(
             fl.Lambda(_query),
             fl.Parallel(
                 fl.Identity(),
                 fl.Chain(
-                    fl.UseContext(context, "tokens"),
+                    ImageTokens(context, index),
                     fl.Linear(context_dim, inner_dim, bias=False, device=device, dtype=dtype),
                 ),
                 fl.Chain(
-                    fl.UseContext(context, "tokens"),
+                    ImageTokens(context, index),
                     fl.Linear(context_dim, inner_dim, bias=False, device=device, dtype=dtype),
                 ),
             ),
             fl.ScaledDotProductAttention(num_heads),
-            ImageAttentionWeight(context),
+            ImageAttentionWeight(context, index),
         )
 
     def forward(self, *inputs: Any) -> Any:
-        if self.use_context(self.context)["scale"] == 0:
+        if block_scale(self.use_context(self.context), self.index) == 0:
             return 0.0  # the text attention alone, bit for bit
         return super().forward(*inputs)
 
@@ -147,10 +175,11 @@ class ImageCrossAttention(fl.Sum, Adapter[fl.Module]):
         num_heads: int,
         device: Device | str | None = None,
         dtype: DType | None = None,
+        index: int = 0,
     ) -> None:
         with self.setup_adapter(target):
             super().__init__(
-                target, ImageAttention(context, inner_dim, context_dim, num_heads, device, dtype)
+                target, ImageAttention(context, inner_dim, context_dim, num_heads, device, dtype, index)
             )
 
     @property
@@ -350,7 +379,8 @@ class IPAdapter:
         context = f"ip_adapter_{next(_INJECTION_IDS)}"
         injected: list[ImageCrossAttention] = []
         try:
-            for block, (key, value) in zip(cross_attention_blocks(unet), self.key_value_weights):
+            pairs = zip(cross_attention_blocks(unet), self.key_value_weights)
+            for index, (block, (key, value)) in enumerate(pairs):
                 attention, slot = _text_attention_slot(block)
                 adapter = ImageCrossAttention(
                     slot,
@@ -359,6 +389,7 @@ class IPAdapter:
                     self.context_dim,
                     attention.num_heads,
                     device="meta",
+                    index=index,
                 )
                 unet_parameter = next(attention.parameters())
                 adapter.image_attention.load_key_value(
@@ -372,7 +403,10 @@ class IPAdapter:
                 adapter.eject()
             raise
         injection = IPAdapterInjection(unet, context, injected)
-        unet.set_context(context, {"tokens": None, "scale": 1.0, "mask": None})
+        unet.set_context(
+            context,
+            {"tokens": None, "scale": 1.0, "mask": None, "block_scales": None, "swapped": frozenset()},
+        )
         return injection
 
 
@@ -398,6 +432,23 @@ class IPAdapterInjection:
     def set_scale(self, scale: float) -> None:
         """Weight of the image attention (0: exactly the model without adapter)."""
         self._state()["scale"] = scale
+
+    def set_block_weights(self, weights: BlockWeights | None) -> None:
+        """Per-block weights (multiplying the scale) and the blocks whose tokens are swapped; None: uniform."""
+        if weights is not None and len(weights.scales) != len(self.adapters):
+            raise ValueError(
+                f"{len(weights.scales)} block weights for an IP-Adapter in {len(self.adapters)} blocks"
+            )
+        state = self._state()
+        state["block_scales"] = None if weights is None else list(weights.scales)
+        state["swapped"] = frozenset() if weights is None else weights.swapped
+
+    def set_swapped_tokens(self, tokens: Tensor | None) -> None:
+        """Tokens of the swapped blocks (B, T, context_dim): the reference in negative rows, zero in positive ones."""
+        if tokens is not None:
+            parameter = next(self.unet.parameters())
+            tokens = tokens.to(device=parameter.device, dtype=parameter.dtype)
+        self._state()["swapped_tokens"] = tokens
 
     def set_mask(self, mask: Tensor | None) -> None:
         """Where the adapter acts, (H, W) or (B, H, W) in 0..1 at any resolution; None: everywhere."""
@@ -426,7 +477,8 @@ class IPAdapterPatch:
     `scale` weights the image attention; `weights` one per reference image; `combine` "concat" or "average";
     it acts on steps whose progress `step / num_steps` lies in `[start, end)` (end 1: up to the last step);
     `mask` (H, W) or (B, H, W) restricts it to a region (see `regional`); with `keep_outside` the latents
-    outside the mask end exactly as without the adapter.
+    outside the mask end exactly as without the adapter. `weight_type`, `weight_composition` and
+    `layer_weights` weight the blocks (see `block_weights`; "linear" and no list: `scale` everywhere).
     """
 
     def __init__(
@@ -440,9 +492,21 @@ class IPAdapterPatch:
         end: float = 1.0,
         mask: Tensor | None = None,
         keep_outside: bool = False,
+        weight_type: str = "linear",
+        weight_composition: float = 1.0,
+        layer_weights: str = "",
     ) -> None:
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"IP-Adapter start/end must satisfy 0 <= start <= end <= 1, got {start}, {end}")
+        if weight_type not in WEIGHT_TYPES:
+            raise ValueError(
+                f"unknown IP-Adapter weight_type {weight_type!r}; one of {', '.join(WEIGHT_TYPES)}"
+            )
+        if layer_weights.strip():
+            parse_layer_weights(layer_weights)  # syntax errors now, block names when applied
+        self.weight_type = weight_type
+        self.weight_composition = weight_composition
+        self.layer_weights = layer_weights
         self.adapter = adapter
         self.embeddings = embeddings
         self.scale = scale
@@ -474,7 +538,28 @@ class IPAdapterPatch:
         count_ = self.embeddings.positive.shape[0]
         window = "" if (self.start, self.end) == (0.0, 1.0) else f", steps {self.start:g}-{self.end:g}"
         masked = ", masked" if self.mask is not None else ""
-        return f"IP-Adapter {self.adapter.name} ({count_} image(s), {self.combine}, scale {self.scale:g}{window}{masked})"
+        kind = (
+            ""
+            if self.uniform
+            else f", {self.weight_type}" + (", layer weights" if self.layer_weights.strip() else "")
+        )
+        return (
+            f"IP-Adapter {self.adapter.name} ({count_} image(s), {self.combine}, scale {self.scale:g}{kind}"
+            f"{window}{masked})"
+        )
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every block gets `scale` (linear, no per-block list)."""
+        return self.weight_type == "linear" and not self.layer_weights.strip()
+
+    def block_weights(self, unet: UNet) -> BlockWeights | None:
+        """This patch's weight per cross-attention block of `unet` (None when uniform)."""
+        if self.uniform:
+            return None
+        return block_weights(
+            unet.config, self.scale, self.weight_type, self.weight_composition, self.layer_weights
+        )
 
     def active(self, run: SamplingRun, step: int) -> bool:
         """Whether the adapter acts on `step` of `run`."""
@@ -492,8 +577,14 @@ class IPAdapterPatch:
         positive, negative = self.tokens
         batch = run.batch_size
         tokens = positive.expand(batch, -1, -1)
+        swapped: Tensor | None = None
         if run.uses_guidance:
             tokens = torch.cat([negative.expand(batch, -1, -1), tokens])
+        weights = self.block_weights(model.unet)
+        on_scale = self.scale if weights is None else 1.0  # the block weights already hold the scale
+        if weights is not None and weights.swapped:  # reference in the negative rows, zeros in the positive
+            zeros = torch.zeros_like(positive).expand(batch, -1, -1)
+            swapped = torch.cat([positive.expand(batch, -1, -1), zeros]) if run.uses_guidance else zeros
         injection = self.adapter.inject(model.unet)
         region: Region | None = None
         hook: Callable[[int], None] | None = None
@@ -501,11 +592,15 @@ class IPAdapterPatch:
 
         def follow_halves(halves: Halves) -> None:  # a guidance pass on one half of the batch
             injection.set_tokens(select_halves(tokens, run.stored_halves, halves))
+            if swapped is not None:
+                injection.set_swapped_tokens(select_halves(swapped, run.stored_halves, halves))
             if batch_mask is not None and batch_mask.shape[0] > 1:
                 injection.set_mask(select_halves(batch_mask, run.stored_halves, halves))
 
         try:
             injection.set_tokens(tokens)
+            injection.set_block_weights(weights)
+            injection.set_swapped_tokens(swapped)
             if self.mask is not None:
                 mask = self.mask[None] if self.mask.dim() == 2 else self.mask
                 batch_mask = torch.cat([mask, mask]) if run.uses_guidance and mask.shape[0] > 1 else mask
@@ -516,14 +611,14 @@ class IPAdapterPatch:
                     latent_region_mask(mask, run.latent_height, run.latent_width),
                     self.start,
                     self.end,
-                    switch=lambda on: injection.set_scale(self.scale if on else 0.0),
+                    switch=lambda on: injection.set_scale(on_scale if on else 0.0),
                     keep_outside=self.keep_outside,
                 )
                 run.regions.append(region)
             else:
 
                 def hook(step: int) -> None:
-                    injection.set_scale(self.scale if self.active(run, step) else 0.0)
+                    injection.set_scale(on_scale if self.active(run, step) else 0.0)
 
                 hook(run.first_step)
                 run.on_step(hook)
