@@ -243,6 +243,13 @@ PARITY: dict[str, Parity] = {
         1e-06,
         "0.0",
     ),
+    "ip_adapter_faceid": Parity(
+        "IP-Adapter FaceID / FaceID Plus v1, v2: projections, one UNet call (tiny SD1.5, SDXL)",
+        "diffusers `IPAdapterFaceID(Plus)ImageProjection`, IP-Adapter attention processors",
+        "adapters/test_ip_adapter_faceid.py",
+        1e-06,
+        "0.0",
+    ),
 }
 
 

@@ -37,6 +37,8 @@ from .....fluxion.adapters.adapter import Adapter
 from ....clip.image_encoder import CLIPImageEncoder, CLIPImageHiddenState, preprocess_images
 from ....formats.ip_adapter import (
     BASE,
+    FACEID,
+    FACEID_PLUS,
     PLUS,
 )
 from ...guidance import Halves, select_halves
@@ -49,8 +51,12 @@ if TYPE_CHECKING:
     from ...stable_diffusion import StableDiffusion
 
 from .block_weights import WEIGHT_TYPES, BlockWeights, block_weights, parse_layer_weights
-from .embeddings import IMAGE_EMBEDS, PENULTIMATE, ImageEmbeddings
-from .model import ImageProjection, PerceiverResampler
+from .embeddings import IMAGE_EMBEDS, PENULTIMATE, FaceEmbeddings, ImageEmbeddings
+from .model import FaceIDPlusProjection, FaceIDProjection, ImageProjection, PerceiverResampler
+
+Projection = ImageProjection | PerceiverResampler | FaceIDProjection | FaceIDPlusProjection
+FACE_KINDS = (FACEID, FACEID_PLUS)
+KIND_NAMES = {BASE: "base", PLUS: "plus", FACEID: "FaceID", FACEID_PLUS: "FaceID Plus"}
 
 COMBINE_MODES = ("concat", "average")
 FAMILIES = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
@@ -212,7 +218,7 @@ class IPAdapterWeights(torch.nn.Module):
 
     def __init__(
         self,
-        image_projection: ImageProjection | PerceiverResampler,
+        image_projection: Projection,
         key_value_weights: Sequence[tuple[Tensor, Tensor]],
     ) -> None:
         super().__init__()
@@ -233,27 +239,47 @@ class IPAdapter:
 
     def __init__(
         self,
-        image_projection: ImageProjection | PerceiverResampler,
+        image_projection: Projection,
         key_value_weights: Sequence[tuple[Tensor, Tensor]],
         name: str = "ip-adapter",
+        faceid_v2: bool = False,
     ) -> None:
         self.weights = IPAdapterWeights(image_projection, key_value_weights)
         self.name = name
-        self.kind = BASE if isinstance(image_projection, ImageProjection) else PLUS
+        kinds = {ImageProjection: BASE, PerceiverResampler: PLUS, FaceIDProjection: FACEID}
+        self.kind = kinds.get(type(image_projection), FACEID_PLUS)
+        self.faceid_v2 = faceid_v2 and self.kind == FACEID_PLUS
+        """FaceID Plus v2: its tokens add the face projection to the resampler's (the shortcut)."""
         self.context_dim = int(self.key_value_weights[0][0].shape[1])
-        first = image_projection[0]
-        assert isinstance(first, fl.Linear)
-        self.image_input_dim = int(first.in_features)
-        """Width the image encoder must give: projected embedding (base) or hidden state (plus)."""
+        self.clip_hidden_dim: int | None = None
+        """FaceID Plus: the hidden-state width of the CLIP image encoder reading the face crops."""
+        if isinstance(image_projection, FaceIDPlusProjection):
+            self.image_input_dim = image_projection.face_embedding_dim
+            self.clip_hidden_dim = image_projection.clip_hidden_dim
+        else:
+            first = image_projection[0]
+            assert isinstance(first, fl.Linear)
+            self.image_input_dim = int(first.in_features)
+        """Width of the input: projected image embedding (base), hidden state (plus), face embedding (FaceID)."""
 
     def __repr__(self) -> str:
+        v2 = " v2" if self.faceid_v2 else ""
         return (
-            f"IPAdapter({self.name!r}, {self.kind}, {self.family}, {len(self.key_value_weights)} blocks, "
+            f"IPAdapter({self.name!r}, {self.kind}{v2}, {self.family}, {len(self.key_value_weights)} blocks, "
             f"{self.image_projection.num_tokens} tokens per image)"
         )
 
     @property
-    def image_projection(self) -> ImageProjection | PerceiverResampler:
+    def is_faceid(self) -> bool:
+        return self.kind in FACE_KINDS
+
+    @property
+    def kind_name(self) -> str:
+        """ "base", "plus", "FaceID", "FaceID Plus v2", ... (for messages)."""
+        return KIND_NAMES[self.kind] + (" v2" if self.faceid_v2 else "")
+
+    @property
+    def image_projection(self) -> Projection:
         return self.weights.image_projection  # type: ignore[return-value]
 
     @property
@@ -267,21 +293,33 @@ class IPAdapter:
         return _family(self.context_dim)
 
     @property
+    def encoder_input_dim(self) -> int | None:
+        """Width the image encoder must give (None: FaceID reads no image)."""
+        if self.kind == FACEID:
+            return None
+        return self.clip_hidden_dim if self.kind == FACEID_PLUS else self.image_input_dim
+
+    @property
     def encoder_name(self) -> str:
         names = ENCODERS_BY_EMBEDDING if self.kind == BASE else ENCODERS_BY_HIDDEN
-        return names.get(self.image_input_dim, "a")
+        return names.get(self.encoder_input_dim or 0, "a")
 
     def check_image_encoder(self, encoder: CLIPImageEncoder) -> None:
         """Refuse an image encoder of another width than this adapter was trained on."""
+        expected = self.encoder_input_dim
+        if expected is None:
+            raise ValueError(
+                f"{self.name} is an IP-Adapter FaceID: it reads face embeddings only, no CLIP image encoder"
+            )
         config = encoder.config
         actual = config.projection_dim if self.kind == BASE else config.embedding_dim
-        if actual == self.image_input_dim:
+        if actual == expected:
             return
         names = ENCODERS_BY_EMBEDDING if self.kind == BASE else ENCODERS_BY_HIDDEN
         what = "image embedding" if self.kind == BASE else "hidden state"
         raise ValueError(
-            f"{self.name} expects a {names.get(self.image_input_dim, 'CLIP')} image encoder "
-            f"({self.image_input_dim}-d {what}), got {names.get(actual, 'an encoder')} ({actual}-d)"
+            f"{self.name} expects a {names.get(expected, 'CLIP')} image encoder "
+            f"({expected}-d {what}), got {names.get(actual, 'an encoder')} ({actual}-d)"
         )
 
     def check_unet(self, unet: UNet) -> None:
@@ -341,13 +379,78 @@ class IPAdapter:
         with torch.no_grad():
             return self.image_projection(embeddings.to(device=parameter.device, dtype=parameter.dtype))
 
+    def face_tokens(self, face: Tensor, clip: Tensor | None = None, faceid_v2: float = 1.0) -> Tensor:
+        """FaceID tokens (N, T, context_dim) of N face embeddings (and, for Plus, their crops' hidden states);
+        Plus v2 adds the face projection to the resampler's output times `faceid_v2`."""
+        projection = self.image_projection
+        parameter = next(projection.parameters())
+        face = face.to(device=parameter.device, dtype=parameter.dtype)
+        with torch.no_grad():
+            if isinstance(projection, FaceIDPlusProjection):
+                assert clip is not None
+                projection.set_shortcut(faceid_v2 if self.faceid_v2 else None)
+                return projection(face, clip.to(face))
+            return projection(face)
+
+    def _faceid_tokens(
+        self, embeddings: FaceEmbeddings, weights: Sequence[float] | None, combine: str, faceid_v2: float
+    ) -> tuple[Tensor, Tensor]:
+        face = embeddings.face
+        if int(face.shape[-1]) != self.image_input_dim:
+            raise ValueError(
+                f"{self.name} ({self.kind_name}) reads {self.image_input_dim}-d face embeddings (insightface); "
+                f"these are {int(face.shape[-1])}-d ({tuple(face.shape)})"
+            )
+        clip = clip_negative = None
+        if self.kind == FACEID_PLUS:
+            if embeddings.clip is None:
+                raise ValueError(
+                    f"{self.name} is an IP-Adapter {self.kind_name}: it also needs the face crop's CLIP hidden "
+                    "states (connect image and clip_vision)"
+                )
+            clip = embeddings.clip.positive.expand(face.shape[0], -1, -1)
+            clip_negative = embeddings.clip.negative.expand(face.shape[0], -1, -1)
+            if int(clip.shape[-1]) != self.clip_hidden_dim:
+                raise ValueError(
+                    f"{self.name} reads {self.clip_hidden_dim}-d CLIP hidden states of the face crop; these are "
+                    f"{int(clip.shape[-1])}-d: encode the crop with the encoder that pairs with it"
+                )
+        if weights is not None:
+            if len(weights) != face.shape[0]:
+                raise ValueError(f"{len(weights)} weights for {face.shape[0]} face embeddings")
+            face = face * torch.tensor(list(weights), dtype=face.dtype)[:, None]
+        negative_face = torch.zeros_like(face)
+        if combine == "average":
+            face, negative_face = face.mean(0, keepdim=True), negative_face[:1]
+            if clip is not None and clip_negative is not None:
+                clip, clip_negative = clip.mean(0, keepdim=True), clip_negative[:1]
+        return (
+            self.face_tokens(face, clip, faceid_v2).flatten(0, 1)[None],
+            self.face_tokens(negative_face, clip_negative, faceid_v2).flatten(0, 1)[None],
+        )
+
     def image_tokens(
         self,
-        embeddings: ImageEmbeddings,
+        embeddings: ImageEmbeddings | FaceEmbeddings,
         weights: Sequence[float] | None = None,
         combine: str = "concat",
+        faceid_v2: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
-        """(positive, negative) tokens (1, T', context_dim) of weighted, combined reference images."""
+        """(positive, negative) tokens (1, T', context_dim) of weighted, combined reference images (or faces)."""
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"unknown combine mode {combine!r}; choose one of {', '.join(COMBINE_MODES)}")
+        if self.is_faceid != isinstance(embeddings, FaceEmbeddings):
+            if self.is_faceid:
+                raise ValueError(
+                    f"{self.name} is an IP-Adapter {self.kind_name}: it reads face embeddings (Fluxion Apply "
+                    "IP-Adapter FaceID), not reference-image embeds"
+                )
+            raise ValueError(
+                f"{self.name} is a {self.kind_name} IP-Adapter: it reads reference images, not face embeddings "
+                "(FaceID needs an ip-adapter-faceid*.bin file)"
+            )
+        if isinstance(embeddings, FaceEmbeddings):
+            return self._faceid_tokens(embeddings, weights, combine, faceid_v2)
         expected = IMAGE_EMBEDS if self.kind == BASE else PENULTIMATE
         if embeddings.kind != expected:
             raise ValueError(f"{self.name} ({self.kind}) needs {expected}, got {embeddings.kind}")
@@ -484,7 +587,7 @@ class IPAdapterPatch:
     def __init__(
         self,
         adapter: IPAdapter,
-        embeddings: ImageEmbeddings,
+        embeddings: ImageEmbeddings | FaceEmbeddings,
         scale: float = 1.0,
         weights: Sequence[float] | None = None,
         combine: str = "concat",
@@ -495,6 +598,7 @@ class IPAdapterPatch:
         weight_type: str = "linear",
         weight_composition: float = 1.0,
         layer_weights: str = "",
+        faceid_v2: float = 1.0,
     ) -> None:
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"IP-Adapter start/end must satisfy 0 <= start <= end <= 1, got {start}, {end}")
@@ -516,7 +620,8 @@ class IPAdapterPatch:
         self.end = end
         self.mask = mask
         self.keep_outside = keep_outside
-        self.tokens = adapter.image_tokens(embeddings, self.weights, combine)  # checks kind and mode early
+        self.faceid_v2 = faceid_v2
+        self.tokens = adapter.image_tokens(embeddings, self.weights, combine, faceid_v2)  # checks kinds early
 
     @staticmethod
     def from_images(
@@ -535,7 +640,8 @@ class IPAdapterPatch:
 
     @property
     def label(self) -> str:
-        count_ = self.embeddings.positive.shape[0]
+        embeddings = self.embeddings
+        count_ = (embeddings.face if isinstance(embeddings, FaceEmbeddings) else embeddings.positive).shape[0]
         window = "" if (self.start, self.end) == (0.0, 1.0) else f", steps {self.start:g}-{self.end:g}"
         masked = ", masked" if self.mask is not None else ""
         kind = (
