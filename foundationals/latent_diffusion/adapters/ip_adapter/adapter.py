@@ -34,6 +34,7 @@ from torch import dtype as DType
 
 from .....fluxion import layers as fl
 from .....fluxion.adapters.adapter import Adapter
+from .....fluxion.casting import compute_placement
 from ....clip.image_encoder import CLIPImageEncoder, CLIPImageHiddenState, preprocess_images
 from ....formats.ip_adapter import (
     BASE,
@@ -348,9 +349,9 @@ class IPAdapter:
     ) -> ImageEmbeddings:
         """CLIP embeddings of ComfyUI images (B, H, W, C), one per image, with their negatives."""
         self.check_image_encoder(encoder)
-        parameter = next(encoder.parameters())
+        device, dtype = compute_placement(encoder)
         size = encoder.config.image_size
-        pixels = preprocess_images(images, size=size).to(device=parameter.device, dtype=parameter.dtype)
+        pixels = preprocess_images(images, size=size).to(device=device, dtype=dtype)
         with torch.no_grad():
             if self.kind == BASE:
                 positive = encoder(pixels).float()
@@ -375,16 +376,16 @@ class IPAdapter:
 
     def project(self, embeddings: Tensor) -> Tensor:
         """Image tokens (N, T, context_dim) of N image embeddings."""
-        parameter = next(self.image_projection.parameters())
+        device, dtype = compute_placement(self.image_projection)
         with torch.no_grad():
-            return self.image_projection(embeddings.to(device=parameter.device, dtype=parameter.dtype))
+            return self.image_projection(embeddings.to(device=device, dtype=dtype))
 
     def face_tokens(self, face: Tensor, clip: Tensor | None = None, faceid_v2: float = 1.0) -> Tensor:
         """FaceID tokens (N, T, context_dim) of N face embeddings (and, for Plus, their crops' hidden states);
         Plus v2 adds the face projection to the resampler's output times `faceid_v2`."""
         projection = self.image_projection
-        parameter = next(projection.parameters())
-        face = face.to(device=parameter.device, dtype=parameter.dtype)
+        device, dtype = compute_placement(projection)
+        face = face.to(device=device, dtype=dtype)
         with torch.no_grad():
             if isinstance(projection, FaceIDPlusProjection):
                 assert clip is not None
@@ -494,10 +495,9 @@ class IPAdapter:
                     device="meta",
                     index=index,
                 )
-                unet_parameter = next(attention.parameters())
+                device, dtype = compute_placement(attention)
                 adapter.image_attention.load_key_value(
-                    key.to(device=unet_parameter.device, dtype=unet_parameter.dtype),
-                    value.to(device=unet_parameter.device, dtype=unet_parameter.dtype),
+                    key.to(device=device, dtype=dtype), value.to(device=device, dtype=dtype)
                 )
                 adapter.inject(attention)
                 injected.append(adapter)
@@ -529,8 +529,8 @@ class IPAdapterInjection:
 
     def set_tokens(self, tokens: Tensor) -> None:
         """Image tokens for the UNet's batch (B, T, context_dim), e.g. `[negative, positive]` with guidance."""
-        parameter = next(self.unet.parameters())
-        self._state()["tokens"] = tokens.to(device=parameter.device, dtype=parameter.dtype)
+        device, dtype = compute_placement(self.unet)
+        self._state()["tokens"] = tokens.to(device=device, dtype=dtype)
 
     def set_scale(self, scale: float) -> None:
         """Weight of the image attention (0: exactly the model without adapter)."""
@@ -549,8 +549,8 @@ class IPAdapterInjection:
     def set_swapped_tokens(self, tokens: Tensor | None) -> None:
         """Tokens of the swapped blocks (B, T, context_dim): the reference in negative rows, zero in positive ones."""
         if tokens is not None:
-            parameter = next(self.unet.parameters())
-            tokens = tokens.to(device=parameter.device, dtype=parameter.dtype)
+            device, dtype = compute_placement(self.unet)
+            tokens = tokens.to(device=device, dtype=dtype)
         self._state()["swapped_tokens"] = tokens
 
     def set_mask(self, mask: Tensor | None) -> None:
