@@ -244,11 +244,11 @@ PARITY: dict[str, Parity] = {
         "0.0",
     ),
     "ip_adapter_faceid": Parity(
-        "IP-Adapter FaceID / FaceID Plus v1, v2: projections, one UNet call (tiny SD1.5, SDXL)",
-        "diffusers `IPAdapterFaceID(Plus)ImageProjection`, IP-Adapter attention processors",
+        "IP-Adapter FaceID / FaceID Plus v1, v2: projections, one UNet call (tiny SD1.5, SDXL), the FaceID LoRA file",
+        "diffusers `IPAdapterFaceID(Plus)ImageProjection`, IP-Adapter attention processors, `load_lora_weights`",
         "adapters/test_ip_adapter_faceid.py",
         1e-06,
-        "0.0",
+        "8.2e-8 (LoRA; the rest 0.0)",
     ),
     "style_aligned": Parity(
         "StyleAligned shared self-attention (one layer, CFG halves, scale, AdaIN q/k, reference shared or not)",

@@ -10,8 +10,8 @@ Tolerance: tests/support/parity.py (`ip_adapter_faceid`).
 
 The LoRA the release ships (`ip-adapter-faceid*_lora.safetensors`) is kohya-named after diffusers' module names
 (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight`, no alpha): written
-here from the `.bin`'s own LoRA tensors, it loads with our LoRA loader in full and equals the LoRA merged into
-diffusers' weights by hand.
+here from the `.bin`'s own LoRA tensors, it loads with our LoRA loader in full and equals diffusers'
+`load_lora_weights` of the same file and the LoRA merged into diffusers' weights by hand (0.0-1e-7).
 """
 
 from __future__ import annotations
@@ -206,29 +206,53 @@ def kohya_faceid_lora(
     return out, paths
 
 
-@pytest.mark.xfail(
-    reason="unfinished: the output differs from the hand-merged reference (~1e-3); not yet diagnosed"
-)
-def test_the_faceid_lora_file_loads_in_full_and_equals_the_merged_lora(tmp_path):
+def test_the_faceid_lora_file_loads_in_full_and_equals_diffusers_and_the_merged_lora(tmp_path):
+    """The release's LoRA equals diffusers' `load_lora_weights` of the same file (same 88 layers: to_q/k/v/out.0
+    of every attn1 and attn2) and tencent-ailab's LoRA processors (lora_scale 1, no alpha: merged by hand).
+
+    Diagnosis of the earlier xfail ("~1e-3 difference"): nothing differed. The LoRA's whole effect on this tiny
+    UNet is 3.8e-3, and the test's own "the LoRA acts" check demanded > 1e-2; our output was within 1e-7 of
+    both references (key mapping, alpha/rank scale 1 and targeted layers all agree)."""
+    import diffusers
+
     reference, unet = reference_and_ours(TINY)
     widths = cross_attention_widths(reference)
     weights = tencent_faceid("faceid", widths, TINY.context_dim, seed=12)
     lora, paths = kohya_faceid_lora(weights, reference)
-    save_file(lora, str(tmp_path / "ip-adapter-faceid_tiny_lora.safetensors"))
+    name = "ip-adapter-faceid_tiny_lora.safetensors"
+    save_file(lora, str(tmp_path / name))
     inputs = conditioning(TINY, 2, 16, 16)
     with torch.no_grad():
         plain = reference(inputs["x"], inputs["timestep"], inputs["text"]).sample
-        for key, path in paths.items():  # merged by hand into diffusers' weights (no alpha: scale 1)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=reference,
+        scheduler=diffusers.DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.load_lora_weights(str(tmp_path), weight_name=name, adapter_name="faceid")
+    targeted = {module for module, layer in reference.named_modules() if hasattr(layer, "lora_A")}
+    assert targeted == set(paths.values())
+    with torch.no_grad():
+        expected = reference(inputs["x"], inputs["timestep"], inputs["text"]).sample
+    pipe.unload_lora_weights()
+    with torch.no_grad():
+        for key, path in paths.items():  # tencent's LoRA processors, merged by hand (no alpha: scale 1)
             module = reference.get_submodule(path)  # a new tensor: ours shares the old one's storage
             delta = lora[f"{key}.lora_up.weight"] @ lora[f"{key}.lora_down.weight"]
             module.weight = torch.nn.Parameter(module.weight + delta)
-        expected = reference(inputs["x"], inputs["timestep"], inputs["text"]).sample
+        merged = reference(inputs["x"], inputs["timestep"], inputs["text"]).sample
     manager = SDLoraManager.for_models(unet)
-    report = manager.add_loras("faceid", tmp_path / "ip-adapter-faceid_tiny_lora.safetensors", strict=True)
+    report = manager.add_loras("faceid", tmp_path / name, strict=True)
     assert report.applied_count == 4 * 2 * len(widths) and not report.not_applied
-    assert (expected - plain).abs().max() > 1e-2  # the LoRA acts
+    assert (expected - plain).abs().max() > 1e-3  # the LoRA acts (3.8e-3 here, 1000x the tolerance)
     unet.set_timestep(inputs["timestep"])
     unet.set_clip_text_embedding(inputs["text"])
     with torch.no_grad():
         actual = unet(inputs["x"])
     assert_parity("ip_adapter_faceid", actual, expected)
+    assert_parity("ip_adapter_faceid", actual, merged)
