@@ -69,12 +69,15 @@ class NamedModel:
 class FluxionIPAdapterLoader:
     """Load an IP-Adapter file (tencent-ailab .bin/.safetensors or diffusers layout)."""
 
-    DESCRIPTION = "Loads an IP-Adapter (SD1.5 base or plus, SDXL) from models/ipadapter."
+    DESCRIPTION = (
+        "Loads an IP-Adapter (SD1.5 or SDXL; base, plus, FaceID, FaceID Plus v1/v2) from models/ipadapter. "
+        "FaceID files go to Fluxion Apply IP-Adapter FaceID, the others to Fluxion Apply IP-Adapter."
+    )
     CATEGORY = "fluxion/loaders"
     FUNCTION = "load"
     RETURN_TYPES = (IP_ADAPTER,)
     RETURN_NAMES = ("ipadapter",)
-    OUTPUT_TOOLTIPS = ("The IP-Adapter, for Fluxion Apply IP-Adapter.",)
+    OUTPUT_TOOLTIPS = ("The IP-Adapter, for Fluxion Apply IP-Adapter (FaceID: Apply IP-Adapter FaceID).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -118,20 +121,23 @@ class FluxionCLIPVisionLoader:
         return (NamedModel(clip_name, MODEL_FILES.get("clip_vision", path, _load_image_encoder)),)
 
 
-def parse_weights(text: str, count: int) -> list[float] | None:
-    """'1, 0.5' -> [1.0, 0.5] (one per reference image); empty -> None (all 1)."""
+def parse_weights(
+    text: str, count: int, name: str = "image_weights", items: str = "reference image(s)"
+) -> list[float] | None:
+    """'1, 0.5' -> [1.0, 0.5] (one per reference image, or face); empty -> None (all 1)."""
     if not text.strip():
         return None
     try:
         weights = [float(item) for item in text.replace(";", ",").split(",") if item.strip()]
     except ValueError as error:
-        raise ValueError(f"image_weights must be numbers separated by commas, got {text!r}") from error
+        raise ValueError(f"{name} must be numbers separated by commas, got {text!r}") from error
     if len(weights) != count:
-        raise ValueError(f"image_weights has {len(weights)} values for {count} reference image(s)")
+        raise ValueError(f"{name} has {len(weights)} values for {count} {items}")
     return weights
 
 
-def _check_model(model: ModelWire, ipadapter: NamedModel) -> None:
+def check_model(model: ModelWire, ipadapter: NamedModel) -> None:
+    """Refuse an IP-Adapter of another family than the model, naming both."""
     adapter = ipadapter.model
     assert isinstance(adapter, IPAdapter)
     try:
@@ -208,13 +214,29 @@ def check_embeds(ipadapter: NamedModel, embeds: ImageEmbeddings) -> None:
 
 
 def check_block_weights(
-    model: ModelWire, weight: float, weight_type: str, weight_composition: float, layer_weights: str
+    model: ModelWire,
+    weight: float,
+    weight_type: str,
+    weight_composition: float,
+    layer_weights: str,
+    node: str = "Fluxion Apply IP-Adapter",
 ) -> None:
     """Refuse an unknown weight type or a per-block list that does not fit the model, naming the input."""
     try:
         block_weights(model.model.unet.config, weight, weight_type, weight_composition, layer_weights)
     except ValueError as error:
-        raise ValueError(f"Fluxion Apply IP-Adapter (model {model.name}): {error}") from error
+        raise ValueError(f"{node} (model {model.name}): {error}") from error
+
+
+def refuse_faceid(ipadapter: NamedModel, node: str) -> None:
+    """FaceID files read face embeddings: refuse one where reference images are read, naming it."""
+    adapter = ipadapter.model
+    if isinstance(adapter, IPAdapter) and adapter.is_faceid:
+        raise ValueError(
+            f"{node}: IP-Adapter {ipadapter.name} is an IP-Adapter {adapter.kind_name}: it reads insightface "
+            "face embeddings, not reference images. Use Fluxion Apply IP-Adapter FaceID (with Fluxion Load "
+            "Face Embeds)"
+        )
 
 
 class FluxionApplyIPAdapter:
@@ -365,10 +387,11 @@ class FluxionApplyIPAdapter:
     ) -> tuple[ModelWire]:
         if outside_mask not in ("blend", "keep"):
             raise ValueError(f"outside_mask must be blend or keep, got {outside_mask!r}")
+        refuse_faceid(ipadapter, "Fluxion Apply IP-Adapter")
         check_block_weights(model, weight, weight_type, weight_composition, layer_weights)
         if mask is not None:
             require_finite(mask, "the mask")
-        _check_model(model, ipadapter)
+        check_model(model, ipadapter)
         if embeds is not None:
             if image is not None:
                 raise ValueError(

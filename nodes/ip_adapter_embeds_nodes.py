@@ -18,6 +18,7 @@ from .image_prompt_nodes import (
     IP_ADAPTER,
     NamedModel,
     encode_reference_images,
+    refuse_faceid,
 )
 from .latent_nodes import require_finite
 from .runner_nodes import annotated_path, save_image_path
@@ -71,6 +72,7 @@ class FluxionEncodeIPAdapterEmbeds:
         image: torch.Tensor,
         negative_image: torch.Tensor | None = None,
     ) -> tuple[ImageEmbeddings]:
+        refuse_faceid(ipadapter, "Fluxion Encode IP-Adapter Embeds")
         return (encode_reference_images(ipadapter, clip_vision, image, negative_image),)
 
 

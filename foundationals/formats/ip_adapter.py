@@ -280,7 +280,7 @@ def read_image_embeddings(path: str | Path) -> tuple[Tensor, Tensor, str]:
 # -- face embeddings (insightface's 512-d identity embedding, computed elsewhere) ------------------------------
 
 FACE_EMBEDDINGS_WHAT = "face embeddings"
-FACE_EMBEDDING_KEYS = ("face_embeds", "id_embeds", "embeds", "embedding", "positive")
+FACE_EMBEDDING_KEYS = ("face_embeds", "id_embeds", "embeds", "embedding")
 FACE_EMBEDDING_SUFFIXES = (".npy", ".safetensors", ".pt", ".pth", ".bin")
 
 
@@ -301,7 +301,7 @@ def _as_face_matrix(path: str | Path, tensor: Tensor) -> Tensor:
 
 def read_face_embeddings(path: str | Path) -> Tensor:
     """(N, D) face embeddings from `.npy`, `.safetensors` or `.pt`: one tensor, or under one of
-    `FACE_EMBEDDING_KEYS` (a file of IP-Adapter embeds saved by us: its "positive")."""
+    `FACE_EMBEDDING_KEYS` (IP-Adapter image embeds saved by `ImageEmbeddings.save` are refused)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(path, FACE_EMBEDDINGS_WHAT, "no such file", "a .npy, .safetensors or .pt file")
@@ -334,6 +334,15 @@ def read_face_embeddings(path: str | Path) -> Tensor:
             return _as_face_matrix(path, loaded)
         tensors = {key: value for key, value in dict(loaded).items() if isinstance(value, Tensor)}
     else:
+        metadata = read_metadata(path, what=FACE_EMBEDDINGS_WHAT)
+        if metadata.get("format") == EMBEDDINGS_FORMAT:
+            raise ModelFileError(
+                path,
+                FACE_EMBEDDINGS_WHAT,
+                f"IP-Adapter image embeds ({metadata.get('kind', '?')}, written by Fluxion Save IP-Adapter "
+                "Embeds) for a base or plus IP-Adapter",
+                "insightface face embeddings (D = 512) for IP-Adapter FaceID",
+            )
         tensors = read_state_dict(path, what=FACE_EMBEDDINGS_WHAT)
     for key in FACE_EMBEDDING_KEYS:
         if key in tensors:

@@ -641,7 +641,9 @@ class IPAdapterPatch:
     @property
     def label(self) -> str:
         embeddings = self.embeddings
-        count_ = (embeddings.face if isinstance(embeddings, FaceEmbeddings) else embeddings.positive).shape[0]
+        faces = isinstance(embeddings, FaceEmbeddings)
+        count_ = (embeddings.face if faces else embeddings.positive).shape[0]
+        items = "face(s)" if faces else "image(s)"
         window = "" if (self.start, self.end) == (0.0, 1.0) else f", steps {self.start:g}-{self.end:g}"
         masked = ", masked" if self.mask is not None else ""
         kind = (
@@ -650,7 +652,7 @@ class IPAdapterPatch:
             else f", {self.weight_type}" + (", layer weights" if self.layer_weights.strip() else "")
         )
         return (
-            f"IP-Adapter {self.adapter.name} ({count_} image(s), {self.combine}, scale {self.scale:g}{kind}"
+            f"IP-Adapter {self.adapter.name} ({count_} {items}, {self.combine}, scale {self.scale:g}{kind}"
             f"{window}{masked})"
         )
 
