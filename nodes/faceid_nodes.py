@@ -1,8 +1,9 @@
 """IP-Adapter FaceID / FaceID Plus (v1, v2): face embeddings loaded from a file and the apply node.
 
-FaceID reads insightface's 512-d identity embedding of a face, which this pack does not compute (insightface
-and its ONNX models are no dependency): compute it once elsewhere (insightface's `FaceAnalysis(...).get(image)
-[0].normed_embedding`, saved with `numpy.save`) and put the file in ComfyUI's input folder. FaceID Plus also
+FaceID reads insightface's 512-d identity embedding of a face. insightface and its ONNX models are no
+dependency of the pack: compute the embedding once elsewhere (`FaceAnalysis(...).get(image)[0].normed_embedding`,
+saved with `numpy.save`) and put the file in ComfyUI's input folder, or, where insightface is installed, use
+Fluxion Face Embeds (insightface), which says clearly when it is not. FaceID Plus also
 reads the CLIP vision hidden states of the face crop (the image input). The LoRA each FaceID release ships
 (`ip-adapter-faceid*_lora.safetensors`) is applied by the apply node's `lora_name` through the pack's LoRA
 loader, on the same model; chaining Fluxion Load LoRA before the node does the same.
@@ -10,8 +11,11 @@ loader, on the same model; chaining Fluxion Load LoRA before the node does the s
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..foundationals.formats.ip_adapter import FACE_EMBEDDING_SUFFIXES, read_face_embeddings
@@ -21,7 +25,7 @@ from ..foundationals.latent_diffusion.adapters.ip_adapter import (
     IPAdapter,
     IPAdapterPatch,
 )
-from .host import input_directory, list_model_files, load_models
+from .host import input_directory, list_model_files, load_models, models_root
 from .image_prompt_nodes import (
     CLIP_VISION,
     IP_ADAPTER,
@@ -118,6 +122,93 @@ class FluxionLoadFaceEmbeds:
         face = read_face_embeddings(face_embeds_file_path(face_embeds_name))
         require_finite(face, f"the face embeddings in {face_embeds_name}")
         return (FaceEmbeddings(face),)
+
+
+INSIGHTFACE_MODELS = ("buffalo_l", "antelopev2")
+INSIGHTFACE_PROVIDERS = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider"}
+FACE_CROP_SIZE = 224
+
+
+def import_insightface() -> Any:
+    """insightface, or a clear error: it is optional (not in the pack's requirements)."""
+    try:
+        return importlib.import_module("insightface.app")
+    except ImportError as error:
+        raise RuntimeError(
+            "Fluxion Face Embeds (insightface) needs the optional insightface package, which is not installed "
+            f"({error}). Install it in ComfyUI's Python (pip install insightface onnxruntime) with its model pack in "
+            f"{models_root() / 'insightface' / 'models'}, or compute the embedding elsewhere, save it with "
+            "numpy.save into the input folder and use Fluxion Load Face Embeds"
+        ) from error
+
+
+class FluxionInsightFaceEmbeds:
+    """Face embeddings (and aligned face crops) of images with insightface, when it is installed."""
+
+    DESCRIPTION = (
+        "Finds the largest face of each image with insightface (optional: pip install insightface onnxruntime; "
+        "model packs in models/insightface/models) and gives its 512-d identity embedding, and the aligned face "
+        "crop for FaceID Plus. Without insightface the node says so: use Fluxion Load Face Embeds with an "
+        "embedding computed elsewhere."
+    )
+    CATEGORY = "fluxion/image prompt"
+    FUNCTION = "embed"
+    RETURN_TYPES = (FACE_EMBEDS, "IMAGE")
+    RETURN_NAMES = ("face_embeds", "face_crop")
+    OUTPUT_TOOLTIPS = (
+        "One face embedding per image, for Fluxion Apply IP-Adapter FaceID.",
+        "The aligned face crops (224 x 224), for FaceID Plus' image input.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "Images with a face each (a batch gives several faces)."}),
+                "model_name": (
+                    list(INSIGHTFACE_MODELS),
+                    {
+                        "default": "buffalo_l",
+                        "tooltip": "insightface model pack (FaceID was trained on buffalo_l).",
+                    },
+                ),
+                "provider": (
+                    list(INSIGHTFACE_PROVIDERS),
+                    {"default": "CPU", "tooltip": "onnxruntime provider insightface runs on."},
+                ),
+            }
+        }
+
+    def embed(
+        self, image: torch.Tensor, model_name: str, provider: str
+    ) -> tuple[FaceEmbeddings, torch.Tensor]:
+        if model_name not in INSIGHTFACE_MODELS or provider not in INSIGHTFACE_PROVIDERS:
+            raise ValueError(
+                f"model_name must be one of {', '.join(INSIGHTFACE_MODELS)} and provider one of "
+                f"{', '.join(INSIGHTFACE_PROVIDERS)}, got {model_name!r}, {provider!r}"
+            )
+        require_finite(image, "the image")
+        app_module = import_insightface()
+        face_align = importlib.import_module("insightface.utils.face_align")
+        analysis = app_module.FaceAnalysis(
+            name=model_name,
+            root=str(models_root() / "insightface"),
+            providers=[INSIGHTFACE_PROVIDERS[provider]],
+        )
+        analysis.prepare(ctx_id=0, det_size=(640, 640))
+        embeddings, crops = [], []
+        for index, picture in enumerate(image):
+            bgr = (picture[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()[..., ::-1].copy()
+            faces = analysis.get(bgr)
+            if not faces:
+                raise ValueError(
+                    f"Fluxion Face Embeds (insightface): no face found in image {index} of the batch"
+                )
+            face = max(faces, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))
+            embeddings.append(torch.from_numpy(np.asarray(face.normed_embedding, dtype=np.float32)))
+            crop = face_align.norm_crop(bgr, landmark=face.kps, image_size=FACE_CROP_SIZE)
+            crops.append(torch.from_numpy(np.ascontiguousarray(crop[..., ::-1])).float() / 255)
+        return FaceEmbeddings(torch.stack(embeddings)), torch.stack(crops)
 
 
 def check_faceid(ipadapter: NamedModel) -> IPAdapter:
@@ -354,9 +445,11 @@ class FluxionApplyIPAdapterFaceID:
 
 NODE_CLASS_MAPPINGS = {
     "FluxionLoadFaceEmbeds": FluxionLoadFaceEmbeds,
+    "FluxionInsightFaceEmbeds": FluxionInsightFaceEmbeds,
     "FluxionApplyIPAdapterFaceID": FluxionApplyIPAdapterFaceID,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxionLoadFaceEmbeds": "Fluxion Load Face Embeds",
+    "FluxionInsightFaceEmbeds": "Fluxion Face Embeds (insightface)",
     "FluxionApplyIPAdapterFaceID": APPLY_FACEID,
 }

@@ -6,6 +6,8 @@ exactly; wrong files and inputs are refused by name, before anything is applied.
 from __future__ import annotations
 
 import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -33,7 +35,7 @@ from nodes.demo import (
     demo_face_embedding,
     write_demo_files,
 )
-from nodes.faceid_nodes import FluxionApplyIPAdapterFaceID, FluxionLoadFaceEmbeds
+from nodes.faceid_nodes import FluxionApplyIPAdapterFaceID, FluxionInsightFaceEmbeds, FluxionLoadFaceEmbeds
 from nodes.image_prompt_nodes import FluxionApplyIPAdapter, FluxionCLIPVisionLoader, FluxionIPAdapterLoader
 from nodes.ip_adapter_embeds_nodes import FluxionEncodeIPAdapterEmbeds
 from nodes.latent_nodes import FluxionEmptyLatent
@@ -251,3 +253,64 @@ def test_faceid_stacks_with_lora_controlnet_and_ip_adapter_and_the_model_comes_b
     assert all(torch.equal(unet.state_dict()[name], tensor) for name, tensor in weights.items())
     assert torch.equal(sample(model, positive, negative), plain)  # the shared branch samples as before
     assert torch.equal(sample(faced, positive, negative), result)  # and the FaceID branch as alone
+
+
+def test_insightface_is_optional_and_its_absence_is_said_clearly(models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "insightface", None)  # not importable, as on this machine
+    monkeypatch.setitem(sys.modules, "insightface.app", None)
+    with pytest.raises(
+        RuntimeError, match="needs the optional insightface package.*Fluxion Load Face Embeds"
+    ):
+        FluxionInsightFaceEmbeds().embed(CROP, "buffalo_l", "CPU")
+
+
+def test_insightface_embeddings_and_crops_come_from_the_largest_face(models, monkeypatch):
+    """A stand-in insightface with its API (FaceAnalysis.prepare/get, face_align.norm_crop): the node takes the
+    largest face's normed_embedding, crops on its landmarks, reads the image as BGR uint8."""
+    seen = {}
+
+    class Face:
+        def __init__(self, size: float, value: float) -> None:
+            self.bbox = np.array([0.0, 0.0, size, size])
+            self.kps = np.full((5, 2), value)
+            self.normed_embedding = np.full(512, value, dtype=np.float32)
+
+    class FaceAnalysis:
+        def __init__(self, name, root, providers):
+            seen.update(name=name, root=root, providers=providers)
+
+        def prepare(self, ctx_id, det_size):
+            seen["prepared"] = (ctx_id, det_size)
+
+        def get(self, image):
+            seen.setdefault("images", []).append(image)
+            return [Face(10.0, 1.0), Face(30.0, 2.0)] if image[0, 0, 0] > 0 else []
+
+    def norm_crop(image, landmark, image_size):
+        seen["landmark"] = landmark
+        return np.full((image_size, image_size, 3), (10, 20, 30), dtype=np.uint8)
+
+    package = types.ModuleType("insightface")
+    app = types.ModuleType("insightface.app")
+    app.FaceAnalysis = FaceAnalysis
+    utils = types.ModuleType("insightface.utils")
+    align = types.ModuleType("insightface.utils.face_align")
+    align.norm_crop = norm_crop
+    for name, module in {
+        "insightface": package,
+        "insightface.app": app,
+        "insightface.utils": utils,
+        "insightface.utils.face_align": align,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    image = torch.zeros(1, 16, 16, 3)
+    image[..., 2] = 1.0  # blue: BGR puts it first
+    embeds, crops = FluxionInsightFaceEmbeds().embed(image, "antelopev2", "CPU")
+    assert seen["name"] == "antelopev2" and seen["providers"] == ["CPUExecutionProvider"]
+    assert seen["root"] == str(host.models_root() / "insightface")
+    assert seen["images"][0].dtype == np.uint8 and tuple(seen["images"][0][0, 0]) == (255, 0, 0)
+    assert torch.equal(embeds.face, torch.full((1, 512), 2.0)) and float(seen["landmark"][0, 0]) == 2.0
+    assert crops.shape == (1, 224, 224, 3)
+    assert torch.allclose(crops[0, 0, 0], torch.tensor([30.0, 20.0, 10.0]) / 255)  # back to RGB
+    with pytest.raises(ValueError, match="no face found in image 0"):
+        FluxionInsightFaceEmbeds().embed(torch.zeros(1, 16, 16, 3), "buffalo_l", "CPU")
