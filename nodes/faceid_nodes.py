@@ -20,14 +20,17 @@ import torch
 
 from ..foundationals.formats.ip_adapter import FACE_EMBEDDING_SUFFIXES, read_face_embeddings
 from ..foundationals.latent_diffusion.adapters.ip_adapter import (
+    PENULTIMATE,
     WEIGHT_TYPES,
     FaceEmbeddings,
+    ImageEmbeddings,
     IPAdapter,
     IPAdapterPatch,
 )
 from .host import input_directory, list_model_files, load_models, models_root
 from .image_prompt_nodes import (
     CLIP_VISION,
+    IMAGE_EMBEDS_TYPE,
     IP_ADAPTER,
     NamedModel,
     check_block_weights,
@@ -227,6 +230,38 @@ def check_faceid(ipadapter: NamedModel) -> IPAdapter:
     return adapter
 
 
+def _face_crops(
+    ipadapter: NamedModel,
+    adapter: IPAdapter,
+    clip_vision: NamedModel | None,
+    image: torch.Tensor | None,
+    embeds: ImageEmbeddings | None,
+) -> ImageEmbeddings:
+    """FaceID Plus' CLIP hidden states of the face crop(s): encoded now (image, clip_vision) or before (embeds)."""
+    if embeds is not None:
+        if image is not None:
+            raise ValueError(
+                f"{APPLY_FACEID} got both image and embeds for the face crop: connect one of them (embeds already "
+                "hold the encoded crop)"
+            )
+        width = int(embeds.positive.shape[-1])
+        if embeds.kind != PENULTIMATE or width != adapter.clip_hidden_dim:
+            raise ValueError(
+                f"{APPLY_FACEID}: IP-Adapter {ipadapter.name} ({adapter.kind_name}) reads {adapter.clip_hidden_dim}-d "
+                f"penultimate hidden states of the face crop; the embeds hold {width}-d {embeds.kind}: encode the "
+                "crop with Fluxion Encode IP-Adapter Embeds and this FaceID Plus file"
+            )
+        require_finite(embeds.positive, "the embeds")
+        require_finite(embeds.negative, "the negative embeds")
+        return embeds
+    if image is None or clip_vision is None:
+        raise ValueError(
+            f"{APPLY_FACEID}: IP-Adapter {ipadapter.name} is a {adapter.kind_name}: it also reads the face crop, "
+            "connect image (the face crop) and clip_vision (the ViT-H image encoder), or embeds of the crop"
+        )
+    return encode_reference_images(ipadapter, clip_vision, image)
+
+
 class FluxionApplyIPAdapterFaceID:
     """Prompt with a face: IP-Adapter FaceID's tokens of an insightface embedding join the text."""
 
@@ -361,6 +396,13 @@ class FluxionApplyIPAdapterFaceID:
                         "('block:weight' pairs or one weight per block; replaces weight_type).",
                     },
                 ),
+                "embeds": (
+                    IMAGE_EMBEDS_TYPE,
+                    {
+                        "tooltip": "FaceID Plus: the face crop(s) encoded beforehand (Fluxion Encode / Load "
+                        "IP-Adapter Embeds with this FaceID Plus file), instead of image and clip_vision."
+                    },
+                ),
             },
         }
 
@@ -384,6 +426,7 @@ class FluxionApplyIPAdapterFaceID:
         outside_mask: str = "blend",
         weight_composition: float = 1.0,
         layer_weights: str = "",
+        embeds: ImageEmbeddings | None = None,
     ) -> tuple[ModelWire]:
         adapter = check_faceid(ipadapter)
         if outside_mask not in ("blend", "keep"):
@@ -399,23 +442,17 @@ class FluxionApplyIPAdapterFaceID:
         weights = parse_weights(face_weights, count, name="face_weights", items="face embedding(s)")
         embeddings = FaceEmbeddings(face_embeds.face)
         if adapter.kind == "faceid_plus":
-            if image is None or clip_vision is None:
+            crops = _face_crops(ipadapter, adapter, clip_vision, image, embeds)
+            if crops.positive.shape[0] not in (1, count):
                 raise ValueError(
-                    f"{APPLY_FACEID}: IP-Adapter {ipadapter.name} is a {adapter.kind_name}: it also reads the face "
-                    "crop, connect image (the face crop) and clip_vision (the ViT-H image encoder)"
+                    f"{APPLY_FACEID}: {crops.positive.shape[0]} face crops for {count} face embeddings: give one "
+                    "crop, or one per face embedding"
                 )
-            if image.shape[0] not in (1, count):
-                raise ValueError(
-                    f"{APPLY_FACEID}: {image.shape[0]} face crops for {count} face embeddings: give one crop, "
-                    "or one per face embedding"
-                )
-            embeddings = FaceEmbeddings(
-                face_embeds.face, encode_reference_images(ipadapter, clip_vision, image)
-            )
-        elif image is not None:
+            embeddings = FaceEmbeddings(face_embeds.face, crops)
+        elif image is not None or embeds is not None:
             raise ValueError(
                 f"{APPLY_FACEID}: IP-Adapter {ipadapter.name} is a FaceID (not Plus): it reads the face "
-                "embeddings only; disconnect image, or load a FaceID Plus file"
+                "embeddings only; disconnect image / embeds, or load a FaceID Plus file"
             )
         lora = None
         if lora_name != NO_LORA and lora_strength != 0.0:

@@ -143,6 +143,28 @@ def test_faceid_plus_v2_reads_the_face_crop_and_weights_its_shortcut(model):
     assert (other.tokens[0] - full.tokens[0]).abs().max() > 1e-3  # so does the crop
 
 
+def test_faceid_plus_takes_its_face_crop_as_embeds_encoded_before(model):
+    ipadapter, clip_vision, embeds = (
+        adapter(DEMO_FACEID_PLUSV2),
+        FluxionCLIPVisionLoader().load(DEMO_CLIP_VISION)[0],
+        face(),
+    )
+    crop = FluxionEncodeIPAdapterEmbeds().encode(ipadapter, clip_vision, CROP)[0]
+    from_image = apply(model, ipadapter, embeds, clip_vision=clip_vision, image=CROP).patches[0]
+    from_embeds = apply(model, ipadapter, embeds, embeds=crop).patches[0]
+    for ours, theirs in zip(from_embeds.tokens, from_image.tokens, strict=True):
+        assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="got both image and embeds for the face crop"):
+        apply(model, ipadapter, embeds, image=CROP, embeds=crop)
+    base_embeds = FluxionEncodeIPAdapterEmbeds().encode(adapter(DEMO_IP_ADAPTER), clip_vision, CROP)[0]
+    with pytest.raises(
+        ValueError, match=r"reads 32-d penultimate hidden states of the face crop; the embeds hold 24-d"
+    ):
+        apply(model, ipadapter, embeds, embeds=base_embeds)
+    with pytest.raises(ValueError, match=r"is a FaceID \(not Plus\).*disconnect image / embeds"):
+        apply(model, adapter(DEMO_FACEID), embeds, embeds=crop)
+
+
 def test_lora_name_puts_the_release_lora_on_the_same_model_before_the_adapter(model):
     wire = apply(model, adapter(DEMO_FACEID), face(), lora_name=DEMO_FACEID_LORA, lora_strength=0.5)
     lora, patch = wire.patches
@@ -173,9 +195,9 @@ def test_wrong_files_and_inputs_are_refused_by_name_before_anything_is_applied(m
         FluxionApplyIPAdapter().apply(model, faceid, clip_vision, CROP, 0.7)
     with pytest.raises(
         ValueError,
-        match=f"Encode IP-Adapter Embeds: IP-Adapter {DEMO_FACEID_PLUSV2} is an IP-Adapter FaceID Plus v2",
+        match=f"Encode IP-Adapter Embeds: IP-Adapter {DEMO_FACEID} is an IP-Adapter FaceID: it reads",
     ):
-        FluxionEncodeIPAdapterEmbeds().encode(plus, clip_vision, CROP)
+        FluxionEncodeIPAdapterEmbeds().encode(faceid, clip_vision, CROP)
     for name in (DEMO_IP_ADAPTER, DEMO_IP_ADAPTER_PLUS):
         with pytest.raises(
             ValueError,
