@@ -1,12 +1,13 @@
-"""IP-Adapter FaceID / FaceID Plus (v1, v2): face embeddings loaded from a file and the apply node.
+"""IP-Adapter FaceID / FaceID Plus (v1, v2): face embeddings (loaded from a file, or computed with insightface
+where it is installed) and the apply node.
 
 FaceID reads insightface's 512-d identity embedding of a face. insightface and its ONNX models are no
 dependency of the pack: compute the embedding once elsewhere (`FaceAnalysis(...).get(image)[0].normed_embedding`,
-saved with `numpy.save`) and put the file in ComfyUI's input folder, or, where insightface is installed, use
-Fluxion Face Embeds (insightface), which says clearly when it is not. FaceID Plus also
-reads the CLIP vision hidden states of the face crop (the image input). The LoRA each FaceID release ships
-(`ip-adapter-faceid*_lora.safetensors`) is applied by the apply node's `lora_name` through the pack's LoRA
-loader, on the same model; chaining Fluxion Load LoRA before the node does the same.
+saved with `numpy.save`) and put the file in ComfyUI's input folder (Fluxion Load Face Embeds), or, where
+insightface is installed, use Fluxion Face Embeds (insightface), which says clearly when it is not. FaceID Plus
+also reads the CLIP vision hidden states of the face crop (the image input, or embeds encoded before). The LoRA
+each FaceID release ships (`ip-adapter-faceid*_lora.safetensors`) is applied by the apply node's `lora_name`
+through the pack's LoRA loader, on the same model; chaining Fluxion Load LoRA before the node does the same.
 """
 
 from __future__ import annotations
@@ -337,8 +338,8 @@ class FluxionApplyIPAdapterFaceID:
                 "image": (
                     "IMAGE",
                     {
-                        "tooltip": "FaceID Plus: the face crop(s) (one, or one per face embedding); not used "
-                        "by FaceID."
+                        "tooltip": "FaceID Plus: the aligned face crop(s) (one, or one per face embedding; "
+                        "Fluxion Face Embeds (insightface) gives them); not used by FaceID."
                     },
                 ),
                 "lora_name": (
