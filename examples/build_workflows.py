@@ -224,6 +224,9 @@ def ip_adapter() -> dict:
                 "start_percent": 0.0,
                 "end_percent": 1.0,
                 "outside_mask": "blend",
+                "weight_type": "linear",
+                "weight_composition": 1.0,
+                "layer_weights": "",
             },
         },
         "8": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
@@ -245,6 +248,9 @@ def apply_ip_adapter(model: list, ipadapter: list, weight: float = 0.8, **inputs
             "start_percent": 0.0,
             "end_percent": 1.0,
             "outside_mask": "blend",
+            "weight_type": "linear",
+            "weight_composition": 1.0,
+            "layer_weights": "",
         },
     }
 
@@ -651,6 +657,75 @@ def sdxl_guidance() -> dict:
     }
 
 
+def apply_faceid(model: list, ipadapter: list, face_embeds: list, **inputs: object) -> dict:
+    return {
+        "class_type": "FluxionApplyIPAdapterFaceID",
+        "inputs": {
+            "model": model,
+            "ipadapter": ipadapter,
+            "face_embeds": face_embeds,
+            "weight": 0.85,
+            "weight_faceidv2": 1.0,
+            "weight_type": "linear",
+            "combine": "concat",
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+            "lora_name": "None",
+            "lora_strength": 0.6,
+            "face_weights": "",
+            "outside_mask": "blend",
+            "weight_composition": 1.0,
+            "layer_weights": "",
+            **inputs,
+        },
+    }
+
+
+def ip_adapter_faceid() -> dict:
+    """IP-Adapter FaceID Plus v2: an insightface embedding saved beforehand (example_face.npy in the input
+    folder), the face crop through CLIP ViT-H, and the release's LoRA on the same model (lora_name)."""
+    return {
+        **sd15_base("a portrait photo of a person in a garden, best quality"),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "FluxionIPAdapterLoader",
+            "inputs": {"ipadapter_name": "ip-adapter-faceid-plusv2_sd15.bin"},
+        },
+        "6": {
+            "class_type": "FluxionCLIPVisionLoader",
+            "inputs": {"clip_name": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"},
+        },
+        "7": {"class_type": "FluxionLoadFaceEmbeds", "inputs": {"face_embeds_name": "example_face.npy"}},
+        "8": apply_faceid(
+            ["1", 0],
+            ["5", 0],
+            ["7", 0],
+            clip_vision=["6", 0],
+            image=["4", 0],
+            lora_name="ip-adapter-faceid-plusv2_sd15_lora.safetensors",
+        ),
+        "9": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "10": sampler(["8", 0], ["9", 0]),
+        **decode_and_save(["10", 0], "fluxion_ip_adapter_faceid", 11),
+    }
+
+
+def sdxl_ip_adapter_faceid() -> dict:
+    """IP-Adapter FaceID on SDXL: the face embedding alone (no CLIP vision model, no LoRA)."""
+    return {
+        **sdxl_base("a portrait photo of a person, cinematic", "lowres, watermark", 1024),
+        "4": {
+            "class_type": "FluxionIPAdapterLoader",
+            "inputs": {"ipadapter_name": "ip-adapter-faceid_sdxl.bin"},
+        },
+        "5": {"class_type": "FluxionLoadFaceEmbeds", "inputs": {"face_embeds_name": "example_face.npy"}},
+        "6": apply_faceid(["1", 0], ["4", 0], ["5", 0]),
+        "7": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "8": sampler(["6", 0], ["7", 0], steps=4),
+        **decode_and_save(["8", 0], "fluxion_sdxl_ip_adapter_faceid", 9),
+    }
+
+
 def style_aligned() -> dict:
     """A batch of three sharing image 0's style; a second branch aligned to a reference image's latent."""
     style = {
@@ -734,6 +809,8 @@ WORKFLOWS = {
     "sd15_style_aligned": style_aligned,
     "sd15_reference_adain": reference_adain,
     "sd15_speed": speed,
+    "sd15_ip_adapter_faceid": ip_adapter_faceid,
+    "sdxl_ip_adapter_faceid": sdxl_ip_adapter_faceid,
 }
 IN_COMFYUI = {"sd15_core_clip_and_vae": core_clip_and_vae}
 """Workflows holding core nodes that need ComfyUI's own models: they run inside ComfyUI only."""

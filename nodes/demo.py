@@ -58,6 +58,13 @@ TINY_BIGG_PROJECTION = 40  # the tiny "bigG" image embedding: unlike the tiny Vi
 SECOND_IMAGE = "example_2.png"
 MASK_IMAGE = "example_mask.png"
 DEMO_EMBEDS = "example_ipadapter_embeds.safetensors"
+DEMO_FACEID = "ip-adapter-faceid_sd15.bin"
+DEMO_FACEID_LORA = "ip-adapter-faceid_sd15_lora.safetensors"
+DEMO_FACEID_PLUSV2 = "ip-adapter-faceid-plusv2_sd15.bin"
+DEMO_FACEID_PLUSV2_LORA = "ip-adapter-faceid-plusv2_sd15_lora.safetensors"
+DEMO_SDXL_FACEID = "ip-adapter-faceid_sdxl.bin"
+DEMO_FACE_EMBEDS = "example_face.npy"
+FACE_EMBEDDING_DIM = 512  # insightface's identity embedding, as the real FaceID files read
 INPUT_IMAGE = "example.png"
 INPAINT_IMAGE = "example_inpaint.png"
 
@@ -224,6 +231,78 @@ def tencent_ip_adapter_plus(
     return tensors
 
 
+def tencent_ip_adapter_faceid(
+    model: StableDiffusion, plus: bool = False, tokens: int = 4, hidden: int = 64, seed: int = 30
+) -> dict[str, dict[str, torch.Tensor]]:
+    """An IP-Adapter FaceID (or FaceID Plus) for `model` as tencent-ailab's `.bin` nests it: `image_proj` =
+    MLPProjModel (`proj.0`, `proj.2`, `norm` on a 512-d face embedding; Plus: with a 4-layer
+    `perceiver_resampler.*` on the tiny encoder's hidden states, one 64-wide head), `ip_adapter` = to_k_ip /
+    to_v_ip of every cross-attention (the `.bin`'s own LoRA tensors are left out: the LoRA file carries them)."""
+    generator = torch.Generator().manual_seed(seed)
+    context = model.unet.config.context_dim
+
+    def rand(*shape: int, scale: float = 0.2, mean: float = 0.0) -> torch.Tensor:
+        return mean + scale * torch.randn(*shape, generator=generator)
+
+    image_proj = {
+        "proj.0.weight": rand(hidden, FACE_EMBEDDING_DIM, scale=0.05),
+        "proj.0.bias": rand(hidden),
+        "proj.2.weight": rand(tokens * context, hidden),
+        "proj.2.bias": rand(tokens * context),
+        "norm.weight": rand(context, mean=1.0, scale=0.1),
+        "norm.bias": rand(context),
+    }
+    if plus:
+        prefix = "perceiver_resampler."
+        image_proj |= {
+            prefix + "proj_in.weight": rand(context, image_preset("tiny").embedding_dim),
+            prefix + "proj_in.bias": rand(context),
+            prefix + "proj_out.weight": rand(context, context),
+            prefix + "proj_out.bias": rand(context),
+            prefix + "norm_out.weight": rand(context, mean=1.0, scale=0.1),
+            prefix + "norm_out.bias": rand(context),
+        }
+        for layer in range(4):
+            key = f"{prefix}layers.{layer}."
+            for norm in ("0.norm1", "0.norm2", "1.0"):
+                image_proj[f"{key}{norm}.weight"] = rand(context, mean=1.0, scale=0.1)
+                image_proj[f"{key}{norm}.bias"] = rand(context)
+            image_proj[key + "0.to_q.weight"] = rand(64, context)
+            image_proj[key + "0.to_kv.weight"] = rand(128, context)
+            image_proj[key + "0.to_out.weight"] = rand(context, 64)
+            image_proj[key + "1.1.weight"] = rand(4 * context, context)
+            image_proj[key + "1.3.weight"] = rand(context, 4 * context)
+    ip_adapter: dict[str, torch.Tensor] = {}
+    for index, block in enumerate(cross_attention_blocks(model.unet)):
+        inner = block.ensure_find(fl.Attention).inner_dim
+        for name in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{2 * index + 1}.{name}.weight"] = rand(inner, context)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def faceid_lora(model: StableDiffusion, rank: int = 4, seed: int = 31) -> dict[str, torch.Tensor]:
+    """The LoRA a FaceID release ships, as its `_lora.safetensors`: kohya names after diffusers' module names
+    (`lora_unet_<module>_<to_q|to_k|to_v|to_out_0>`) on every self- and cross-attention, no alpha."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, ours in unet_lora_module_map(model.unet).items():
+        if not (".attn1." in module or ".attn2." in module) or not module.endswith(
+            ("to_q", "to_k", "to_v", "to_out.0")
+        ):
+            continue
+        out_features, in_features = model.unet.get_submodule(ours).weight.shape[:2]
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+    return tensors
+
+
+def demo_face_embedding(seed: int = 32) -> np.ndarray:
+    """A unit-norm 512-d vector, as insightface's `normed_embedding` of one face."""
+    vector = torch.randn(FACE_EMBEDDING_DIM, generator=torch.Generator().manual_seed(seed))
+    return (vector / vector.norm()).numpy().astype(np.float32)
+
+
 def demo_embeds(model: StableDiffusion, image: np.ndarray) -> ImageEmbeddings:
     """What Fluxion Encode IP-Adapter Embeds gives for `image` with the demo's SD1.5 base IP-Adapter."""
     adapter = ip_adapter_from_state_dict(tencent_ip_adapter(model), Path(DEMO_IP_ADAPTER).stem)
@@ -265,6 +344,14 @@ def write_demo_files(models_dir: Path, input_dir: Path) -> None:
         models_dir / "clip_vision" / DEMO_CLIP_VISION_BIGG,
         tiny_image_encoder_file(seed=14, projection_dim=TINY_BIGG_PROJECTION),
     )
+    torch.save(tencent_ip_adapter_faceid(model), models_dir / "ipadapter" / DEMO_FACEID)
+    torch.save(
+        tencent_ip_adapter_faceid(model, plus=True, seed=33), models_dir / "ipadapter" / DEMO_FACEID_PLUSV2
+    )
+    torch.save(tencent_ip_adapter_faceid(sdxl, seed=34), models_dir / "ipadapter" / DEMO_SDXL_FACEID)
+    save_to_safetensors(models_dir / "loras" / DEMO_FACEID_LORA, faceid_lora(model))
+    save_to_safetensors(models_dir / "loras" / DEMO_FACEID_PLUSV2_LORA, faceid_lora(model, seed=35))
+    np.save(input_dir / DEMO_FACE_EMBEDS, demo_face_embedding())
     y, x = np.mgrid[0:64, 0:64]
     picture = demo_picture()
     Image.fromarray(picture, mode="RGB").save(input_dir / INPUT_IMAGE)

@@ -15,9 +15,11 @@ from ..foundationals.clip.image_encoder import CLIPImageEncoder, load_clip_image
 from ..foundationals.latent_diffusion.adapters.ip_adapter import (
     IMAGE_EMBEDS,
     PENULTIMATE,
+    WEIGHT_TYPES,
     ImageEmbeddings,
     IPAdapter,
     IPAdapterPatch,
+    block_weights,
     load_ip_adapter,
 )
 from ..foundationals.latent_diffusion.model_config import unet_family
@@ -67,12 +69,15 @@ class NamedModel:
 class FluxionIPAdapterLoader:
     """Load an IP-Adapter file (tencent-ailab .bin/.safetensors or diffusers layout)."""
 
-    DESCRIPTION = "Loads an IP-Adapter (SD1.5 base or plus, SDXL) from models/ipadapter."
+    DESCRIPTION = (
+        "Loads an IP-Adapter (SD1.5 or SDXL; base, plus, FaceID, FaceID Plus v1/v2) from models/ipadapter. "
+        "FaceID files go to Fluxion Apply IP-Adapter FaceID, the others to Fluxion Apply IP-Adapter."
+    )
     CATEGORY = "fluxion/loaders"
     FUNCTION = "load"
     RETURN_TYPES = (IP_ADAPTER,)
     RETURN_NAMES = ("ipadapter",)
-    OUTPUT_TOOLTIPS = ("The IP-Adapter, for Fluxion Apply IP-Adapter.",)
+    OUTPUT_TOOLTIPS = ("The IP-Adapter, for Fluxion Apply IP-Adapter (FaceID: Apply IP-Adapter FaceID).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -116,20 +121,23 @@ class FluxionCLIPVisionLoader:
         return (NamedModel(clip_name, MODEL_FILES.get("clip_vision", path, _load_image_encoder)),)
 
 
-def parse_weights(text: str, count: int) -> list[float] | None:
-    """'1, 0.5' -> [1.0, 0.5] (one per reference image); empty -> None (all 1)."""
+def parse_weights(
+    text: str, count: int, name: str = "image_weights", items: str = "reference image(s)"
+) -> list[float] | None:
+    """'1, 0.5' -> [1.0, 0.5] (one per reference image, or face); empty -> None (all 1)."""
     if not text.strip():
         return None
     try:
         weights = [float(item) for item in text.replace(";", ",").split(",") if item.strip()]
     except ValueError as error:
-        raise ValueError(f"image_weights must be numbers separated by commas, got {text!r}") from error
+        raise ValueError(f"{name} must be numbers separated by commas, got {text!r}") from error
     if len(weights) != count:
-        raise ValueError(f"image_weights has {len(weights)} values for {count} reference image(s)")
+        raise ValueError(f"{name} has {len(weights)} values for {count} {items}")
     return weights
 
 
-def _check_model(model: ModelWire, ipadapter: NamedModel) -> None:
+def check_model(model: ModelWire, ipadapter: NamedModel) -> None:
+    """Refuse an IP-Adapter of another family than the model, naming both."""
     adapter = ipadapter.model
     assert isinstance(adapter, IPAdapter)
     try:
@@ -205,6 +213,32 @@ def check_embeds(ipadapter: NamedModel, embeds: ImageEmbeddings) -> None:
     require_finite(embeds.negative, "the negative embeds")
 
 
+def check_block_weights(
+    model: ModelWire,
+    weight: float,
+    weight_type: str,
+    weight_composition: float,
+    layer_weights: str,
+    node: str = "Fluxion Apply IP-Adapter",
+) -> None:
+    """Refuse an unknown weight type or a per-block list that does not fit the model, naming the input."""
+    try:
+        block_weights(model.model.unet.config, weight, weight_type, weight_composition, layer_weights)
+    except ValueError as error:
+        raise ValueError(f"{node} (model {model.name}): {error}") from error
+
+
+def refuse_faceid(ipadapter: NamedModel, node: str) -> None:
+    """FaceID files read face embeddings: refuse one where reference images are read, naming it."""
+    adapter = ipadapter.model
+    if isinstance(adapter, IPAdapter) and adapter.is_faceid:
+        raise ValueError(
+            f"{node}: IP-Adapter {ipadapter.name} is an IP-Adapter {adapter.kind_name}: it reads insightface "
+            "face embeddings, not reference images. Use Fluxion Apply IP-Adapter FaceID (with Fluxion Load "
+            "Face Embeds)"
+        )
+
+
 class FluxionApplyIPAdapter:
     """Prompt with images: the IP-Adapter's image tokens join the text in cross-attention."""
 
@@ -212,7 +246,8 @@ class FluxionApplyIPAdapter:
         "Adds an IP-Adapter to the model's stack: the reference images (a batch) are encoded by the CLIP vision "
         "model, or precomputed embeds are used, and steer the generation with `weight`. Several images combine "
         "by concat or average, each with its own weight; start/end limit it to a fraction of the steps; a mask "
-        "limits it to a region. Connect either image (with clip_vision) or embeds."
+        "limits it to a region; weight_type and layer_weights weight the UNet's blocks (style transfer, "
+        "composition, curves). Connect either image (with clip_vision) or embeds."
     )
     CATEGORY = "fluxion/image prompt"
     FUNCTION = "apply"
@@ -295,6 +330,39 @@ class FluxionApplyIPAdapter:
                         "image without the adapter (one more UNet pass per step).",
                     },
                 ),
+                "weight_type": (
+                    list(WEIGHT_TYPES),
+                    {
+                        "default": "linear",
+                        "tooltip": "How the weight spreads over the UNet's attention blocks (ComfyUI_IPAdapter_plus' "
+                        "types). linear: the same everywhere; ease in/out, in-out, reverse in-out: a curve from "
+                        "the first to the last block; weak input/middle/output, strong middle: 0.2x there; style "
+                        "transfer / composition (InstantStyle: SDXL up_blocks.0.attentions.1 / "
+                        "down_blocks.2.attentions.1) and their strong, combined and precise variants: only those "
+                        "blocks.",
+                    },
+                ),
+                "weight_composition": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -1.0,
+                        "max": 5.0,
+                        "step": 0.05,
+                        "tooltip": "With weight_type 'style and composition': the weight of the composition "
+                        "block(s) (weight is the style blocks').",
+                    },
+                ),
+                "layer_weights": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Optional weight per attention block, times weight: 'block:weight' pairs "
+                        "(block numbers in run order, SD1.5 0-15, SDXL 0-10, or diffusers names such as "
+                        "up_blocks.0.attentions.1; unnamed blocks off) or one comma-separated weight per block. "
+                        "Replaces weight_type (the precise types keep their swap).",
+                    },
+                ),
             },
         }
 
@@ -313,12 +381,17 @@ class FluxionApplyIPAdapter:
         mask: torch.Tensor | None = None,
         embeds: ImageEmbeddings | None = None,
         outside_mask: str = "blend",
+        weight_type: str = "linear",
+        weight_composition: float = 1.0,
+        layer_weights: str = "",
     ) -> tuple[ModelWire]:
         if outside_mask not in ("blend", "keep"):
             raise ValueError(f"outside_mask must be blend or keep, got {outside_mask!r}")
+        refuse_faceid(ipadapter, "Fluxion Apply IP-Adapter")
+        check_block_weights(model, weight, weight_type, weight_composition, layer_weights)
         if mask is not None:
             require_finite(mask, "the mask")
-        _check_model(model, ipadapter)
+        check_model(model, ipadapter)
         if embeds is not None:
             if image is not None:
                 raise ValueError(
@@ -356,6 +429,9 @@ class FluxionApplyIPAdapter:
                 end=end_percent,
                 mask=mask,
                 keep_outside=outside_mask == "keep",
+                weight_type=weight_type,
+                weight_composition=weight_composition,
+                layer_weights=layer_weights,
             )
         return (model.with_patch(patch),)
 

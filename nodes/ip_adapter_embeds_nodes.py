@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..foundationals.latent_diffusion.adapters.ip_adapter import ImageEmbeddings
+from ..foundationals.latent_diffusion.adapters.ip_adapter import ImageEmbeddings, IPAdapter
 from .host import input_directory, output_directory
 from .image_prompt_nodes import (
     CLIP_VISION,
@@ -31,7 +31,8 @@ class FluxionEncodeIPAdapterEmbeds:
     DESCRIPTION = (
         "Encodes reference images (a batch: several references) with the CLIP vision model into the embeds the "
         "IP-Adapter needs: image embeddings for base adapters, penultimate hidden states for plus ones, with "
-        "their negatives. Feed them to Fluxion Apply IP-Adapter (embeds) or Fluxion Save IP-Adapter Embeds."
+        "their negatives (FaceID Plus: of the face crops). Feed them to Fluxion Apply IP-Adapter (embeds), "
+        "Fluxion Apply IP-Adapter FaceID (embeds) or Fluxion Save IP-Adapter Embeds."
     )
     CATEGORY = "fluxion/image prompt"
     FUNCTION = "encode"
@@ -71,6 +72,12 @@ class FluxionEncodeIPAdapterEmbeds:
         image: torch.Tensor,
         negative_image: torch.Tensor | None = None,
     ) -> tuple[ImageEmbeddings]:
+        adapter = ipadapter.model
+        if isinstance(adapter, IPAdapter) and adapter.kind == "faceid":
+            raise ValueError(
+                f"Fluxion Encode IP-Adapter Embeds: IP-Adapter {ipadapter.name} is an IP-Adapter FaceID: it reads "
+                "insightface face embeddings only, no image to encode (Fluxion Load Face Embeds)"
+            )
         return (encode_reference_images(ipadapter, clip_vision, image, negative_image),)
 
 

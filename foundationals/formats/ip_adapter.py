@@ -12,7 +12,12 @@ Layouts read:
 
 Image projections: "base" (`proj` Linear to N tokens, `norm` LayerNorm) and "plus" (perceiver resampler:
 `latents`, `proj_in`, `proj_out`, `norm_out`, `layers.L.0.{norm1,norm2,to_q,to_kv,to_out}`,
-`layers.L.1.{0,1,3}` LayerNorm/Linear/Linear feed-forward).
+`layers.L.1.{0,1,3}` LayerNorm/Linear/Linear feed-forward); FaceID (`ip-adapter-faceid_sd15.bin`,
+`_sdxl`): "faceid" (`proj.0` Linear, GELU, `proj.2` Linear to N tokens, `norm` LayerNorm, on a 512-d
+insightface embedding) and "faceid_plus" (Plus / Plus v2: the same `proj.0/proj.2/norm` give the latents of
+`perceiver_resampler.{proj_in,proj_out,norm_out,layers.*}`, which reads the face crop's CLIP penultimate hidden
+states). FaceID files also hold LoRA weights in `ip_adapter.N.to_{q,k,v,out}_lora.{down,up}.weight`: they are
+not read here (the release ships the same LoRA as a kohya file, `*_lora.safetensors`, for the LoRA loader).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch import Tensor
 
 from ..model_files import ModelFileError, read_metadata, read_state_dict
 
-BASE, PLUS = "base", "plus"
+BASE, PLUS, FACEID, FACEID_PLUS = "base", "plus", "faceid", "faceid_plus"
 TENCENT, DIFFUSERS = "tencent", "diffusers"
 DIFFUSERS_PROJECTION_PREFIX = "encoder_hid_proj.image_projection_layers.0."
 _DIFFUSERS_KV = re.compile(r"^(?P<block>.+)\.attn2\.processor\.to_(?P<kv>[kv])_ip\.0\.weight$")
@@ -74,6 +79,27 @@ PLUS_SHARED_KEYS_TO_OURS = {
     "norm_out.bias": "LayerNorm.bias",
 }
 _OURS_LAYER = "PerceiverLayer_{n}"  # our layers are numbered from 1
+
+# FaceID (`MLPProjModel` of ip_adapter_faceid): Linear (proj.0), GELU, Linear (proj.2), LayerNorm (norm).
+FACEID_KEYS_TO_OURS = {
+    "proj.0.weight": "Linear_1.weight",
+    "proj.0.bias": "Linear_1.bias",
+    "proj.2.weight": "Linear_2.weight",
+    "proj.2.bias": "Linear_2.bias",
+    "norm.weight": "LayerNorm.weight",
+    "norm.bias": "LayerNorm.bias",
+}
+# FaceID Plus (`ProjModelFaceIdPlus`): the FaceID projection of the face embedding gives the perceiver's
+# latents; `perceiver_resampler.*` (no learned latents) reads the face crop's CLIP hidden states.
+FACEID_PLUS_ID_PREFIX = "Distribute.Chain_1.FaceIDProjection."
+FACEID_PLUS_SHARED_KEYS_TO_OURS = {
+    "perceiver_resampler.proj_in.weight": "Distribute.Chain_2.Linear.weight",
+    "perceiver_resampler.proj_in.bias": "Distribute.Chain_2.Linear.bias",
+    "perceiver_resampler.proj_out.weight": "Linear.weight",
+    "perceiver_resampler.proj_out.bias": "Linear.bias",
+    "perceiver_resampler.norm_out.weight": "LayerNorm.weight",
+    "perceiver_resampler.norm_out.bias": "LayerNorm.bias",
+}
 PLUS_LAYER_KEYS_TO_OURS: dict[str, str] = {
     "layers.{L}.0.norm1.weight": "{layer}.Residual.PerceiverAttention.Parallel.Chain.LayerNorm.weight",
     "layers.{L}.0.norm1.bias": "{layer}.Residual.PerceiverAttention.Parallel.Chain.LayerNorm.bias",
@@ -104,15 +130,21 @@ def detect_ip_adapter_layout(keys: list[str]) -> str | None:
 
 
 def projection_kind(image_proj: Mapping[str, Tensor]) -> str:
-    """ "base" or "plus" from the tencent `image_proj.*` keys (without the prefix)."""
+    """ "base", "plus", "faceid" or "faceid_plus" from the tencent `image_proj.*` keys (without the prefix)."""
     if "proj.weight" in image_proj and "norm.weight" in image_proj:
         return BASE
     if "latents" in image_proj and "proj_in.weight" in image_proj:
         return PLUS
+    if "perceiver_resampler.proj_in.weight" in image_proj and "proj.0.weight" in image_proj:
+        return FACEID_PLUS
+    if "proj.0.weight" in image_proj and "proj.2.weight" in image_proj and "norm.weight" in image_proj:
+        return FACEID
     found = ", ".join(sorted(image_proj)[:6]) or "nothing"
+    full_face = " (this looks like IP-Adapter full-face: proj.3)" if "proj.3.weight" in image_proj else ""
     raise ValueError(
-        f"an image projection that is neither IP-Adapter base (proj, norm) nor plus (latents, proj_in, "
-        f"layers.*): found {found} (FaceID, full-face and other variants are not supported)"
+        f"an image projection that is neither IP-Adapter base (proj, norm), plus (latents, proj_in, layers.*), "
+        f"FaceID (proj.0, proj.2, norm) nor FaceID Plus (proj.0, norm, perceiver_resampler.*): found {found}"
+        f"{full_face}; full-face and other variants are not supported"
     )
 
 
@@ -185,8 +217,27 @@ def tencent_key_value_weights(state_dict: Mapping[str, Tensor]) -> list[tuple[Te
 
 def tencent_projection_to_ours(image_proj: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The tencent `image_proj.*` tensors (prefix removed) under our projection's state-dict keys."""
-    if projection_kind(image_proj) == BASE:
+    kind = projection_kind(image_proj)
+    if kind == BASE:
         return {ours: image_proj[tencent] for tencent, ours in BASE_KEYS_TO_OURS.items()}
+    if kind == FACEID:
+        return {ours: image_proj[tencent] for tencent, ours in FACEID_KEYS_TO_OURS.items()}
+    if kind == FACEID_PLUS:
+        out = {
+            FACEID_PLUS_ID_PREFIX + ours: image_proj[tencent] for tencent, ours in FACEID_KEYS_TO_OURS.items()
+        }
+        out |= {ours: image_proj[tencent] for tencent, ours in FACEID_PLUS_SHARED_KEYS_TO_OURS.items()}
+        resampler = {
+            key.removeprefix("perceiver_resampler."): value
+            for key, value in image_proj.items()
+            if key.startswith("perceiver_resampler.")
+        }
+        depth = plus_depth(resampler)
+        for layer in range(depth):
+            name = _OURS_LAYER.format(n=layer + 1) if depth > 1 else "PerceiverLayer"
+            for tencent, ours in PLUS_LAYER_KEYS_TO_OURS.items():
+                out[ours.format(layer=name)] = resampler[tencent.format(L=layer)]
+        return out
     out = {ours: image_proj[tencent] for tencent, ours in PLUS_SHARED_KEYS_TO_OURS.items()}
     out["Parameter.weight"] = out["Parameter.weight"].reshape(out["Parameter.weight"].shape[-2:])
     depth = plus_depth(image_proj)
@@ -224,3 +275,83 @@ def read_image_embeddings(path: str | Path) -> tuple[Tensor, Tensor, str]:
         )
     tensors = read_state_dict(path, what=EMBEDDINGS_WHAT, keys=["positive", "negative"])
     return tensors["positive"], tensors["negative"], metadata.get("kind", "")
+
+
+# -- face embeddings (insightface's 512-d identity embedding, computed elsewhere) ------------------------------
+
+FACE_EMBEDDINGS_WHAT = "face embeddings"
+FACE_EMBEDDING_KEYS = ("face_embeds", "id_embeds", "embeds", "embedding")
+FACE_EMBEDDING_SUFFIXES = (".npy", ".safetensors", ".pt", ".pth", ".bin")
+
+
+def _as_face_matrix(path: str | Path, tensor: Tensor) -> Tensor:
+    if tensor.dim() == 3 and tensor.shape[1] == 1:  # diffusers' (N, 1, D) image-embeds layout
+        tensor = tensor[:, 0]
+    if tensor.dim() == 1:
+        tensor = tensor[None]
+    if tensor.dim() != 2 or not tensor.is_floating_point():
+        raise ModelFileError(
+            path,
+            FACE_EMBEDDINGS_WHAT,
+            f"a {tensor.dtype} tensor of shape {tuple(tensor.shape)}",
+            "float face embeddings of shape (D,), (N, D) or (N, 1, D) (insightface: D = 512)",
+        )
+    return tensor.float()
+
+
+def read_face_embeddings(path: str | Path) -> Tensor:
+    """(N, D) face embeddings from `.npy`, `.safetensors` or `.pt`: one tensor, or under one of
+    `FACE_EMBEDDING_KEYS` (IP-Adapter image embeds saved by `ImageEmbeddings.save` are refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(path, FACE_EMBEDDINGS_WHAT, "no such file", "a .npy, .safetensors or .pt file")
+    suffix = path.suffix.lower()
+    if suffix not in FACE_EMBEDDING_SUFFIXES:
+        raise ModelFileError(
+            path,
+            FACE_EMBEDDINGS_WHAT,
+            f"a {suffix or 'suffix-less'} file",
+            "a .npy, .safetensors or .pt file",
+        )
+    if suffix == ".npy":
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise ModelFileError(
+                path, FACE_EMBEDDINGS_WHAT, f"not a plain .npy array ({error})", "a float array"
+            ) from error
+        return _as_face_matrix(path, torch.from_numpy(np.asarray(array, dtype=np.float32)))
+    if suffix in (".pt", ".pth", ".bin"):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise ModelFileError(
+                path, FACE_EMBEDDINGS_WHAT, f"unreadable ({error})", "a torch tensor"
+            ) from error
+        if isinstance(loaded, Tensor):
+            return _as_face_matrix(path, loaded)
+        tensors = {key: value for key, value in dict(loaded).items() if isinstance(value, Tensor)}
+    else:
+        metadata = read_metadata(path, what=FACE_EMBEDDINGS_WHAT)
+        if metadata.get("format") == EMBEDDINGS_FORMAT:
+            raise ModelFileError(
+                path,
+                FACE_EMBEDDINGS_WHAT,
+                f"IP-Adapter image embeds ({metadata.get('kind', '?')}, written by Fluxion Save IP-Adapter "
+                "Embeds) for a base or plus IP-Adapter",
+                "insightface face embeddings (D = 512) for IP-Adapter FaceID",
+            )
+        tensors = read_state_dict(path, what=FACE_EMBEDDINGS_WHAT)
+    for key in FACE_EMBEDDING_KEYS:
+        if key in tensors:
+            return _as_face_matrix(path, tensors[key])
+    if len(tensors) == 1:
+        return _as_face_matrix(path, next(iter(tensors.values())))
+    raise ModelFileError(
+        path,
+        FACE_EMBEDDINGS_WHAT,
+        f"tensors {sorted(tensors)[:6]}",
+        f"one tensor, or one named {', '.join(FACE_EMBEDDING_KEYS)}",
+    )

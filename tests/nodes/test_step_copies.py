@@ -20,12 +20,16 @@ from nodes.control_nodes import FluxionApplyControl, FluxionControlLoader
 from nodes.demo import (
     DEMO_CLIP_VISION,
     DEMO_CONTROLNET,
+    DEMO_FACE_EMBEDS,
+    DEMO_FACEID_PLUSV2,
+    DEMO_FACEID_PLUSV2_LORA,
     DEMO_IP_ADAPTER,
     DEMO_LORA,
     DEMO_LORA_2,
     SD15_CHECKPOINT,
     write_demo_files,
 )
+from nodes.faceid_nodes import FluxionApplyIPAdapterFaceID, FluxionLoadFaceEmbeds
 from nodes.image_prompt_nodes import FluxionApplyIPAdapter, FluxionCLIPVisionLoader, FluxionIPAdapterLoader
 from nodes.latent_nodes import FluxionEmptyLatent
 from nodes.lora_nodes import FluxionLoraLoader, FluxionRegionalLora
@@ -46,6 +50,11 @@ def demo_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     write_demo_files(root / "models", root / "input")
     return root / "models"
+
+
+@pytest.fixture
+def faceid_input(monkeypatch, demo_models):
+    monkeypatch.setattr(host, "_input_dir", demo_models.parent / "input")
 
 
 class StepSpy:
@@ -144,6 +153,34 @@ def test_no_step_after_the_first_copies_resizes_or_syncs(spy, float64_models, so
     latent = FluxionEmptyLatent().generate(64, 64, 1)[0]
     spy.active = True
     sample_latents(model, positive, negative, latent, 1, STEPS, 5.0, solver, "normal", 1.0, Progress(spy))
+    spy.active = False
+    assert spy.step == STEPS
+    assert spy.repeated() == []
+    assert [step for step in spy.resizes if step > 0] == []
+    assert [sync for sync in spy.syncs if sync[0] > 0] == []
+
+
+def test_a_masked_faceid_plus_with_its_lora_copies_nothing_again(spy, float64_models, faceid_input):
+    model, clip, _ = FluxionCheckpointLoader().load(SD15_CHECKPOINT)
+    ipadapter = FluxionIPAdapterLoader().load(DEMO_FACEID_PLUSV2)[0]
+    clip_vision = FluxionCLIPVisionLoader().load(DEMO_CLIP_VISION)[0]
+    face = FluxionLoadFaceEmbeds().load(DEMO_FACE_EMBEDS)[0]
+    model = FluxionApplyIPAdapterFaceID().apply(
+        model,
+        ipadapter,
+        face,
+        0.8,
+        0.7,
+        clip_vision=clip_vision,
+        image=HINT,
+        lora_name=DEMO_FACEID_PLUSV2_LORA,
+        mask=MASK,
+    )[0]
+    positive = FluxionTextEncode().encode(clip, "a portrait")[0]
+    negative = FluxionTextEncode().encode(clip, "blurry")[0]
+    latent = FluxionEmptyLatent().generate(64, 64, 1)[0]
+    spy.active = True
+    sample_latents(model, positive, negative, latent, 1, STEPS, 5.0, "euler", "normal", 1.0, Progress(spy))
     spy.active = False
     assert spy.step == STEPS
     assert spy.repeated() == []

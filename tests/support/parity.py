@@ -236,6 +236,20 @@ PARITY: dict[str, Parity] = {
         2e-05,
         "5.7e-6 (RescaleCFG, x0 up to ~12; FreeU, blur: 0.0)",
     ),
+    "ip_adapter_weight_types": Parity(
+        "IP-Adapter weight types, layer weights, precise variants (one UNet call, tiny SDXL and SD1.5 layouts)",
+        "diffusers per-block `set_ip_adapter_scale` (dict form)",
+        "adapters/test_ip_adapter_weight_types.py",
+        1e-06,
+        "0.0",
+    ),
+    "ip_adapter_faceid": Parity(
+        "IP-Adapter FaceID / FaceID Plus v1, v2: projections, one UNet call (tiny SD1.5, SDXL), the FaceID LoRA file",
+        "diffusers `IPAdapterFaceID(Plus)ImageProjection`, IP-Adapter attention processors, `load_lora_weights`",
+        "adapters/test_ip_adapter_faceid.py",
+        1e-06,
+        "8.2e-8 (LoRA; the rest 0.0)",
+    ),
     "style_aligned": Parity(
         "StyleAligned shared self-attention (one layer, CFG halves, scale, AdaIN q/k, reference shared or not)",
         "hand-written torch of refiners' `StyleAlignedAdapter` formulas (in the test)",

@@ -158,3 +158,72 @@ def sample_with_patches(
             run=run,
         )
     return sd.decode_latents(latents) if decode else latents
+
+
+FACE_DIM = 512  # insightface's identity embedding, as the real files read
+FACEID_HIDDEN = 1024  # 2 x 512, as the releases (diffusers infers the multiplier from it)
+
+
+def tencent_faceid(
+    kind: str,
+    attention_widths: list[int],
+    context_dim: int,
+    image_config: CLIPImageConfig = TINY_IMAGE,
+    seed: int = 0,
+    tokens: int = 4,
+    self_attention_widths: list[int] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """A FaceID ("faceid") or FaceID Plus ("faceid_plus") file as tencent-ailab's ip_adapter_faceid saves it:
+    `image_proj` = MLPProjModel (`proj.0`, `proj.2`, `norm`) or ProjModelFaceIdPlus (the same, plus
+    `perceiver_resampler.*` without latents), `ip_adapter` = to_k_ip / to_v_ip of every cross-attention and the
+    LoRA of every attention processor (`N.to_{q,k,v,out}_lora.{down,up}.weight`, N over attn1 and attn2)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.2, mean: float = 0.0) -> torch.Tensor:
+        return mean + scale * torch.randn(*shape, generator=generator)
+
+    dim = context_dim
+    image_proj = {
+        "proj.0.weight": rand(FACEID_HIDDEN, FACE_DIM, scale=0.05),
+        "proj.0.bias": rand(FACEID_HIDDEN),
+        "proj.2.weight": rand(tokens * dim, FACEID_HIDDEN),
+        "proj.2.bias": rand(tokens * dim),
+        "norm.weight": rand(dim, mean=1.0, scale=0.1),
+        "norm.bias": rand(dim),
+    }
+    if kind == "faceid_plus":
+        prefix = "perceiver_resampler."
+        image_proj |= {
+            prefix + "proj_in.weight": rand(dim, image_config.embedding_dim),
+            prefix + "proj_in.bias": rand(dim),
+            prefix + "proj_out.weight": rand(context_dim, dim),
+            prefix + "proj_out.bias": rand(context_dim),
+            prefix + "norm_out.weight": rand(context_dim, mean=1.0, scale=0.1),
+            prefix + "norm_out.bias": rand(context_dim),
+        }
+        for layer in range(4):
+            key = f"{prefix}layers.{layer}."
+            image_proj |= {
+                key + "0.norm1.weight": rand(dim, mean=1.0, scale=0.1),
+                key + "0.norm1.bias": rand(dim),
+                key + "0.norm2.weight": rand(dim, mean=1.0, scale=0.1),
+                key + "0.norm2.bias": rand(dim),
+                key + "0.to_q.weight": rand(PLUS_INNER, dim),
+                key + "0.to_kv.weight": rand(2 * PLUS_INNER, dim),
+                key + "0.to_out.weight": rand(dim, PLUS_INNER),
+                key + "1.0.weight": rand(dim, mean=1.0, scale=0.1),
+                key + "1.0.bias": rand(dim),
+                key + "1.1.weight": rand(4 * dim, dim),
+                key + "1.3.weight": rand(dim, 4 * dim),
+            }
+    ip_adapter: dict[str, torch.Tensor] = {}
+    selfs = self_attention_widths or attention_widths
+    for index, width in enumerate(attention_widths):
+        for n, (w, ctx) in ((2 * index, (selfs[index], selfs[index])), (2 * index + 1, (width, context_dim))):
+            for name in ("to_q", "to_k", "to_v", "to_out"):
+                source = w if name in ("to_q", "to_out") else ctx
+                ip_adapter[f"{n}.{name}_lora.down.weight"] = rand(4, source if name != "to_out" else w)
+                ip_adapter[f"{n}.{name}_lora.up.weight"] = rand(w, 4)
+        ip_adapter[f"{2 * index + 1}.to_k_ip.weight"] = rand(width, context_dim)
+        ip_adapter[f"{2 * index + 1}.to_v_ip.weight"] = rand(width, context_dim)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}

@@ -1,4 +1,4 @@
-"""IP-Adapter: image projections (`model`), the decoupled cross-attention and its patch (`adapter`), saved image
+"""IP-Adapter (base, plus, FaceID, FaceID Plus v1/v2): image projections (`model`), the decoupled cross-attention and its patch (`adapter`), saved image
 embeddings (`embeddings`), and reading its files (`loading`)."""
 
 from .adapter import (
@@ -10,14 +10,22 @@ from .adapter import (
     IPAdapterPatch,
     iter_ip_adapters,
 )
-from .embeddings import IMAGE_EMBEDS, PENULTIMATE, ImageEmbeddings
+from .block_weights import WEIGHT_TYPES, BlockWeights, block_weights, spatial_transformers
+from .embeddings import IMAGE_EMBEDS, PENULTIMATE, FaceEmbeddings, ImageEmbeddings
 from .loading import ip_adapter_from_state_dict, load_ip_adapter
-from .model import ImageProjection, PerceiverResampler
+from .model import FaceIDPlusProjection, FaceIDProjection, ImageProjection, PerceiverResampler
 
 __all__ = [
     "COMBINE_MODES",
+    "WEIGHT_TYPES",
+    "BlockWeights",
+    "block_weights",
+    "spatial_transformers",
     "IMAGE_EMBEDS",
     "PENULTIMATE",
+    "FaceEmbeddings",
+    "FaceIDPlusProjection",
+    "FaceIDProjection",
     "IPAdapter",
     "IPAdapterInjection",
     "IPAdapterPatch",

@@ -38,6 +38,8 @@ from .....fluxion.casting import compute_placement
 from ....clip.image_encoder import CLIPImageEncoder, CLIPImageHiddenState, preprocess_images
 from ....formats.ip_adapter import (
     BASE,
+    FACEID,
+    FACEID_PLUS,
     PLUS,
 )
 from ...guidance import Halves, select_halves
@@ -49,8 +51,13 @@ from ..regional import Region, latent_region_mask, new_region_name
 if TYPE_CHECKING:
     from ...stable_diffusion import StableDiffusion
 
-from .embeddings import IMAGE_EMBEDS, PENULTIMATE, ImageEmbeddings
-from .model import ImageProjection, PerceiverResampler
+from .block_weights import WEIGHT_TYPES, BlockWeights, block_weights, parse_layer_weights
+from .embeddings import IMAGE_EMBEDS, PENULTIMATE, FaceEmbeddings, ImageEmbeddings
+from .model import FaceIDPlusProjection, FaceIDProjection, ImageProjection, PerceiverResampler
+
+Projection = ImageProjection | PerceiverResampler | FaceIDProjection | FaceIDPlusProjection
+FACE_KINDS = (FACEID, FACEID_PLUS)
+KIND_NAMES = {BASE: "base", PLUS: "plus", FACEID: "FaceID", FACEID_PLUS: "FaceID Plus"}
 
 COMBINE_MODES = ("concat", "average")
 FAMILIES = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
@@ -65,16 +72,41 @@ def _query(query: Tensor, *keys_values: Tensor) -> Tensor:
     return query
 
 
-class ImageAttentionWeight(fl.ContextModule):
-    """Multiplies the image attention by the adapter's scale and, if set, by its mask on this block's grid."""
+def block_scale(state: dict[str, Any], index: int) -> float:
+    """The image attention's weight in cross-attention block `index`: the adapter's scale times the block's."""
+    scales: Sequence[float] | None = state.get("block_scales")
+    return state["scale"] if scales is None else state["scale"] * scales[index]
 
-    def __init__(self, context: str) -> None:
+
+class ImageTokens(fl.ContextModule):
+    """The image tokens this block attends to: the adapter's, or in a "precise" weight type's swapped blocks
+    the swapped ones (positive rows zero, negative rows the reference)."""
+
+    def __init__(self, context: str, index: int = 0) -> None:
         super().__init__()
         self.context = context
+        self.index = index
+
+    def forward(self, *_: Any) -> Tensor:
+        state = self.use_context(self.context)
+        swapped: Tensor | None = state.get("swapped_tokens")
+        if swapped is not None and self.index in state.get("swapped", ()):
+            return swapped
+        return state["tokens"]
+
+
+class ImageAttentionWeight(fl.ContextModule):
+    """Multiplies the image attention by the adapter's scale (times this block's weight) and, if set, by its
+    mask on this block's grid."""
+
+    def __init__(self, context: str, index: int = 0) -> None:
+        super().__init__()
+        self.context = context
+        self.index = index
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.use_context(self.context)
-        x = x * state["scale"]
+        x = x * block_scale(state, self.index)
         mask: Tensor | None = state.get("mask")
         if mask is None:
             return x
@@ -105,27 +137,29 @@ class ImageAttention(fl.Chain):
         num_heads: int,
         device: Device | str | None = None,
         dtype: DType | None = None,
+        index: int = 0,
     ) -> None:
         self.context = context
+        self.index = index
         super().__init__(
             fl.Lambda(_query),
             fl.Parallel(
                 fl.Identity(),
                 fl.Chain(
-                    fl.UseContext(context, "tokens"),
+                    ImageTokens(context, index),
                     fl.Linear(context_dim, inner_dim, bias=False, device=device, dtype=dtype),
                 ),
                 fl.Chain(
-                    fl.UseContext(context, "tokens"),
+                    ImageTokens(context, index),
                     fl.Linear(context_dim, inner_dim, bias=False, device=device, dtype=dtype),
                 ),
             ),
             fl.ScaledDotProductAttention(num_heads),
-            ImageAttentionWeight(context),
+            ImageAttentionWeight(context, index),
         )
 
     def forward(self, *inputs: Any) -> Any:
-        if self.use_context(self.context)["scale"] == 0:
+        if block_scale(self.use_context(self.context), self.index) == 0:
             return 0.0  # the text attention alone, bit for bit
         return super().forward(*inputs)
 
@@ -148,10 +182,11 @@ class ImageCrossAttention(fl.Sum, Adapter[fl.Module]):
         num_heads: int,
         device: Device | str | None = None,
         dtype: DType | None = None,
+        index: int = 0,
     ) -> None:
         with self.setup_adapter(target):
             super().__init__(
-                target, ImageAttention(context, inner_dim, context_dim, num_heads, device, dtype)
+                target, ImageAttention(context, inner_dim, context_dim, num_heads, device, dtype, index)
             )
 
     @property
@@ -184,7 +219,7 @@ class IPAdapterWeights(torch.nn.Module):
 
     def __init__(
         self,
-        image_projection: ImageProjection | PerceiverResampler,
+        image_projection: Projection,
         key_value_weights: Sequence[tuple[Tensor, Tensor]],
     ) -> None:
         super().__init__()
@@ -205,27 +240,47 @@ class IPAdapter:
 
     def __init__(
         self,
-        image_projection: ImageProjection | PerceiverResampler,
+        image_projection: Projection,
         key_value_weights: Sequence[tuple[Tensor, Tensor]],
         name: str = "ip-adapter",
+        faceid_v2: bool = False,
     ) -> None:
         self.weights = IPAdapterWeights(image_projection, key_value_weights)
         self.name = name
-        self.kind = BASE if isinstance(image_projection, ImageProjection) else PLUS
+        kinds = {ImageProjection: BASE, PerceiverResampler: PLUS, FaceIDProjection: FACEID}
+        self.kind = kinds.get(type(image_projection), FACEID_PLUS)
+        self.faceid_v2 = faceid_v2 and self.kind == FACEID_PLUS
+        """FaceID Plus v2: its tokens add the face projection to the resampler's (the shortcut)."""
         self.context_dim = int(self.key_value_weights[0][0].shape[1])
-        first = image_projection[0]
-        assert isinstance(first, fl.Linear)
-        self.image_input_dim = int(first.in_features)
-        """Width the image encoder must give: projected embedding (base) or hidden state (plus)."""
+        self.clip_hidden_dim: int | None = None
+        """FaceID Plus: the hidden-state width of the CLIP image encoder reading the face crops."""
+        if isinstance(image_projection, FaceIDPlusProjection):
+            self.image_input_dim = image_projection.face_embedding_dim
+            self.clip_hidden_dim = image_projection.clip_hidden_dim
+        else:
+            first = image_projection[0]
+            assert isinstance(first, fl.Linear)
+            self.image_input_dim = int(first.in_features)
+        """Width of the input: projected image embedding (base), hidden state (plus), face embedding (FaceID)."""
 
     def __repr__(self) -> str:
+        v2 = " v2" if self.faceid_v2 else ""
         return (
-            f"IPAdapter({self.name!r}, {self.kind}, {self.family}, {len(self.key_value_weights)} blocks, "
+            f"IPAdapter({self.name!r}, {self.kind}{v2}, {self.family}, {len(self.key_value_weights)} blocks, "
             f"{self.image_projection.num_tokens} tokens per image)"
         )
 
     @property
-    def image_projection(self) -> ImageProjection | PerceiverResampler:
+    def is_faceid(self) -> bool:
+        return self.kind in FACE_KINDS
+
+    @property
+    def kind_name(self) -> str:
+        """ "base", "plus", "FaceID", "FaceID Plus v2", ... (for messages)."""
+        return KIND_NAMES[self.kind] + (" v2" if self.faceid_v2 else "")
+
+    @property
+    def image_projection(self) -> Projection:
         return self.weights.image_projection  # type: ignore[return-value]
 
     @property
@@ -239,21 +294,33 @@ class IPAdapter:
         return _family(self.context_dim)
 
     @property
+    def encoder_input_dim(self) -> int | None:
+        """Width the image encoder must give (None: FaceID reads no image)."""
+        if self.kind == FACEID:
+            return None
+        return self.clip_hidden_dim if self.kind == FACEID_PLUS else self.image_input_dim
+
+    @property
     def encoder_name(self) -> str:
         names = ENCODERS_BY_EMBEDDING if self.kind == BASE else ENCODERS_BY_HIDDEN
-        return names.get(self.image_input_dim, "a")
+        return names.get(self.encoder_input_dim or 0, "a")
 
     def check_image_encoder(self, encoder: CLIPImageEncoder) -> None:
         """Refuse an image encoder of another width than this adapter was trained on."""
+        expected = self.encoder_input_dim
+        if expected is None:
+            raise ValueError(
+                f"{self.name} is an IP-Adapter FaceID: it reads face embeddings only, no CLIP image encoder"
+            )
         config = encoder.config
         actual = config.projection_dim if self.kind == BASE else config.embedding_dim
-        if actual == self.image_input_dim:
+        if actual == expected:
             return
         names = ENCODERS_BY_EMBEDDING if self.kind == BASE else ENCODERS_BY_HIDDEN
         what = "image embedding" if self.kind == BASE else "hidden state"
         raise ValueError(
-            f"{self.name} expects a {names.get(self.image_input_dim, 'CLIP')} image encoder "
-            f"({self.image_input_dim}-d {what}), got {names.get(actual, 'an encoder')} ({actual}-d)"
+            f"{self.name} expects a {names.get(expected, 'CLIP')} image encoder "
+            f"({expected}-d {what}), got {names.get(actual, 'an encoder')} ({actual}-d)"
         )
 
     def check_unet(self, unet: UNet) -> None:
@@ -313,13 +380,78 @@ class IPAdapter:
         with torch.no_grad():
             return self.image_projection(embeddings.to(device=device, dtype=dtype))
 
+    def face_tokens(self, face: Tensor, clip: Tensor | None = None, faceid_v2: float = 1.0) -> Tensor:
+        """FaceID tokens (N, T, context_dim) of N face embeddings (and, for Plus, their crops' hidden states);
+        Plus v2 adds the face projection to the resampler's output times `faceid_v2`."""
+        projection = self.image_projection
+        device, dtype = compute_placement(projection)
+        face = face.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            if isinstance(projection, FaceIDPlusProjection):
+                assert clip is not None
+                projection.set_shortcut(faceid_v2 if self.faceid_v2 else None)
+                return projection(face, clip.to(face))
+            return projection(face)
+
+    def _faceid_tokens(
+        self, embeddings: FaceEmbeddings, weights: Sequence[float] | None, combine: str, faceid_v2: float
+    ) -> tuple[Tensor, Tensor]:
+        face = embeddings.face
+        if int(face.shape[-1]) != self.image_input_dim:
+            raise ValueError(
+                f"{self.name} ({self.kind_name}) reads {self.image_input_dim}-d face embeddings (insightface); "
+                f"these are {int(face.shape[-1])}-d ({tuple(face.shape)})"
+            )
+        clip = clip_negative = None
+        if self.kind == FACEID_PLUS:
+            if embeddings.clip is None:
+                raise ValueError(
+                    f"{self.name} is an IP-Adapter {self.kind_name}: it also needs the face crop's CLIP hidden "
+                    "states (connect image and clip_vision)"
+                )
+            clip = embeddings.clip.positive.expand(face.shape[0], -1, -1)
+            clip_negative = embeddings.clip.negative.expand(face.shape[0], -1, -1)
+            if int(clip.shape[-1]) != self.clip_hidden_dim:
+                raise ValueError(
+                    f"{self.name} reads {self.clip_hidden_dim}-d CLIP hidden states of the face crop; these are "
+                    f"{int(clip.shape[-1])}-d: encode the crop with the encoder that pairs with it"
+                )
+        if weights is not None:
+            if len(weights) != face.shape[0]:
+                raise ValueError(f"{len(weights)} weights for {face.shape[0]} face embeddings")
+            face = face * torch.tensor(list(weights), dtype=face.dtype)[:, None]
+        negative_face = torch.zeros_like(face)
+        if combine == "average":
+            face, negative_face = face.mean(0, keepdim=True), negative_face[:1]
+            if clip is not None and clip_negative is not None:
+                clip, clip_negative = clip.mean(0, keepdim=True), clip_negative[:1]
+        return (
+            self.face_tokens(face, clip, faceid_v2).flatten(0, 1)[None],
+            self.face_tokens(negative_face, clip_negative, faceid_v2).flatten(0, 1)[None],
+        )
+
     def image_tokens(
         self,
-        embeddings: ImageEmbeddings,
+        embeddings: ImageEmbeddings | FaceEmbeddings,
         weights: Sequence[float] | None = None,
         combine: str = "concat",
+        faceid_v2: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
-        """(positive, negative) tokens (1, T', context_dim) of weighted, combined reference images."""
+        """(positive, negative) tokens (1, T', context_dim) of weighted, combined reference images (or faces)."""
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"unknown combine mode {combine!r}; choose one of {', '.join(COMBINE_MODES)}")
+        if self.is_faceid != isinstance(embeddings, FaceEmbeddings):
+            if self.is_faceid:
+                raise ValueError(
+                    f"{self.name} is an IP-Adapter {self.kind_name}: it reads face embeddings (Fluxion Apply "
+                    "IP-Adapter FaceID), not reference-image embeds"
+                )
+            raise ValueError(
+                f"{self.name} is a {self.kind_name} IP-Adapter: it reads reference images, not face embeddings "
+                "(FaceID needs an ip-adapter-faceid*.bin file)"
+            )
+        if isinstance(embeddings, FaceEmbeddings):
+            return self._faceid_tokens(embeddings, weights, combine, faceid_v2)
         expected = IMAGE_EMBEDS if self.kind == BASE else PENULTIMATE
         if embeddings.kind != expected:
             raise ValueError(f"{self.name} ({self.kind}) needs {expected}, got {embeddings.kind}")
@@ -351,7 +483,8 @@ class IPAdapter:
         context = f"ip_adapter_{next(_INJECTION_IDS)}"
         injected: list[ImageCrossAttention] = []
         try:
-            for block, (key, value) in zip(cross_attention_blocks(unet), self.key_value_weights):
+            pairs = zip(cross_attention_blocks(unet), self.key_value_weights)
+            for index, (block, (key, value)) in enumerate(pairs):
                 attention, slot = _text_attention_slot(block)
                 adapter = ImageCrossAttention(
                     slot,
@@ -360,6 +493,7 @@ class IPAdapter:
                     self.context_dim,
                     attention.num_heads,
                     device="meta",
+                    index=index,
                 )
                 device, dtype = compute_placement(attention)
                 adapter.image_attention.load_key_value(
@@ -372,7 +506,10 @@ class IPAdapter:
                 adapter.eject()
             raise
         injection = IPAdapterInjection(unet, context, injected)
-        unet.set_context(context, {"tokens": None, "scale": 1.0, "mask": None})
+        unet.set_context(
+            context,
+            {"tokens": None, "scale": 1.0, "mask": None, "block_scales": None, "swapped": frozenset()},
+        )
         return injection
 
 
@@ -398,6 +535,23 @@ class IPAdapterInjection:
     def set_scale(self, scale: float) -> None:
         """Weight of the image attention (0: exactly the model without adapter)."""
         self._state()["scale"] = scale
+
+    def set_block_weights(self, weights: BlockWeights | None) -> None:
+        """Per-block weights (multiplying the scale) and the blocks whose tokens are swapped; None: uniform."""
+        if weights is not None and len(weights.scales) != len(self.adapters):
+            raise ValueError(
+                f"{len(weights.scales)} block weights for an IP-Adapter in {len(self.adapters)} blocks"
+            )
+        state = self._state()
+        state["block_scales"] = None if weights is None else list(weights.scales)
+        state["swapped"] = frozenset() if weights is None else weights.swapped
+
+    def set_swapped_tokens(self, tokens: Tensor | None) -> None:
+        """Tokens of the swapped blocks (B, T, context_dim): the reference in negative rows, zero in positive ones."""
+        if tokens is not None:
+            device, dtype = compute_placement(self.unet)
+            tokens = tokens.to(device=device, dtype=dtype)
+        self._state()["swapped_tokens"] = tokens
 
     def set_mask(self, mask: Tensor | None) -> None:
         """Where the adapter acts, (H, W) or (B, H, W) in 0..1 at any resolution; None: everywhere."""
@@ -426,13 +580,14 @@ class IPAdapterPatch:
     `scale` weights the image attention; `weights` one per reference image; `combine` "concat" or "average";
     it acts on steps whose progress `step / num_steps` lies in `[start, end)` (end 1: up to the last step);
     `mask` (H, W) or (B, H, W) restricts it to a region (see `regional`); with `keep_outside` the latents
-    outside the mask end exactly as without the adapter.
+    outside the mask end exactly as without the adapter. `weight_type`, `weight_composition` and
+    `layer_weights` weight the blocks (see `block_weights`; "linear" and no list: `scale` everywhere).
     """
 
     def __init__(
         self,
         adapter: IPAdapter,
-        embeddings: ImageEmbeddings,
+        embeddings: ImageEmbeddings | FaceEmbeddings,
         scale: float = 1.0,
         weights: Sequence[float] | None = None,
         combine: str = "concat",
@@ -440,9 +595,22 @@ class IPAdapterPatch:
         end: float = 1.0,
         mask: Tensor | None = None,
         keep_outside: bool = False,
+        weight_type: str = "linear",
+        weight_composition: float = 1.0,
+        layer_weights: str = "",
+        faceid_v2: float = 1.0,
     ) -> None:
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"IP-Adapter start/end must satisfy 0 <= start <= end <= 1, got {start}, {end}")
+        if weight_type not in WEIGHT_TYPES:
+            raise ValueError(
+                f"unknown IP-Adapter weight_type {weight_type!r}; one of {', '.join(WEIGHT_TYPES)}"
+            )
+        if layer_weights.strip():
+            parse_layer_weights(layer_weights)  # syntax errors now, block names when applied
+        self.weight_type = weight_type
+        self.weight_composition = weight_composition
+        self.layer_weights = layer_weights
         self.adapter = adapter
         self.embeddings = embeddings
         self.scale = scale
@@ -452,7 +620,8 @@ class IPAdapterPatch:
         self.end = end
         self.mask = mask
         self.keep_outside = keep_outside
-        self.tokens = adapter.image_tokens(embeddings, self.weights, combine)  # checks kind and mode early
+        self.faceid_v2 = faceid_v2
+        self.tokens = adapter.image_tokens(embeddings, self.weights, combine, faceid_v2)  # checks kinds early
 
     @staticmethod
     def from_images(
@@ -471,10 +640,34 @@ class IPAdapterPatch:
 
     @property
     def label(self) -> str:
-        count_ = self.embeddings.positive.shape[0]
+        embeddings = self.embeddings
+        faces = isinstance(embeddings, FaceEmbeddings)
+        count_ = (embeddings.face if faces else embeddings.positive).shape[0]
+        items = "face(s)" if faces else "image(s)"
         window = "" if (self.start, self.end) == (0.0, 1.0) else f", steps {self.start:g}-{self.end:g}"
         masked = ", masked" if self.mask is not None else ""
-        return f"IP-Adapter {self.adapter.name} ({count_} image(s), {self.combine}, scale {self.scale:g}{window}{masked})"
+        kind = (
+            ""
+            if self.uniform
+            else f", {self.weight_type}" + (", layer weights" if self.layer_weights.strip() else "")
+        )
+        return (
+            f"IP-Adapter {self.adapter.name} ({count_} {items}, {self.combine}, scale {self.scale:g}{kind}"
+            f"{window}{masked})"
+        )
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every block gets `scale` (linear, no per-block list)."""
+        return self.weight_type == "linear" and not self.layer_weights.strip()
+
+    def block_weights(self, unet: UNet) -> BlockWeights | None:
+        """This patch's weight per cross-attention block of `unet` (None when uniform)."""
+        if self.uniform:
+            return None
+        return block_weights(
+            unet.config, self.scale, self.weight_type, self.weight_composition, self.layer_weights
+        )
 
     def active(self, run: SamplingRun, step: int) -> bool:
         """Whether the adapter acts on `step` of `run`."""
@@ -492,8 +685,14 @@ class IPAdapterPatch:
         positive, negative = self.tokens
         batch = run.batch_size
         tokens = positive.expand(batch, -1, -1)
+        swapped: Tensor | None = None
         if run.uses_guidance:
             tokens = torch.cat([negative.expand(batch, -1, -1), tokens])
+        weights = self.block_weights(model.unet)
+        on_scale = self.scale if weights is None else 1.0  # the block weights already hold the scale
+        if weights is not None and weights.swapped:  # reference in the negative rows, zeros in the positive
+            zeros = torch.zeros_like(positive).expand(batch, -1, -1)
+            swapped = torch.cat([positive.expand(batch, -1, -1), zeros]) if run.uses_guidance else zeros
         injection = self.adapter.inject(model.unet)
         region: Region | None = None
         hook: Callable[[int], None] | None = None
@@ -501,11 +700,15 @@ class IPAdapterPatch:
 
         def follow_halves(halves: Halves) -> None:  # a guidance pass on one half of the batch
             injection.set_tokens(select_halves(tokens, run.stored_halves, halves))
+            if swapped is not None:
+                injection.set_swapped_tokens(select_halves(swapped, run.stored_halves, halves))
             if batch_mask is not None and batch_mask.shape[0] > 1:
                 injection.set_mask(select_halves(batch_mask, run.stored_halves, halves))
 
         try:
             injection.set_tokens(tokens)
+            injection.set_block_weights(weights)
+            injection.set_swapped_tokens(swapped)
             if self.mask is not None:
                 mask = self.mask[None] if self.mask.dim() == 2 else self.mask
                 batch_mask = torch.cat([mask, mask]) if run.uses_guidance and mask.shape[0] > 1 else mask
@@ -516,14 +719,14 @@ class IPAdapterPatch:
                     latent_region_mask(mask, run.latent_height, run.latent_width),
                     self.start,
                     self.end,
-                    switch=lambda on: injection.set_scale(self.scale if on else 0.0),
+                    switch=lambda on: injection.set_scale(on_scale if on else 0.0),
                     keep_outside=self.keep_outside,
                 )
                 run.regions.append(region)
             else:
 
                 def hook(step: int) -> None:
-                    injection.set_scale(self.scale if self.active(run, step) else 0.0)
+                    injection.set_scale(on_scale if self.active(run, step) else 0.0)
 
                 hook(run.first_step)
                 run.on_step(hook)

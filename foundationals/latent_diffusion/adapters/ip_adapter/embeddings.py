@@ -35,3 +35,27 @@ class ImageEmbeddings:
     def load(path: str | Path) -> ImageEmbeddings:
         """Read a file written by `save`."""
         return ImageEmbeddings(*read_image_embeddings(path))
+
+
+@dataclass(frozen=True)
+class FaceEmbeddings:
+    """What an IP-Adapter FaceID reads: face identity embeddings (N, 512, insightface's, computed elsewhere) and,
+    for FaceID Plus, the CLIP penultimate hidden states of the N face crops (with their negatives).
+
+    The negative face embedding is zero (as tencent-ailab's and diffusers' FaceID pipelines use).
+    """
+
+    face: Tensor
+    clip: ImageEmbeddings | None = None
+
+    def __post_init__(self) -> None:
+        if self.face.dim() != 2:
+            raise ValueError(f"face embeddings are (N, D), got {tuple(self.face.shape)}")
+        if self.clip is not None:
+            if self.clip.kind != PENULTIMATE:
+                raise ValueError(f"FaceID Plus reads {PENULTIMATE} of the face crops, got {self.clip.kind}")
+            if self.clip.positive.shape[0] not in (1, self.face.shape[0]):
+                raise ValueError(
+                    f"{self.clip.positive.shape[0]} face crops for {self.face.shape[0]} face embeddings: give "
+                    "one crop, or one per face embedding"
+                )

@@ -12,6 +12,8 @@ from torch import dtype as DType
 from ....formats.ip_adapter import (
     BASE,
     DIFFUSERS,
+    FACEID,
+    FACEID_PLUS,
     detect_ip_adapter_layout,
     diffusers_to_tencent,
     plus_depth,
@@ -25,7 +27,35 @@ if TYPE_CHECKING:
     pass
 
 from .adapter import IPAdapter
-from .model import ImageProjection, PerceiverResampler
+from .model import FaceIDPlusProjection, FaceIDProjection, ImageProjection, PerceiverResampler
+
+FACEID_V2_NAMES = ("plusv2", "plus_v2", "plus-v2")
+"""FaceID Plus v1 and v2 files hold the same keys; v2 (the shortcut) is told by the release's file name, as
+ComfyUI_IPAdapter_plus does (`ip-adapter-faceid-plusv2_sd15.bin`)."""
+
+
+def _faceid_projection(image_proj: dict[str, Tensor], kind: str) -> FaceIDProjection | FaceIDPlusProjection:
+    first, second = image_proj["proj.0.weight"], image_proj["proj.2.weight"]
+    width = int(image_proj["norm.weight"].shape[0])
+    tokens = int(second.shape[0]) // width
+    if kind == FACEID:
+        return FaceIDProjection(int(first.shape[1]), int(first.shape[0]), width, tokens, device="meta")
+    resampler = {
+        key.removeprefix("perceiver_resampler."): value
+        for key, value in image_proj.items()
+        if key.startswith("perceiver_resampler.")
+    }
+    return FaceIDPlusProjection(
+        face_embedding_dim=int(first.shape[1]),
+        hidden_dim=int(first.shape[0]),
+        clip_hidden_dim=int(resampler["proj_in.weight"].shape[1]),
+        dim=width,
+        output_dim=int(resampler["proj_out.weight"].shape[0]),
+        inner_dim=int(resampler["layers.0.0.to_q.weight"].shape[0]),
+        num_tokens=tokens,
+        depth=plus_depth(resampler),
+        device="meta",
+    )
 
 
 def ip_adapter_from_state_dict(
@@ -33,8 +63,11 @@ def ip_adapter_from_state_dict(
     name: str = "ip-adapter",
     device: Device | str | None = None,
     dtype: DType | None = None,
+    faceid_v2: bool | None = None,
 ) -> IPAdapter:
-    """An `IPAdapter` from tensors in the tencent-ailab or diffusers layout (see `formats.ip_adapter`)."""
+    """An `IPAdapter` from tensors in the tencent-ailab or diffusers layout (see `formats.ip_adapter`).
+
+    FaceID Plus: `faceid_v2` (None: from `name`, see `FACEID_V2_NAMES`) turns the v2 shortcut on."""
     layout = detect_ip_adapter_layout(list(state_dict))
     if layout is None:
         raise ValueError(
@@ -50,10 +83,13 @@ def ip_adapter_from_state_dict(
     }
     kind = projection_kind(image_proj)
     key_values = tencent_key_value_weights(state_dict)
-    if kind == BASE:
+    if kind in (FACEID, FACEID_PLUS):
+        projection: ImageProjection | PerceiverResampler | FaceIDProjection | FaceIDPlusProjection
+        projection = _faceid_projection(image_proj, kind)
+    elif kind == BASE:
         context_dim = int(image_proj["norm.weight"].shape[0])
         weight = image_proj["proj.weight"]
-        projection: ImageProjection | PerceiverResampler = ImageProjection(
+        projection = ImageProjection(
             int(weight.shape[1]), context_dim, int(weight.shape[0]) // context_dim, device="meta"
         )
     else:
@@ -74,7 +110,9 @@ def ip_adapter_from_state_dict(
             (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for k, v in key_values
         ]
     projection.load_state_dict(tensors, strict=True, assign=True)
-    return IPAdapter(projection, key_values, name)
+    if faceid_v2 is None:
+        faceid_v2 = kind == FACEID_PLUS and any(word in name.lower() for word in FACEID_V2_NAMES)
+    return IPAdapter(projection, key_values, name, faceid_v2=faceid_v2)
 
 
 def load_ip_adapter(
@@ -86,4 +124,6 @@ def load_ip_adapter(
     try:
         return ip_adapter_from_state_dict(state_dict, path.stem, device=device, dtype=dtype)
     except ValueError as error:
-        raise ModelFileError(path, "IP-Adapter", str(error), "an IP-Adapter base or plus file") from error
+        raise ModelFileError(
+            path, "IP-Adapter", str(error), "an IP-Adapter base, plus, FaceID or FaceID Plus file"
+        ) from error

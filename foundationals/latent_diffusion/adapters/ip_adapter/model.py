@@ -134,3 +134,102 @@ class PerceiverResampler(fl.Chain):
 
     def init_context(self) -> dict[str, dict[str, Any]]:
         return {"perceiver_resampler": {"features": None}}
+
+
+# -- FaceID ---------------------------------------------------------------------------------------------------
+
+
+class FaceIDProjection(fl.Chain):
+    """IP-Adapter FaceID: a face identity embedding (insightface, 512-d) to `num_tokens` context tokens
+    (Linear, GELU, Linear, reshape, LayerNorm; tencent-ailab's `MLPProjModel`, diffusers'
+    `IPAdapterFaceIDImageProjection`)."""
+
+    def __init__(
+        self,
+        face_embedding_dim: int,
+        hidden_dim: int,
+        context_dim: int,
+        num_tokens: int = 4,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        self.num_tokens = num_tokens
+        super().__init__(
+            fl.Linear(face_embedding_dim, hidden_dim, device=device, dtype=dtype),
+            fl.GeLU(),
+            fl.Linear(hidden_dim, num_tokens * context_dim, device=device, dtype=dtype),
+            fl.Reshape(num_tokens, context_dim),
+            fl.LayerNorm(context_dim, device=device, dtype=dtype),
+        )
+
+
+def _face_tokens(id_tokens: Tensor, features: Tensor) -> Tensor:
+    return id_tokens
+
+
+class FaceShortcut(fl.ContextModule):
+    """Plus v2's shortcut: `id_tokens + scale x resampler output` (v1, scale None: the output alone)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self.use_context("face_id_plus")
+        scale = state["shortcut_scale"]
+        return x if scale is None else state["id_tokens"] + scale * x
+
+
+class FaceIDPlusProjection(fl.Chain):
+    """IP-Adapter FaceID Plus (v1, v2): the FaceID projection of the face embedding gives the latents of a
+    perceiver resampler reading the face crop's CLIP hidden states (tencent-ailab's `ProjModelFaceIdPlus`,
+    diffusers' `IPAdapterFaceIDPlusImageProjection`). Called with (face embeddings (N, 512), hidden states
+    (N, S, H)); the shortcut scale (v2) is set with `set_shortcut`."""
+
+    def __init__(
+        self,
+        face_embedding_dim: int,
+        hidden_dim: int,
+        clip_hidden_dim: int,
+        dim: int,
+        output_dim: int,
+        inner_dim: int,
+        num_tokens: int = 4,
+        depth: int = 4,
+        device: Device | str | None = None,
+        dtype: DType | None = None,
+    ) -> None:
+        self.num_tokens = num_tokens
+        heads = max(1, inner_dim // PERCEIVER_HEAD_DIM)
+        super().__init__(
+            fl.Distribute(
+                fl.Chain(
+                    FaceIDProjection(face_embedding_dim, hidden_dim, dim, num_tokens, device, dtype),
+                    fl.SetContext("face_id_plus", "id_tokens"),
+                ),
+                fl.Chain(
+                    fl.Linear(clip_hidden_dim, dim, device=device, dtype=dtype),
+                    fl.SetContext("perceiver_resampler", "features"),
+                ),
+            ),
+            fl.Lambda(_face_tokens),
+            *(PerceiverLayer(dim, inner_dim, heads, device, dtype) for _ in range(depth)),
+            fl.Linear(dim, output_dim, device=device, dtype=dtype),
+            fl.LayerNorm(output_dim, device=device, dtype=dtype),
+            FaceShortcut(),
+        )
+
+    def init_context(self) -> dict[str, dict[str, Any]]:
+        return {
+            "perceiver_resampler": {"features": None},
+            "face_id_plus": {"id_tokens": None, "shortcut_scale": None},
+        }
+
+    def set_shortcut(self, scale: float | None) -> None:
+        """Plus v2: add the face tokens with the resampler's output times `scale`; None (v1): no shortcut."""
+        self.use_context("face_id_plus")["shortcut_scale"] = scale
+
+    @property
+    def face_embedding_dim(self) -> int:
+        return int(self.ensure_find(FaceIDProjection)[0].in_features)  # type: ignore[union-attr]
+
+    @property
+    def clip_hidden_dim(self) -> int:
+        first = list(self[0])[1][0]  # type: ignore[index]
+        return int(first.in_features)
