@@ -236,6 +236,13 @@ PARITY: dict[str, Parity] = {
         2e-05,
         "5.7e-6 (RescaleCFG, x0 up to ~12; FreeU, blur: 0.0)",
     ),
+    "multidiffusion": Parity(
+        "MultiDiffusion tiled denoise (tiny SD1.5, DDIM, 15 overlapping views of a 16x24 latent): latents",
+        "diffusers `StableDiffusionPanoramaPipeline`",
+        "latent_diffusion/test_tiling.py",
+        1e-05,
+        "",
+    ),
 }
 
 
