@@ -25,6 +25,7 @@ from .guidance import GuidanceHook, GuidanceStack, Halves, halves_for
 
 if TYPE_CHECKING:
     from .stable_diffusion import StableDiffusion
+    from .tiling import TileLayout
 
 Undo = Callable[[], None]
 StepHook = Callable[[int], None]
@@ -80,6 +81,8 @@ class SamplingRun:
     window: tuple[int, int, int, int] | None = None
     """The tile the next UNet passes run on, (height, width, top, left) in latent cells of the whole
     `latent_height` x `latent_width` latent (tiled sampling, see `tiling.py`); None: the whole latent."""
+    tiling: TileLayout | None = None
+    """MultiDiffusion for this run (set by a `TiledDiffusionPatch`, see `tiling.py`); None: the plain path."""
 
     def on_window(self, listener: Callable[[tuple[int, int, int, int] | None], None]) -> None:
         """Call `listener(window)` whenever the tile the UNet runs on changes (adapters crop their hints)."""

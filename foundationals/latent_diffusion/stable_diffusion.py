@@ -216,8 +216,11 @@ class StableDiffusion:
         (regions) cannot follow: that pairing is refused.
 
         `tiling`: MultiDiffusion (`tiling.py`), the model evaluated on overlapping tiles averaged at each step;
-        the run announces each tile (`SamplingRun.set_window`) so ControlNet hints are cropped to it.
+        the run announces each tile (`SamplingRun.set_window`) so ControlNet hints are cropped to it. Without it,
+        the run's `tiling` (a `TiledDiffusionPatch` on the stack) if any.
         """
+        if tiling is None and run is not None:
+            tiling = run.tiling  # a `TiledDiffusionPatch` on the model's stack
         if tiling is not None and run is not None and run.regions:
             raise ValueError(
                 "tiled sampling cannot be combined with masked adapters on the model (regional LoRA, IP-Adapter "

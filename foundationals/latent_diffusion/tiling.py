@@ -26,12 +26,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from .conditioning import Area, CombinedConditioning, PlacedEntry
+
+if TYPE_CHECKING:
+    from .model_patch import SamplingRun, Undo
+    from .stable_diffusion import StableDiffusion
 
 Window = Area
 """(height, width, top, left) of a tile, in latent cells (the same convention as conditioning areas)."""
@@ -139,21 +143,29 @@ class TiledPrediction:
         return len(self.windows)
 
     def _weight(self, window: Window, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The tile's weight divided by the total weight on each of its cells (computed in float64, made once):
+        the weighted predictions then only need adding up (one tile covering the latent gets exactly 1)."""
         key = (window, str(device), dtype)
         if key not in self._tile_weights:
-            self._tile_weights[key] = tile_weight(window[0], window[1], self.layout.blend).to(device, dtype)
+            tile_height, tile_width, top, left = window
+            total = self._total_float64()[top : top + tile_height, left : left + tile_width]
+            weight = tile_weight(tile_height, tile_width, self.layout.blend).double() / total
+            self._tile_weights[key] = weight.to(device, dtype)
         return self._tile_weights[key]
 
+    def _total_float64(self) -> Tensor:
+        total = torch.zeros(self.height, self.width, dtype=torch.float64)
+        for window in self.windows:
+            tile_height, tile_width, top, left = window
+            weight = tile_weight(tile_height, tile_width, self.layout.blend).double()
+            total[top : top + tile_height, left : left + tile_width] += weight
+        return total
+
     def _total(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The sum of the tile weights on each latent cell (every cell is covered by at least one tile)."""
+        """The number of tiles on each latent cell (uniform blending; every cell is covered by at least one)."""
         key = (str(device), dtype)
         if key not in self._totals:
-            total = torch.zeros(self.height, self.width, dtype=torch.float64)
-            for window in self.windows:
-                tile_height, tile_width, top, left = window
-                weight = tile_weight(tile_height, tile_width, self.layout.blend).double()
-                total[top : top + tile_height, left : left + tile_width] += weight
-            self._totals[key] = total.to(device=device, dtype=dtype)
+            self._totals[key] = self._total_float64().to(device=device, dtype=dtype)
         return self._totals[key]
 
     def set_window(self, window: Window | None) -> None:
@@ -183,7 +195,8 @@ class TiledPrediction:
         finally:
             self.set_window(None)
         assert value is not None  # a layout has at least one tile
-        return value / self._total(value.device, value.dtype)
+        # uniform: the sum divided by the count per cell, as diffusers averages; weighted: already normalised
+        return value / self._total(value.device, value.dtype) if uniform else value
 
     def conditioning(self, combined: CombinedConditioning, window: Window) -> CombinedConditioning:
         """`combined` (placed for the whole latent) as seen on one tile: every entry cropped to it (made once)."""
@@ -266,10 +279,42 @@ def tile_summary(layout: TileLayout, height: int, width: int) -> str:
     )
 
 
+@dataclass(frozen=True)
+class TiledDiffusionPatch:
+    """The `ModelPatch` of tiled sampling: the run samples with `layout` (MultiDiffusion) instead of the plain path.
+
+    It changes no module of the model: it sets the run's `tiling`, which `StableDiffusion.sample` reads, and the
+    undo clears it. Adapters that follow the tiles (ControlNet hints) do so through `SamplingRun.on_window`.
+    """
+
+    layout: TileLayout
+
+    @property
+    def label(self) -> str:
+        layout = self.layout
+        return (
+            f"tiled diffusion ({layout.tile_height}x{layout.tile_width} cells, stride "
+            f"{layout.stride_height}x{layout.stride_width}, {layout.blend})"
+        )
+
+    def apply(self, model: StableDiffusion, run: SamplingRun | None) -> Undo:
+        if run is None:
+            return lambda: None  # text encoding: nothing to tile
+        if run.tiling is not None:
+            raise ValueError("the model has two Tiled Diffusion patches: keep one")
+        run.tiling = self.layout
+
+        def undo() -> None:
+            run.tiling = None
+
+        return undo
+
+
 __all__ = [
     "BLENDS",
     "GAUSSIAN_VARIANCE",
     "TileLayout",
+    "TiledDiffusionPatch",
     "TiledPrediction",
     "Window",
     "WindowConditioning",
