@@ -25,6 +25,7 @@ from . import (
     sampler_nodes,
     text_nodes,
     training_nodes,
+    upscale_nodes,
     vae_nodes,
 )
 
@@ -43,6 +44,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     model_sampling_nodes,
     core_model_nodes,
     vae_nodes,
+    upscale_nodes,
     training_nodes,
 )
 
