@@ -15,6 +15,7 @@ from foundationals.latent_diffusion.tiling import TileLayout
 from nodes import host
 from nodes.checkpoint_nodes import FluxionCheckpointLoader
 from nodes.control_nodes import FluxionApplyControl, FluxionControlLoader
+from nodes.core_model_nodes import FluxionToCoreModel
 from nodes.demo import DEMO_CONTROLNET, DEMO_LORA, EXAMPLES, SD15_CHECKPOINT, write_demo_files
 from nodes.latent_nodes import FluxionEmptyLatent
 from nodes.lora_nodes import FluxionRegionalLora
@@ -195,6 +196,8 @@ def test_clear_errors(models):
     tiled = FluxionTiledDiffusion().apply(model, 64, 64, 16, "uniform")[0]
     with pytest.raises(ValueError, match="already samples in tiles"):
         FluxionTiledDiffusion().apply(tiled, 64, 64, 16, "uniform")
+    with pytest.raises(ValueError, match="samples in tiles .* core samplers do not run"):
+        FluxionToCoreModel().convert(tiled)
     regional = FluxionRegionalLora().load(tiled, DEMO_LORA, 0.7, 0.0, 1.0, "blend", torch.ones(1, 64, 64))[0]
     with pytest.raises(ValueError, match="tiled sampling cannot be combined with masked adapters"):
         sample(regional, clip, FluxionEmptyLatent().generate(64, 64, 1)[0])

@@ -307,8 +307,12 @@ def cpu_name() -> str:
 
 
 def _short(value: float) -> str:
-    """1e-06 -> 1e-6, as the README writes numbers."""
-    mantissa, _, exponent = f"{value:g}".partition("e")
+    """1e-06 -> 1e-6 (and 0.0001 -> 1e-4), as the README writes numbers."""
+    text = f"{value:g}"
+    if 0 < value < 1e-3 and "e" not in text:
+        mantissa, exponent = f"{value:e}".split("e")
+        text = f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+    mantissa, _, exponent = text.partition("e")
     return f"{mantissa}e{int(exponent)}" if exponent else mantissa
 
 
