@@ -23,6 +23,7 @@ from . import (
     model_sampling_nodes,
     reference_only_nodes,
     sampler_nodes,
+    style_aligned_nodes,
     text_nodes,
     training_nodes,
     upscale_nodes,
@@ -46,6 +47,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     vae_nodes,
     upscale_nodes,
     training_nodes,
+    style_aligned_nodes,
 )
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
