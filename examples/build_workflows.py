@@ -575,6 +575,95 @@ def core_clip_and_vae() -> dict:
     }
 
 
+def hires_fix(
+    model: list, latent: list, scale_by: float, steps: int = 8, denoise: float = 0.5, seed: int = 43
+) -> dict:
+    return {
+        "class_type": "FluxionHiresFix",
+        "inputs": {
+            "model": model,
+            "positive": ["2", 0],
+            "negative": ["3", 0],
+            "latent": latent,
+            "scale_by": scale_by,
+            "upscale_method": "nearest-exact",
+            "seed": seed,
+            "steps": steps,
+            "cfg": 7.0,
+            "solver": "dpmpp_2m",
+            "schedule": "karras",
+            "denoise": denoise,
+        },
+    }
+
+
+def sd15_hires_fix() -> dict:
+    """Hires fix in one node: a 512 px first pass, upscaled 1.5x in latent space and sampled again at denoise 0.5."""
+    return {
+        **sd15_base("a cottage by a lake at dawn, detailed"),
+        "4": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "5": sampler(["1", 0], ["4", 0]),
+        "6": hires_fix(["1", 0], ["5", 0], 1.5),
+        **decode_and_save(["6", 0], "fluxion_hires_fix", 7),
+    }
+
+
+def sd15_tiled_upscale() -> dict:
+    """Tiled upscaling (MultiDiffusion): the 512 px first pass is the ControlNet hint (tile-style: the image itself)
+    of a LoRA + ControlNet model sampled in 512 px tiles overlapping by 128 px, 2x larger (9 tiles a step)."""
+    prompt = sd15_base("a cottage by a lake at dawn, fluxion style, detailed")
+    prompt["2"]["inputs"]["clip"] = ["4", 1]
+    prompt["3"]["inputs"]["clip"] = ["4", 1]
+    return {
+        **prompt,
+        "4": {
+            "class_type": "FluxionLoraLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "lora_name": "fluxion_demo_lora.safetensors",
+                "strength_model": 0.8,
+                "strength_clip": 1.0,
+                "fuse": False,
+            },
+        },
+        "5": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "6": sampler(["4", 0], ["5", 0]),
+        "7": {
+            "class_type": "FluxionVAEDecode",
+            "inputs": {"vae": ["1", 2], "samples": ["6", 0], "tiled": False},
+        },
+        "8": {
+            "class_type": "FluxionControlLoader",
+            "inputs": {"control_name": "control_v11p_sd15_canny.safetensors"},
+        },
+        "9": {
+            "class_type": "FluxionApplyControl",
+            "inputs": {
+                "model": ["4", 0],
+                "control": ["8", 0],
+                "image": ["7", 0],
+                "strength": 0.6,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+                "mode": "balanced",
+            },
+        },
+        "10": {
+            "class_type": "FluxionTiledDiffusion",
+            "inputs": {
+                "model": ["9", 0],
+                "tile_width": 512,
+                "tile_height": 512,
+                "overlap": 128,
+                "blend": "uniform",
+            },
+        },
+        "11": hires_fix(["10", 0], ["6", 0], 2.0, steps=10, denoise=0.4),
+        **decode_and_save(["11", 0], "fluxion_tiled_upscale", 12),
+    }
+
+
 SDXL = "sd_xl_base_1.0.safetensors"
 
 
@@ -811,6 +900,8 @@ WORKFLOWS = {
     "sd15_speed": speed,
     "sd15_ip_adapter_faceid": ip_adapter_faceid,
     "sdxl_ip_adapter_faceid": sdxl_ip_adapter_faceid,
+    "sd15_hires_fix": sd15_hires_fix,
+    "sd15_tiled_upscale": sd15_tiled_upscale,
 }
 IN_COMFYUI = {"sd15_core_clip_and_vae": core_clip_and_vae}
 """Workflows holding core nodes that need ComfyUI's own models: they run inside ComfyUI only."""

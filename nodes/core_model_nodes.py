@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..foundationals.latent_diffusion.tiling import TiledDiffusionPatch
 from .host import is_hosted
 from .wires import CLIP, MODEL, VAE, ClipWire, ModelWire, VaeWire
 
@@ -43,6 +44,12 @@ class FluxionToCoreModel:
         return {"required": {"model": (MODEL, {"tooltip": "The Fluxion model and its adapter stack."})}}
 
     def convert(self, model: ModelWire) -> tuple[Any]:
+        tiled = [patch.label for patch in model.patches if isinstance(patch, TiledDiffusionPatch)]
+        if tiled:  # before the host check: the refusal reads the same headless
+            raise ValueError(
+                f"the model {model.name} samples in tiles ({tiled[0]}), which core samplers do not run: sample it "
+                "with Fluxion Sampler or Fluxion Hires Fix, or put Fluxion Tiled Diffusion out of this branch"
+            )
         _require_comfyui("Fluxion To Core Model")
         from .comfy_models import core_model
 

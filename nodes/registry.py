@@ -28,6 +28,7 @@ from . import (
     style_aligned_nodes,
     text_nodes,
     training_nodes,
+    upscale_nodes,
     vae_nodes,
 )
 
@@ -47,6 +48,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     model_sampling_nodes,
     core_model_nodes,
     vae_nodes,
+    upscale_nodes,
     training_nodes,
     style_aligned_nodes,
     acceleration_nodes,

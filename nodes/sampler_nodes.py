@@ -12,6 +12,7 @@ from ..foundationals.latent_diffusion.model_patch import SamplingRun, patched
 from ..foundationals.latent_diffusion.resizing import resize_mask
 from ..foundationals.latent_diffusion.sampling import Conditioning, draw_noise
 from ..foundationals.latent_diffusion.solvers import SCHEDULES, SOLVERS
+from ..foundationals.latent_diffusion.tiling import TiledDiffusionPatch
 from .core_types import (
     batch_indices,
     conditioning_entries,
@@ -106,6 +107,12 @@ def sample_latents(
         raise ValueError(
             f"conditioning with an area runs the UNet on a crop, which the T2I-Adapter ({', '.join(t2i)}) cannot "
             "follow: use conditioning masks without bounds, or a ControlNet"
+        )
+    tiled = any(isinstance(patch, TiledDiffusionPatch) for patch in model.patches)
+    if tiled and t2i:
+        raise ValueError(
+            f"tiled sampling (Fluxion Tiled Diffusion) runs the UNet on tiles, which the T2I-Adapter "
+            f"({', '.join(t2i)}) cannot follow: use a ControlNet (its hint is cut per tile), or sample untiled"
         )
     indices = batch_indices(latent, batch)
     latent_mask = _noise_mask(latent, batch, height, width)

@@ -25,6 +25,7 @@ from .guidance import GuidanceHook, GuidanceStack, Halves, halves_for
 
 if TYPE_CHECKING:
     from .stable_diffusion import StableDiffusion
+    from .tiling import TileLayout
 
 Undo = Callable[[], None]
 StepHook = Callable[[int], None]
@@ -76,6 +77,24 @@ class SamplingRun:
 
     prediction_hooks: list[Callable[[Tensor, Tensor], None]] = field(default_factory=list)
     """Called with (model input, prediction) after each prediction of the run (e.g. step previews)."""
+    window_listeners: list[Callable[[tuple[int, int, int, int] | None], None]] = field(default_factory=list)
+    window: tuple[int, int, int, int] | None = None
+    """The tile the next UNet passes run on, (height, width, top, left) in latent cells of the whole
+    `latent_height` x `latent_width` latent (tiled sampling, see `tiling.py`); None: the whole latent."""
+    tiling: TileLayout | None = None
+    """MultiDiffusion for this run (set by a `TiledDiffusionPatch`, see `tiling.py`); None: the plain path."""
+
+    def on_window(self, listener: Callable[[tuple[int, int, int, int] | None], None]) -> None:
+        """Call `listener(window)` whenever the tile the UNet runs on changes (adapters crop their hints)."""
+        self.window_listeners.append(listener)
+
+    def set_window(self, window: tuple[int, int, int, int] | None) -> None:
+        """Announce the tile of the next UNet passes (None: the whole latent again)."""
+        if window == self.window:
+            return
+        self.window = window
+        for listener in self.window_listeners:
+            listener(window)
 
     def progress(self, step: int) -> float:
         """Fraction of the whole schedule done before `step` (0 at the first step of txt2img)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -25,6 +25,9 @@ from .conditioning import (  # re-exported: the conditioning types used to live 
 )
 from .guidance import NEGATIVE, POSITIVE, ConditionedPasses, GuidanceStack, GuidanceStep
 from .solvers import Solver
+
+if TYPE_CHECKING:
+    from .tiling import TiledPrediction, Window
 
 PromptConditioning = Conditioning | Sequence[ConditioningEntry]
 """One conditioning, or a list of entries combined as ComfyUI combines a CONDITIONING list."""
@@ -127,6 +130,7 @@ def denoise(
     predict: Callable[[Tensor], Tensor] | None = None,
     after_step: Callable[[int, Tensor], Tensor] | None = None,
     guidance: GuidanceStack | None = None,
+    tiles: TiledPrediction | None = None,
 ) -> Tensor:
     """Run the solver's inference steps from `latents`; guidance is skipped when `guidance_scale <= 1`.
 
@@ -139,6 +143,9 @@ def denoise(
 
     `positive` / `negative` are each one `Conditioning` or a list of `ConditioningEntry`s (areas, masks,
     strengths, noise windows), combined at each step as ComfyUI does (see `conditioning.CombinedConditioning`).
+
+    `tiles` (MultiDiffusion, see `tiling.py`) evaluates the model on overlapping tiles of the latent and averages
+    their predictions: every evaluation below runs once per tile, on the tile's crop.
     """
     batch = latents.shape[0]
     use_guidance = guidance_scale > 1.0 and negative is not None
@@ -183,10 +190,14 @@ def denoise(
     steps = list(solver.inference_steps)
     current = 0  # index of the step being solved (solvers may evaluate the model again within it)
 
-    def evaluate(model_input: Tensor, timestep: Tensor) -> Tensor:
-        """The guided prediction for a scaled model input at `timestep` (solvers call it again within a step)."""
+    def evaluate_window(model_input: Tensor, timestep: Tensor, window: Window | None) -> Tensor:
+        """The guided prediction for a scaled model input (the whole latent, or one tile's `window` of it)."""
         if inpainting is not None and inpainting.masked_image_latents is not None:
-            model_input = torch.cat([model_input, inpainting.mask, inpainting.masked_image_latents], dim=1)
+            extra = [inpainting.mask, inpainting.masked_image_latents]
+            if window is not None:
+                height, width, top, left = window
+                extra = [tensor[..., top : top + height, left : left + width] for tensor in extra]
+            model_input = torch.cat([model_input, *extra], dim=1)
         unet.set_timestep(timestep.reshape(1))
         if guidance is not None and passes is not None:  # the run's guidance hooks combine the passes
             return guidance.predict(
@@ -202,7 +213,8 @@ def denoise(
                 )
             )
         if combined is not None:
-            return combined.predict(
+            entries = combined if window is None or tiles is None else tiles.conditioning(combined, window)
+            return entries.predict(
                 run_unet, set_conditioning, model_input, timestep, guidance_scale, use_guidance, dtype
             )
         if use_guidance:
@@ -212,6 +224,12 @@ def denoise(
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
         return prediction
+
+    def evaluate(model_input: Tensor, timestep: Tensor) -> Tensor:
+        """The guided prediction for a scaled model input at `timestep` (solvers call it again within a step)."""
+        if tiles is None:
+            return evaluate_window(model_input, timestep, None)
+        return tiles.predict(model_input, lambda tile, window: evaluate_window(tile, timestep, window))
 
     for done, step in enumerate(steps, start=1):
         current = done - 1

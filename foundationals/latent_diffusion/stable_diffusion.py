@@ -38,6 +38,7 @@ from .sampling import (
     prepare_latents,
 )
 from .solvers import PredictionType, Solver, make_solver
+from .tiling import TiledPrediction, TileLayout
 from .unet import UNet
 
 
@@ -195,6 +196,7 @@ class StableDiffusion:
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         run: SamplingRun | None = None,
+        tiling: TileLayout | None = None,
     ) -> Tensor:
         """The shared sampling path: noise from `seed`, img2img start, inpainting, guidance, solver steps.
 
@@ -212,7 +214,19 @@ class StableDiffusion:
         `positive` / `negative` may be lists of `ConditioningEntry`s (areas, masks, strengths, noise windows),
         combined as ComfyUI combines a CONDITIONING list. Areas crop the UNet's input, which masked adapters
         (regions) cannot follow: that pairing is refused.
+
+        `tiling`: MultiDiffusion (`tiling.py`), the model evaluated on overlapping tiles averaged at each step;
+        the run announces each tile (`SamplingRun.set_window`) so ControlNet hints are cropped to it. Without it,
+        the run's `tiling` (a `TiledDiffusionPatch` on the stack) if any.
         """
+        if tiling is None and run is not None:
+            tiling = run.tiling  # a `TiledDiffusionPatch` on the model's stack
+        if tiling is not None and run is not None and run.regions:
+            raise ValueError(
+                "tiled sampling cannot be combined with masked adapters on the model (regional LoRA, IP-Adapter "
+                "with a mask): give each region its own prompt with conditioning masks (Conditioning Set Mask), "
+                "or use the adapters without masks"
+            )
         if run is not None and run.regions:
             cropping = [
                 entry
@@ -263,6 +277,10 @@ class StableDiffusion:
             step_hook=step_hook,
             guidance=None if run is None else run.guidance_stack(),
         )
+        if tiling is not None:
+            options["tiles"] = TiledPrediction(
+                tiling, latents.shape[-2], latents.shape[-1], None if run is None else run.set_window
+            )
         predict = None if run is None else partial(run.predict, self.unet)
         with torch.no_grad():
             if run is None or not run.keeps_outside:

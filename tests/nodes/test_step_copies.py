@@ -36,6 +36,7 @@ from nodes.lora_nodes import FluxionLoraLoader, FluxionRegionalLora
 from nodes.reference_only_nodes import FluxionReferenceOnly
 from nodes.sampler_nodes import sample_latents
 from nodes.text_nodes import FluxionTextEncode
+from nodes.upscale_nodes import FluxionTiledDiffusion
 
 STEPS = 4
 HINT = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
@@ -181,6 +182,30 @@ def test_a_masked_faceid_plus_with_its_lora_copies_nothing_again(spy, float64_mo
     latent = FluxionEmptyLatent().generate(64, 64, 1)[0]
     spy.active = True
     sample_latents(model, positive, negative, latent, 1, STEPS, 5.0, "euler", "normal", 1.0, Progress(spy))
+    spy.active = False
+    assert spy.step == STEPS
+    assert spy.repeated() == []
+    assert [step for step in spy.resizes if step > 0] == []
+    assert [sync for sync in spy.syncs if sync[0] > 0] == []
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m"])
+def test_tiled_sampling_prepares_each_tile_once(spy, float64_models, solver):
+    # tiles (Fluxion Tiled Diffusion): the ControlNet hint and mask are cut once per tile in the first step
+    model, clip, vae = FluxionCheckpointLoader().load(SD15_CHECKPOINT)
+    model, clip, _ = FluxionLoraLoader().load(model, clip, DEMO_LORA, 0.8, 0.8, False)
+    control = FluxionControlLoader().load(DEMO_CONTROLNET)[0]
+    model = FluxionApplyControl().apply(model, control, HINT, 0.9, 0.0, 1.0, "balanced", MASK)[0]
+    ipadapter = FluxionIPAdapterLoader().load(DEMO_IP_ADAPTER)[0]
+    clip_vision = FluxionCLIPVisionLoader().load(DEMO_CLIP_VISION)[0]
+    model = FluxionApplyIPAdapter().apply(model, ipadapter, clip_vision, HINT, 0.7)[0]
+    model = FluxionReferenceOnly().apply(model, vae, HINT, 1.0, 0.5, 0.0, 1.0)[0]
+    model = FluxionTiledDiffusion().apply(model, 64, 64, 16, "gaussian")[0]
+    positive = FluxionTextEncode().encode(clip, "a house")[0]
+    negative = FluxionTextEncode().encode(clip, "blurry")[0]
+    latent = FluxionEmptyLatent().generate(128, 96, 1)[0]
+    spy.active = True
+    sample_latents(model, positive, negative, latent, 1, STEPS, 5.0, solver, "normal", 1.0, Progress(spy))
     spy.active = False
     assert spy.step == STEPS
     assert spy.repeated() == []

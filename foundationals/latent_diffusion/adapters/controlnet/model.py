@@ -274,6 +274,8 @@ class ControlNetBranch(fl.ContextModule):
         self.halves: Halves = halves_for(uses_guidance)
         """The batch layout of the UNet pass (a guidance pass may run one half alone, see `guidance.py`)."""
         self.active = True
+        self.window: tuple[tuple[int, int, int, int], tuple[int, int]] | None = None
+        """Tiled sampling: (the tile, the whole latent's size) in latent cells; the hint is cropped to the tile."""
 
     @property
     def controlnet(self) -> ControlNet:
@@ -346,13 +348,23 @@ class ControlNetBranch(fl.ContextModule):
         """The hint (or mask) for latents `x`: resized, batch broadcast, repeated per batch half and moved to
         `device` in `dtype` once per shape (every later step reuses it: no copy per step)."""
         batch = x.shape[0] // copies
-        key = (int(is_mask), *x.shape[-2:], batch, copies, str(device), str(dtype))
+        window = (
+            self.window if self.window is not None and self.window[0][:2] == tuple(x.shape[-2:]) else None
+        )
+        key = (int(is_mask), *x.shape[-2:], batch, copies, str(device), str(dtype), window)
         if key not in self._prepared:
+            factor = self.controlnet.config.downscale_factor
             if is_mask:
                 prepared = broadcast_batch(source if source.dim() > 2 else source[None], batch)
+                if window is not None:  # the tile's part of the mask over the whole latent
+                    prepared = _tile_of(
+                        resize_mask(prepared.float(), _pixels(window[1], factor), "bilinear"), window, factor
+                    )
             else:
-                factor = self.controlnet.config.downscale_factor
-                hint = resize_hint(source, x.shape[-2] * factor, x.shape[-1] * factor)
+                if window is None:
+                    hint = resize_hint(source, x.shape[-2] * factor, x.shape[-1] * factor)
+                else:  # the hint covers the whole latent: the tile's part of it
+                    hint = _tile_of(resize_hint(source, *_pixels(window[1], factor)), window, factor)
                 prepared = broadcast_batch(hint, batch)
             prepared = torch.cat([prepared] * copies) if copies > 1 else prepared
             self._prepared[key] = prepared.to(device=device, dtype=dtype)
@@ -368,6 +380,16 @@ class ControlNetBranch(fl.ContextModule):
 
     def description_parts(self) -> list[str]:
         return [f"controlnet={unet_family(self.controlnet.config.unet)}", *super().description_parts()]
+
+
+def _pixels(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    return size[0] * factor, size[1] * factor
+
+
+def _tile_of(image: Tensor, window: tuple[tuple[int, int, int, int], tuple[int, int]], factor: int) -> Tensor:
+    """The part of a (B, C, H, W) image over the whole latent that lies under the tile (tiled sampling)."""
+    height, width, top, left = (value * factor for value in window[0])
+    return image[..., top : top + height, left : left + width]
 
 
 class ControlNetAdapter(fl.Chain, Adapter[DownBlocks]):
@@ -441,12 +463,18 @@ class ControlNetPatch:
         def follow_halves(halves: Halves) -> None:
             branch.halves = halves
 
+        def follow_window(window: tuple[int, int, int, int] | None) -> None:
+            branch.window = None if window is None else (window, (run.latent_height, run.latent_width))
+
         run.on_step(on_step)
         run.on_halves(follow_halves)
+        run.on_window(follow_window)
 
         def undo() -> None:
             if on_step in run.step_hooks:
                 run.step_hooks.remove(on_step)
+            if follow_window in run.window_listeners:
+                run.window_listeners.remove(follow_window)
             if follow_halves in run.halves_listeners:
                 run.halves_listeners.remove(follow_halves)
             adapter.eject()
