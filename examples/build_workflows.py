@@ -361,6 +361,8 @@ def reference_only() -> dict:
                 "style_fidelity": 0.5,
                 "start_percent": 0.0,
                 "end_percent": 1.0,
+                "mode": "attn",
+                "adain_strength": 1.0,
             },
         },
         "6": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
@@ -649,6 +651,42 @@ def sdxl_guidance() -> dict:
     }
 
 
+def style_aligned() -> dict:
+    """A batch of three sharing image 0's style; a second branch aligned to a reference image's latent."""
+    style = {
+        "scale": 1.0,
+        "adain_queries": True,
+        "adain_keys": True,
+        "adain_values": False,
+        "share_reference": False,
+        "start_percent": 0.0,
+        "end_percent": 1.0,
+    }
+    return {
+        **sd15_base("a cat, a dog and a bird, flat illustration"),
+        "4": {"class_type": "FluxionStyleAligned", "inputs": {"model": ["1", 0], **style}},
+        "5": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
+        "6": sampler(["4", 0], ["5", 0]),
+        **decode_and_save(["6", 0], "fluxion_style_aligned_batch", 7),
+        "9": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "10": {"class_type": "FluxionVAEEncode", "inputs": {"vae": ["1", 2], "pixels": ["9", 0]}},
+        "11": {
+            "class_type": "FluxionStyleAligned",
+            "inputs": {"model": ["1", 0], **style, "reference": ["10", 0]},
+        },
+        "12": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "13": sampler(["11", 0], ["12", 0]),
+        **decode_and_save(["13", 0], "fluxion_style_aligned_reference", 14),
+    }
+
+
+def reference_adain() -> dict:
+    workflow = reference_only()
+    workflow["5"]["inputs"].update(mode="attn+adain", adain_strength=0.8)
+    workflow["9"]["inputs"]["filename_prefix"] = "fluxion_reference_adain"
+    return workflow
+
+
 WORKFLOWS = {
     "sd15_txt2img": txt2img,
     "sd15_img2img": img2img,
@@ -672,6 +710,8 @@ WORKFLOWS = {
     "sd15_regional_prompt": regional_prompt,
     "sd15_masked_prompt_upscale": masked_prompt_upscale,
     "sd15_inpaint_core_mask": inpaint_core_mask,
+    "sd15_style_aligned": style_aligned,
+    "sd15_reference_adain": reference_adain,
 }
 IN_COMFYUI = {"sd15_core_clip_and_vae": core_clip_and_vae}
 """Workflows holding core nodes that need ComfyUI's own models: they run inside ComfyUI only."""

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..fluxion import layers as fl
+from ..fluxion.casting import compute_placement
 from ..foundationals.latent_diffusion.model_patch import ModelPatch, SamplingRun, Undo, patched
 from ..foundationals.latent_diffusion.stable_diffusion import StableDiffusion
 from ..foundationals.latent_diffusion.unet import TextTimeEmbedding, UNet
@@ -195,7 +196,7 @@ class FluxionDiffusionModel(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return compute_placement(self.unet)[1]
 
     def run_patches(self) -> tuple[ModelPatch, ...]:
         return ((AdditionEmbeddingInput(),) if self.is_sdxl else ()) + self.patches
@@ -295,8 +296,7 @@ class FluxionDiffusionModel(torch.nn.Module):
         residuals: list[Tensor | float],
     ) -> Tensor:
         unet = self.unet
-        parameter = next(unet.parameters())
-        device, dtype = parameter.device, parameter.dtype
+        device, dtype = compute_placement(unet)
         unet.set_timestep(timesteps.to(device=device).reshape(-1).float())
         unet.set_clip_text_embedding(context.to(device=device, dtype=dtype))
         if y is not None and self.is_sdxl:

@@ -20,7 +20,6 @@ from ..foundationals.latent_diffusion.adapters.guidance import (
 from .wires import MODEL, ModelWire
 
 CATEGORY = "fluxion/guidance"
-_FACTOR = {"min": 0.0, "max": 10.0, "step": 0.01}
 _MODEL_INPUT = (MODEL, {"tooltip": "The model to add the guidance to (its other adapters are kept)."})
 _MODEL_OUTPUT = ("The model with this guidance at the end of its adapter stack.",)
 _RULE_TOOLTIP = (
@@ -29,34 +28,48 @@ _RULE_TOOLTIP = (
 )
 
 
+def _float(
+    default: float, minimum: float, maximum: float, step: float, tooltip: str, **extra: float
+) -> tuple:
+    """A FLOAT widget."""
+    return (
+        "FLOAT",
+        {"default": default, "min": minimum, "max": maximum, "step": step, **extra, "tooltip": tooltip},
+    )
+
+
+class _GuidanceNode:
+    """What every guidance node shares: MODEL in (first input), MODEL out with the guidance appended."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = _MODEL_OUTPUT
+
+    @staticmethod
+    def model_inputs(**inputs: tuple) -> dict:
+        """INPUT_TYPES: the model, then `inputs` in order (their order is the saved workflows' widget order)."""
+        return {"required": {"model": _MODEL_INPUT, **inputs}}
+
+
 def _freeu_inputs(b1: float, b2: float) -> dict:
-    return {
-        "required": {
-            "model": _MODEL_INPUT,
-            "b1": (
-                "FLOAT",
-                dict(
-                    _FACTOR,
-                    default=b1,
-                    tooltip="Backbone factor of the deepest decoder stage (> 1 amplifies).",
-                ),
-            ),
-            "b2": ("FLOAT", dict(_FACTOR, default=b2, tooltip="Backbone factor of the next decoder stage.")),
-            "s1": (
-                "FLOAT",
-                dict(
-                    _FACTOR,
-                    default=0.9,
-                    tooltip="Skip factor of the deepest stage: scales the skip's low frequencies (< 1 damps).",
-                ),
-            ),
-            "s2": ("FLOAT", dict(_FACTOR, default=0.2, tooltip="Skip factor of the next stage.")),
-            "blocks": (list(FREEU_RULES), {"default": "channels", "tooltip": _RULE_TOOLTIP}),
-        }
-    }
+    return _GuidanceNode.model_inputs(
+        b1=_float(b1, 0.0, 10.0, 0.01, "Backbone factor of the deepest decoder stage (> 1 amplifies)."),
+        b2=_float(b2, 0.0, 10.0, 0.01, "Backbone factor of the next decoder stage."),
+        s1=_float(
+            0.9,
+            0.0,
+            10.0,
+            0.01,
+            "Skip factor of the deepest stage: scales the skip's low frequencies (< 1 damps).",
+        ),
+        s2=_float(0.2, 0.0, 10.0, 0.01, "Skip factor of the next stage."),
+        blocks=(list(FREEU_RULES), {"default": "channels", "tooltip": _RULE_TOOLTIP}),
+    )
 
 
-class FluxionFreeU:
+class FluxionFreeU(_GuidanceNode):
     """FreeU: amplify the decoder's backbone features and damp its skip connections' low frequencies."""
 
     DESCRIPTION = (
@@ -64,11 +77,6 @@ class FluxionFreeU:
         "multiplied by b, and the low frequencies of its skip connection by s. No extra UNet pass. As ComfyUI's "
         "FreeU node (blocks = channels) or diffusers' enable_freeu (blocks = up_blocks)."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "apply"
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = _MODEL_OUTPUT
     VERSION = 1
 
     @classmethod
@@ -95,7 +103,7 @@ class FluxionFreeUV2(FluxionFreeU):
         return _freeu_inputs(1.3, 1.4)
 
 
-class FluxionPerturbedAttentionGuidance:
+class FluxionPerturbedAttentionGuidance(_GuidanceNode):
     """Perturbed-attention guidance: steer away from a pass whose self-attention maps are the identity."""
 
     DESCRIPTION = (
@@ -104,49 +112,29 @@ class FluxionPerturbedAttentionGuidance:
         "perturbed prediction). Costs one extra UNet pass (of half the CFG batch) per step. layers = 'mid' is "
         "what ComfyUI's PerturbedAttentionGuidance perturbs; other layers as diffusers' pag_applied_layers."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "apply"
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = _MODEL_OUTPUT
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": _MODEL_INPUT,
-                "scale": (
-                    "FLOAT",
-                    {
-                        "default": 3.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.01,
-                        "round": 0.01,
-                        "tooltip": "Guidance strength (0 = off, no extra pass).",
-                    },
-                ),
-                "layers": (
-                    "STRING",
-                    {
-                        "default": "mid",
-                        "tooltip": "Comma-separated diffusers layer names or regular expressions, e.g. 'mid', "
-                        "'down_blocks.2', 'up_blocks.0.attentions.1': every self-attention whose name matches.",
-                    },
-                ),
-                "adaptive_scale": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.0001,
-                        "round": 0.0001,
-                        "tooltip": "diffusers' pag_adaptive_scale: the scale decays as max(0, scale - adaptive x (1000 - t)); 0 keeps it constant.",
-                    },
-                ),
-            }
-        }
+        return cls.model_inputs(
+            scale=_float(3.0, 0.0, 100.0, 0.01, "Guidance strength (0 = off, no extra pass).", round=0.01),
+            layers=(
+                "STRING",
+                {
+                    "default": "mid",
+                    "tooltip": "Comma-separated diffusers layer names or regular expressions, e.g. 'mid', "
+                    "'down_blocks.2', 'up_blocks.0.attentions.1': every self-attention whose name matches.",
+                },
+            ),
+            adaptive_scale=_float(
+                0.0,
+                0.0,
+                1.0,
+                0.0001,
+                "diffusers' pag_adaptive_scale: the scale decays as max(0, scale - adaptive x (1000 - t)); 0 "
+                "keeps it constant.",
+                round=0.0001,
+            ),
+        )
 
     def apply(
         self, model: ModelWire, scale: float, layers: str, adaptive_scale: float = 0.0
@@ -161,7 +149,7 @@ class FluxionPerturbedAttentionGuidance:
         return (model.with_patch(PAGPatch(scale, patterns, adaptive_scale)),)
 
 
-class FluxionSelfAttentionGuidance:
+class FluxionSelfAttentionGuidance(_GuidanceNode):
     """Self-attention guidance: steer away from a prediction blurred where the self-attention concentrates."""
 
     DESCRIPTION = (
@@ -170,45 +158,21 @@ class FluxionSelfAttentionGuidance:
         "once more (negative prompt), and scale x (prediction - degraded prediction) is added. Costs one extra "
         "UNet pass (of half the CFG batch) per step. Defaults are ComfyUI's; diffusers uses blur_sigma 1."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "apply"
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = _MODEL_OUTPUT
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": _MODEL_INPUT,
-                "scale": (
-                    "FLOAT",
-                    {
-                        "default": 0.5,
-                        "min": -2.0,
-                        "max": 5.0,
-                        "step": 0.01,
-                        "tooltip": "Guidance strength (0 = off, no extra pass).",
-                    },
-                ),
-                "blur_sigma": (
-                    "FLOAT",
-                    {
-                        "default": 2.0,
-                        "min": 0.1,
-                        "max": 10.0,
-                        "step": 0.1,
-                        "tooltip": "Sigma of the Gaussian blur (9 taps) of the degraded prediction.",
-                    },
-                ),
-            }
-        }
+        return cls.model_inputs(
+            scale=_float(0.5, -2.0, 5.0, 0.01, "Guidance strength (0 = off, no extra pass)."),
+            blur_sigma=_float(
+                2.0, 0.1, 10.0, 0.1, "Sigma of the Gaussian blur (9 taps) of the degraded prediction."
+            ),
+        )
 
     def apply(self, model: ModelWire, scale: float, blur_sigma: float) -> tuple[ModelWire]:
         return (model.with_patch(SAGPatch(scale, blur_sigma)),)
 
 
-class FluxionRescaleCFG:
+class FluxionRescaleCFG(_GuidanceNode):
     """Rescaled classifier-free guidance: bring the guided prediction back to the conditional one's spread."""
 
     DESCRIPTION = (
@@ -217,42 +181,27 @@ class FluxionRescaleCFG:
         "RescaleCFG (in v space, before PAG/SAG terms); model_output is diffusers' guidance_rescale (on the "
         "UNet's output, after them). No extra UNet pass."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "apply"
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = _MODEL_OUTPUT
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": _MODEL_INPUT,
-                "multiplier": (
-                    "FLOAT",
-                    {
-                        "default": 0.7,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "How much of the rescaled prediction to use (0 = plain CFG).",
-                    },
-                ),
-                "space": (
-                    list(reversed(RESCALE_SPACES)),
-                    {
-                        "default": "v",
-                        "tooltip": "v: ComfyUI's RescaleCFG; model_output: diffusers' guidance_rescale.",
-                    },
-                ),
-            }
-        }
+        return cls.model_inputs(
+            multiplier=_float(
+                0.7, 0.0, 1.0, 0.01, "How much of the rescaled prediction to use (0 = plain CFG)."
+            ),
+            space=(
+                list(reversed(RESCALE_SPACES)),
+                {
+                    "default": "v",
+                    "tooltip": "v: ComfyUI's RescaleCFG; model_output: diffusers' guidance_rescale.",
+                },
+            ),
+        )
 
     def apply(self, model: ModelWire, multiplier: float, space: str = "v") -> tuple[ModelWire]:
         return (model.with_patch(RescaleCFGPatch(multiplier, space)),)
 
 
-class FluxionCFGCutoff:
+class FluxionCFGCutoff(_GuidanceNode):
     """CFG cutoff: stop classifier-free guidance (and its negative UNet batch) after a fraction of the steps."""
 
     DESCRIPTION = (
@@ -260,29 +209,14 @@ class FluxionCFGCutoff:
         "0 .. int(cutoff x steps) use CFG, the later ones run the positive prompt alone (half the UNet batch, "
         "about half the cost of those steps)."
     )
-    CATEGORY = CATEGORY
-    FUNCTION = "apply"
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = _MODEL_OUTPUT
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": _MODEL_INPUT,
-                "cutoff": (
-                    "FLOAT",
-                    {
-                        "default": 0.4,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Fraction of the steps after which guidance stops (1 = never).",
-                    },
-                ),
-            }
-        }
+        return cls.model_inputs(
+            cutoff=_float(
+                0.4, 0.0, 1.0, 0.01, "Fraction of the steps after which guidance stops (1 = never)."
+            )
+        )
 
     def apply(self, model: ModelWire, cutoff: float) -> tuple[ModelWire]:
         return (model.with_patch(CFGCutoffPatch(cutoff)),)

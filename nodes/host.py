@@ -62,42 +62,16 @@ def get_torch_device() -> torch.device:
     return torch.device("cpu")
 
 
-_FLOAT8 = tuple(
-    getattr(torch, name)
-    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu")
-    if hasattr(torch, name)
-)
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        print(f"[Fluxion] {message}", file=sys.stderr)
-
-
 def unet_dtype(device: torch.device) -> torch.dtype:
-    """Dtype for the denoiser weights: host's choice when hosted; fp16 on GPUs, fp32 on CPU.
-
-    ComfyUI's fp8 storage (`--fp8_e4m3fn-unet`, ...) is not taken: the pack's layers compute in their storage
-    dtype, so the UNet (and its ControlNets and adapters) is stored in the dtype ComfyUI computes fp8 weights
-    in (fp16, bf16 or fp32), with a warning.
-    """
+    """Storage dtype of the denoiser weights (and of its ControlNets and adapters): the host's choice when hosted,
+    fp8 included (`--fp8_e4m3fn-unet`, ...: `model_placement` then computes them in the dtype ComfyUI computes
+    fp8 weights in, one layer at a time, as its manual cast does); headless fp16 on GPUs, fp32 on CPU."""
     if _HOST is not None:
         supported = [torch.float16, torch.bfloat16, torch.float32]
         try:
-            chosen = _HOST[0].unet_dtype(device=device, supported_dtypes=supported)
+            return _HOST[0].unet_dtype(device=device, supported_dtypes=supported)
         except TypeError:  # older ComfyUI signature
-            chosen = _HOST[0].unet_dtype(device)
-        if chosen in _FLOAT8:
-            compute = _native_dtype(chosen, device)
-            _warn_once(
-                "fp8",
-                f"ComfyUI asks for {chosen} UNet weights; Fluxion's UNet, ControlNets and adapters cannot compute "
-                f"from fp8 storage and are stored in {compute} instead (about twice the memory of fp8)",
-            )
-            return compute
-        return chosen
+            return _HOST[0].unet_dtype(device)
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
@@ -590,7 +564,9 @@ def model_placement(role: str) -> Placement:
         load = mm.vae_device()
         return Placement(load, mm.vae_offload_device(), vae_dtype(load))
     load = mm.get_torch_device()
-    return Placement(load, mm.unet_offload_device(), unet_dtype(load))
+    stored = unet_dtype(load)
+    compute = _native_dtype(stored, load)
+    return Placement(load, mm.unet_offload_device(), stored, None if compute == stored else compute)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -719,9 +695,11 @@ def load_models(
     if not models:
         return models
     if _HOST is not None:
-        _HOST[0].load_models_gpu(
-            [model.patcher for model in models], memory_required=memory_required, force_full_load=True
-        )
+        from ..fluxion.casting import set_stream_device  # here: this module also loads on its own (tests)
+
+        _HOST[0].load_models_gpu([model.patcher for model in models], memory_required=memory_required)
+        for model in models:  # the layers ComfyUI left on the offload device compute on the load device
+            set_stream_device(model.module, model.placement.load_device)
     else:
         for model in models:
             if model.device != model.placement.load_device:

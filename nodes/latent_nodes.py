@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..fluxion.casting import compute_placement
 from ..foundationals.latent_diffusion.limits import (  # one implementation, shared with the pipelines
     MAX_BATCH_PIXELS,  # noqa: F401  (re-exported for the nodes and tests)
     MAX_RESOLUTION,
@@ -177,11 +178,8 @@ class FluxionVAEDecode:
         tile = (latents.shape[0], latents.shape[1], min(latents.shape[2], 64), min(latents.shape[3], 64))
         load_autoencoder(model, tile if tiled else tuple(latents.shape), decode=True)
         if tiled:
-            parameter = next(model.autoencoder.parameters())
             with torch.no_grad():
-                pixels = model.autoencoder.tiled_decode(
-                    latents.to(device=parameter.device, dtype=parameter.dtype)
-                )
+                pixels = model.autoencoder.tiled_decode(latents.to(*compute_placement(model.autoencoder)))
             image = (pixels.float() / 2 + 0.5).clamp(0, 1)
         else:
             image = model.decode_latents(latents)

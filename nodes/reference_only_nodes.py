@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..foundationals.latent_diffusion.adapters.reference_only import ReferenceOnlyPatch
+from ..foundationals.latent_diffusion.adapters.reference_only import ATTN, MODES, ReferenceOnlyPatch
 from .latent_nodes import crop_to_multiple, images_to_tensor, require_finite
 from .wires import MODEL, VAE, ModelWire, VaeWire, load_autoencoder
 
@@ -14,7 +14,9 @@ class FluxionReferenceOnly:
 
     DESCRIPTION = (
         "Makes the generation follow a reference image's content and style: the reference's latents, noised to "
-        "each step, run through the UNet and its self-attention features are shared with the generation."
+        "each step, run through the UNet and its self-attention features are shared with the generation "
+        "(mode attn), or the generation's block features take the reference's per-channel mean and std "
+        "(mode adain), or both (attn+adain), as Advanced-ControlNet's Reference."
     )
     CATEGORY = "fluxion/image prompt"
     FUNCTION = "apply"
@@ -38,7 +40,8 @@ class FluxionReferenceOnly:
                     dict(
                         fraction,
                         default=1.0,
-                        tooltip="Share of attention blocks that look at the reference (0 = off).",
+                        tooltip="Share of blocks that use the reference (0 = off; the ref_weight of "
+                        "Advanced-ControlNet).",
                     ),
                 ),
                 "style_fidelity": (
@@ -53,7 +56,25 @@ class FluxionReferenceOnly:
                     "FLOAT",
                     dict(fraction, default=1.0, tooltip="Fraction of the steps after which it stops."),
                 ),
-            }
+            },
+            "optional": {
+                "mode": (
+                    list(MODES),
+                    {
+                        "default": ATTN,
+                        "tooltip": "attn: share self-attention features (reference_attn); adain: match the "
+                        "reference's feature mean/std in the UNet blocks (reference_adain); attn+adain: both.",
+                    },
+                ),
+                "adain_strength": (
+                    "FLOAT",
+                    dict(
+                        fraction,
+                        default=1.0,
+                        tooltip="AdaIN modes: blend of the renormalised features with the plain ones (1 = full).",
+                    ),
+                ),
+            },
         }
 
     def apply(
@@ -65,14 +86,26 @@ class FluxionReferenceOnly:
         style_fidelity: float,
         start_percent: float,
         end_percent: float,
+        mode: str = ATTN,
+        adain_strength: float = 1.0,
     ) -> tuple[ModelWire]:
+        if mode not in MODES:
+            raise ValueError(f"Fluxion Reference-Only: mode must be one of {', '.join(MODES)}, got {mode!r}")
         sd = vae.model
         require_finite(image, "the reference image")
         pixels = images_to_tensor(crop_to_multiple(image, sd.autoencoder.config.downscale_factor))
         factor = sd.autoencoder.config.downscale_factor
         load_autoencoder(sd, (1, 4, pixels.shape[2] // factor, pixels.shape[3] // factor), decode=False)
         latents = sd.encode_image(pixels[:1])
-        patch = ReferenceOnlyPatch(latents, strength, style_fidelity, start_percent, end_percent)
+        patch = ReferenceOnlyPatch(
+            latents,
+            strength,
+            style_fidelity,
+            start_percent,
+            end_percent,
+            mode=mode,
+            adain_strength=adain_strength,
+        )
         return (model.with_patch(patch),)
 
 

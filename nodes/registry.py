@@ -23,6 +23,7 @@ from . import (
     model_sampling_nodes,
     reference_only_nodes,
     sampler_nodes,
+    style_aligned_nodes,
     text_nodes,
     training_nodes,
     vae_nodes,
@@ -44,6 +45,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     core_model_nodes,
     vae_nodes,
     training_nodes,
+    style_aligned_nodes,
 )
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}

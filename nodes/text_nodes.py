@@ -101,6 +101,7 @@ class FluxionCLIPTextEncodeSDXL:
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("conditioning",)
     OUTPUT_TOOLTIPS = (_OUTPUT_TOOLTIP,)
+    SIZES_FOR_SD15 = "refused"  # the legacy node ignores them instead
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -118,7 +119,7 @@ class FluxionCLIPTextEncodeSDXL:
         target_width: int = 1024,
         target_height: int = 1024,
     ) -> tuple[list[list[Any]]]:
-        if not clip.model.is_sdxl:
+        if not clip.model.is_sdxl and self.SIZES_FOR_SD15 == "refused":
             raise ValueError(
                 f"{clip.name} is an SD1.5 model, which has no size conditioning: use Fluxion CLIP Text Encode"
             )
@@ -133,45 +134,19 @@ class FluxionCLIPTextEncodeSDXL:
         return (encode_prompt(clip, text, clip_skip, sizes),)
 
 
-class FluxionTextEncode:
+class FluxionTextEncode(FluxionCLIPTextEncodeSDXL):
     """The pack's first text encoder, kept so saved workflows run as before (SDXL sizes on every graph)."""
 
     DESCRIPTION = (
         "Legacy: kept so workflows saved with it still run unchanged. New graphs use Fluxion CLIP Text Encode "
         "(SD1.5 and SDXL) or Fluxion CLIP Text Encode (SDXL) (with its size conditioning). " + _PROMPT_SYNTAX
     )
-    CATEGORY = "fluxion/conditioning"
-    FUNCTION = "encode"
     DEPRECATED = True
-    RETURN_TYPES = ("CONDITIONING",)
-    RETURN_NAMES = ("conditioning",)
-    OUTPUT_TOOLTIPS = (_OUTPUT_TOOLTIP,)
+    SIZES_FOR_SD15 = "ignored"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {**_text_inputs(), **_size_inputs(" (ignored by SD1.5)")}}
-
-    def encode(
-        self,
-        clip: ClipWire,
-        text: str,
-        clip_skip: int = 1,
-        width: int = 1024,
-        height: int = 1024,
-        crop_w: int = 0,
-        crop_h: int = 0,
-        target_width: int = 1024,
-        target_height: int = 1024,
-    ) -> tuple[list[list[Any]]]:
-        sizes = dict(
-            width=width,
-            height=height,
-            crop_w=crop_w,
-            crop_h=crop_h,
-            target_width=target_width,
-            target_height=target_height,
-        )
-        return (encode_prompt(clip, text, clip_skip, sizes),)
 
 
 NODE_CLASS_MAPPINGS = {

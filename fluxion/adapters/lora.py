@@ -208,8 +208,8 @@ class SingleLoraAdapter(LoraAdapter):
                 target.out_features,
                 rank,
                 scale,
-                device=target.weight.device,
-                dtype=target.weight.dtype,
+                device=target.device,
+                dtype=target.dtype,
             )
         elif isinstance(target, Conv2d):
             lora = Conv2dLora(
@@ -221,8 +221,8 @@ class SingleLoraAdapter(LoraAdapter):
                 kernel_size=target.kernel_size,  # type: ignore[arg-type]
                 stride=target.stride,  # type: ignore[arg-type]
                 padding=target.padding,  # type: ignore[arg-type]
-                device=target.weight.device,
-                dtype=target.weight.dtype,
+                device=target.device,
+                dtype=target.dtype,
             )
         else:
             raise TypeError(f"SingleLoraAdapter targets a Linear or Conv2d, got {type(target).__name__}")

@@ -150,6 +150,9 @@ class Parameter(WeightedModule):
         self.weight = torch.nn.Parameter(
             torch.randn(*dims, device=device, dtype=dtype), requires_grad=requires_grad
         )
+        self.bias = (
+            None  # read by memory managers that stream layers (see `WeightedModule.comfy_cast_weights`)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.weight.expand(x.shape[0], *self.dims)

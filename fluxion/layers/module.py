@@ -10,6 +10,8 @@ from torch import Tensor
 from torch import device as Device
 from torch import dtype as DType
 
+from ..casting import compute_placement, is_streamed, stream_weights
+
 if TYPE_CHECKING:
     from .chain import Chain
 
@@ -126,15 +128,31 @@ class ContextModule(Module):
 
 
 class WeightedModule(Module):
-    """A module that owns parameters; exposes their device and dtype."""
+    """A module that owns parameters; exposes the device and dtype it computes in (its parameters' own, unless
+    `fluxion.casting` streams them from another device or computes them in another dtype)."""
 
     @property
     def device(self) -> Device:
-        return next(iter(self.parameters())).device
+        return compute_placement(self)[0]
 
     @property
     def dtype(self) -> DType:
-        return next(iter(self.parameters())).dtype
+        return compute_placement(self)[1]
+
+    @property
+    def comfy_cast_weights(self) -> bool:
+        """Whether this layer's weights are streamed to the compute device for each call (`casting.stream_weights`).
+
+        The name is the one a host's memory manager sets: ComfyUI's ModelPatcher turns it on for the layers it
+        leaves on the offload device (`--lowvram`, `--novram`, partial loads) and off when it loads them. It
+        reads `weight` and `bias` of such layers (None when absent): a layer without both has no switch."""
+        if "weight" not in self._parameters or not ("bias" in self._parameters or "bias" in self.__dict__):
+            raise AttributeError(f"{type(self).__name__} has no weight and bias: no comfy_cast_weights")
+        return is_streamed(self)
+
+    @comfy_cast_weights.setter
+    def comfy_cast_weights(self, streamed: bool) -> None:
+        stream_weights(self, bool(streamed))
 
     def description_parts(self) -> list[str]:
         shapes = [f"{name}={tuple(param.shape)}" for name, param in self.named_parameters(recurse=False)]

@@ -205,6 +205,7 @@ class Embedding(torch.nn.Embedding, WeightedModule):
         if device is not None and torch.device(device).type == "meta":
             weight = torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype)
         super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype, _weight=weight)
+        self.bias = None  # what memory managers read of every layer they may stream (ComfyUI's Embedding too)
 
     def basic_attributes(self) -> dict[str, object]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim}

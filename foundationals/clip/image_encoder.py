@@ -52,6 +52,9 @@ class ClassToken(fl.WeightedModule):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.weight = torch.nn.Parameter(torch.randn(embedding_dim, device=device, dtype=dtype))
+        self.bias = (
+            None  # read by memory managers that stream layers (see `WeightedModule.comfy_cast_weights`)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.weight.expand(x.shape[0], 1, self.embedding_dim)

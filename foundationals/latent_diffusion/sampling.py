@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ...fluxion.casting import compute_placement
 from .conditioning import (  # re-exported: the conditioning types used to live here
     CombinedConditioning,
     Conditioning,
@@ -141,7 +142,9 @@ def denoise(
     """
     batch = latents.shape[0]
     use_guidance = guidance_scale > 1.0 and negative is not None
-    parameter = next(iter(getattr(unet, "parameters", lambda: iter([latents]))()), latents)
+    placement = (
+        compute_placement(unet) if isinstance(unet, torch.nn.Module) else (latents.device, latents.dtype)
+    )
     dtype = latents.dtype
     plain = plain_conditioning(positive, batch)
     plain_negative = plain_conditioning(negative, batch) if use_guidance else None  # type: ignore[arg-type]
@@ -164,18 +167,18 @@ def denoise(
         conditioning = plain.repeat(batch)
         if plain_negative is not None:
             conditioning = concatenate(plain_negative.repeat(batch), conditioning)
-        _apply_conditioning(unet, conditioning.to(parameter.device, parameter.dtype))
+        _apply_conditioning(unet, conditioning.to(*placement))
     passes = (
         None
         if guidance is None or plain is None
-        else _passes(unet, predict, plain, plain_negative, batch, use_guidance, parameter, dtype)
+        else _passes(unet, predict, plain, plain_negative, batch, use_guidance, placement, dtype)
     )
 
     def set_conditioning(conditioning: Conditioning) -> None:
-        _apply_conditioning(unet, conditioning.to(parameter.device, parameter.dtype))
+        _apply_conditioning(unet, conditioning.to(*placement))
 
     def run_unet(x: Tensor) -> Tensor:
-        return (predict or unet)(x.to(parameter.dtype))
+        return (predict or unet)(x.to(placement[1]))
 
     steps = list(solver.inference_steps)
     current = 0  # index of the step being solved (solvers may evaluate the model again within it)
@@ -234,11 +237,11 @@ def _passes(
     negative: Conditioning | None,
     batch: int,
     use_guidance: bool,
-    parameter: Tensor,
+    placement: tuple[torch.device, torch.dtype],
     output_dtype: torch.dtype,
 ) -> ConditionedPasses:
     """The UNet passes guidance hooks run: both halves as one batch (as `denoise` set it up) or one half."""
-    device, dtype = parameter.device, parameter.dtype
+    device, dtype = placement
     halves = {POSITIVE: positive.repeat(batch).to(device, dtype)}
     if use_guidance and negative is not None:
         halves[NEGATIVE] = negative.repeat(batch).to(device, dtype)

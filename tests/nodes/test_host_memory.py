@@ -275,12 +275,68 @@ def test_text_encoders_are_stored_in_comfyuis_text_encoder_dtype_and_computed_as
     assert {p.dtype for p in encoder.parameters()} == {torch.float16}  # the stored weights never change
 
 
-def test_fp8_unet_storage_is_not_taken_and_says_so(comfy, capsys):
-    comfy.unet_dtype = torch.float8_e4m3fn
-    host._warned.discard("fp8")
+def test_fp8_unet_storage_is_kept_and_computed_in_the_dtype_comfyui_computes_fp8_in(comfy):
+    comfy.unet_dtype = torch.float8_e4m3fn  # --fp8_e4m3fn-unet
     placement = host.model_placement("unet")
-    assert placement.dtype == torch.float32  # what ComfyUI computes fp8 weights in on this device
-    assert "cannot compute from fp8 storage" in capsys.readouterr().err
+    assert (placement.dtype, placement.compute_dtype) == (torch.float8_e4m3fn, torch.float32)  # a CPU
+    assert host.model_placement("controlnet") == placement  # ControlNets and adapters follow the UNet
+    model, clip, _ = FluxionCheckpointLoader().load(SD15_CHECKPOINT)
+    unet = model.model.unet
+    assert {p.dtype for p in unet.parameters()} == {torch.float8_e4m3fn}
+    assert host.managed_model(unet).size == sum(p.numel() for p in unet.parameters())  # one byte a weight
+    fp8 = _sample(model, clip)
+
+    comfy.unet_dtype = torch.float32  # the same run on float32 weights rounded through fp8
+    model, clip, _ = FluxionCheckpointLoader().load(SD15_CHECKPOINT)
+    with torch.no_grad():
+        for parameter in model.model.unet.parameters():
+            parameter.copy_(parameter.to(torch.float8_e4m3fn).float())
+    reference = _sample(model, clip)
+    torch.testing.assert_close(fp8, reference, rtol=1e-5, atol=1e-5)  # each layer casts them exactly so
+
+
+def test_an_fp8_unet_with_lora_controlnet_and_ip_adapter_runs_and_keeps_its_storage(comfy):
+    comfy.unet_dtype = torch.float8_e4m3fn
+    model, clip, _, controlnet, ipadapter, _ = _wired()
+    latents = _sample(model, clip)
+    assert torch.isfinite(latents).all()
+    for module in (model.model.unet, controlnet, ipadapter.weights):  # fused LoRA restored bit for bit in fp8
+        assert {p.dtype for p in module.parameters()} == {torch.float8_e4m3fn}, type(module).__name__
+
+
+def _streaming_loads(comfy) -> list[int]:
+    """Make the fake's load_models_gpu load like ComfyUI's ModelPatcher.load when memory is short: every other
+    weighted layer is left on the offload device and streamed (`comfy_cast_weights = True`)."""
+    streamed: list[int] = []
+    plain = comfy.mm.load_models_gpu
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):  # fmt: skip
+        assert not force_full_load  # ComfyUI may split our models as it splits its own
+        plain(models, memory_required, force_patch_weights, minimum_memory_required, force_full_load)
+        for patcher in models:
+            layers = [m for m in patcher.model.modules() if hasattr(m, "comfy_cast_weights")]
+            for layer in layers[::2]:
+                layer.comfy_cast_weights = True
+            streamed.append(len(layers[::2]))
+
+    comfy.mm.load_models_gpu = load_models_gpu
+    return streamed
+
+
+def test_layers_comfyui_leaves_on_the_offload_device_are_streamed_and_the_run_is_the_same(comfy):
+    model, clip, *_ = _wired()
+    full = _sample(model, clip)
+    comfy.mm.unload_all_models()
+    streamed = _streaming_loads(comfy)
+    partial = _sample(model, clip)
+    unet = model.model.unet
+    assert streamed and min(streamed) > 0
+    assert (
+        sum(layer.comfy_cast_weights for layer in unet.modules() if hasattr(layer, "comfy_cast_weights")) > 0
+    )
+    assert unet.device == comfy.device  # streamed layers compute on the load device set after the load
+    assert torch.equal(full, partial)  # on a CPU the streamed copy is the weight itself: the same operations
 
 
 def test_hosted_loaders_hold_models_weakly_so_comfyuis_cache_decides(comfy):

@@ -26,22 +26,13 @@ ours vs core 1.52e-6 (plain) and 1.51e-6 (with the LoRA, whose own effect is 0.2
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-COMFYUI = os.environ.get("FLUXION_COMFYUI", "")
-PYTHON = os.environ.get("FLUXION_COMFYUI_PYTHON") or sys.executable
-START_TIMEOUT_S = 180
+from tests.support.comfyui_server import FREE_CACHE, REPO, Server, comfyui_server, needs_comfyui, prepare_base
+
 RUN_TIMEOUT_S = 900
 CHECKPOINT = "random_sd15.safetensors"
 LORA = "random_sd15_lora.safetensors"
@@ -57,71 +48,12 @@ def _relative(a, b) -> float:
     return float((a - b).abs().max()) / float(b.abs().max())
 
 
-pytestmark = pytest.mark.skipif(
-    not (COMFYUI and (Path(COMFYUI) / "main.py").is_file()),
-    reason="set FLUXION_COMFYUI to a ComfyUI checkout (and FLUXION_COMFYUI_PYTHON to its python)",
-)
+pytestmark = needs_comfyui
 
 
-def _port() -> int:
-    wanted = os.environ.get("FLUXION_COMFYUI_PORT")
-    if wanted:
-        return int(wanted)
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base: Path, port: int, process: subprocess.Popen, log: Path):
-        self.base, self.url, self.process, self.log = base, f"http://127.0.0.1:{port}", process, log
-
-    def request(self, path: str, data: dict | None = None, timeout: float = 180.0):
-        body = None if data is None else json.dumps(data).encode()
-        request = urllib.request.Request(
-            self.url + path, data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-        return json.loads(raw) if raw else None
-
-    def log_tail(self, chars: int = 6000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
-
-    def rss_bytes(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
-        return int(line.split()[1]) * 1024
-
-    def run(self, prompt: dict, free: bool = True) -> dict:
-        if free:  # empty the output cache, keep loaded models (our checkpoint cache stays too)
-            self.request("/free", {"free_memory": True, "unload_models": False})
-        try:
-            prompt_id = self.request("/prompt", {"prompt": prompt})["prompt_id"]
-        except urllib.error.HTTPError as error:
-            pytest.fail(f"/prompt refused ({error.code}): {error.read().decode(errors='replace')}")
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while True:
-            entry = self.request(f"/history/{prompt_id}").get(prompt_id, {})
-            status = entry.get("status", {})
-            if status.get("status_str") in ("success", "error"):
-                errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
-                assert status["status_str"] == "success", json.dumps(errors, indent=1)[:6000]
-                return entry
-            if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI exited:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.request("/interrupt", {})
-                pytest.fail(f"no result within {RUN_TIMEOUT_S} s:\n{self.log_tail()}")
-            time.sleep(0.5)
-
-    def latent(self, entry: dict, node: str):
-        from safetensors.torch import load_file
-
-        files = entry["outputs"][node]["latents"]
-        item = files[0]
-        path = self.base / "output" / item.get("subfolder", "") / item["filename"]
-        return load_file(str(path))["latent_tensor"]
+def _run(server: Server, prompt: dict, free: bool = True) -> dict:
+    """Run `prompt`; with `free` after emptying the output cache (loaded models stay: our checkpoint cache too)."""
+    return server.run(prompt, "prompt", RUN_TIMEOUT_S, free=FREE_CACHE if free else None)
 
 
 def _write_hint(path: Path) -> None:
@@ -142,50 +74,13 @@ def comfyui(tmp_path_factory):
         write_random_sd15_lora,
     )
 
-    base = tmp_path_factory.mktemp("comfyui_core")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "ComfyUI-Fluxion").symlink_to(REPO, target_is_directory=True)
-    for folder in ("output", "user", "input"):
-        (base / folder).mkdir(exist_ok=True)
+    base = prepare_base(tmp_path_factory.mktemp("comfyui_core"))
     write_random_sd15(base / "models" / "checkpoints" / CHECKPOINT)
     write_random_sd15_lora(base / "models" / "loras" / LORA)
     write_random_sd15_controlnet(base / "models" / "controlnet" / CONTROLNET)
     _write_hint(base / "input" / HINT)
-    port = _port()
-    command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
-    command += [
-        "--base-directory",
-        str(base),
-        "--database-url",
-        "sqlite:///:memory:",
-        "--disable-auto-launch",
-    ]
-    log = base / "comfyui.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, cwd=COMFYUI, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-    server = Server(base, port, process, log)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {process.returncode} while starting:\n{server.log_tail()}")
-            try:
-                server.request("/system_stats", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI did not answer within {START_TIMEOUT_S} s:\n{server.log_tail()}")
-                time.sleep(1)
+    with comfyui_server(base) as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
 
 
 def _sampling_nodes(model: list, prefix: str, suffix: str) -> dict:
@@ -263,7 +158,7 @@ def _lora_prompt() -> dict:
 
 @pytest.fixture(scope="module")
 def plain(comfyui):
-    entry = comfyui.run(_plain_prompt("plain"))
+    entry = _run(comfyui, _plain_prompt("plain"))
     return comfyui.latent(entry, "save_core"), comfyui.latent(entry, "save_ours")
 
 
@@ -278,7 +173,7 @@ def test_ksampler_on_a_fluxion_model_equals_ksampler_on_cores_model(plain):
 
 
 def test_a_fluxion_lora_acts_in_ksampler_as_cores_lora_and_is_undone(comfyui, plain):
-    entry = comfyui.run(_lora_prompt())
+    entry = _run(comfyui, _lora_prompt())
     core, ours = comfyui.latent(entry, "save_core"), comfyui.latent(entry, "save_ours")
     plain_core, plain_ours = plain
     difference = _relative(ours, core)
@@ -286,7 +181,7 @@ def test_a_fluxion_lora_acts_in_ksampler_as_cores_lora_and_is_undone(comfyui, pl
     print(f"LoRA: relative |core - ours| = {difference:.3g}, relative LoRA effect on ours = {effect:.3g}")
     assert difference <= CORE_PARITY
     assert effect > 1000 * CORE_PARITY and _relative(core, plain_core) > 1000 * CORE_PARITY
-    again = comfyui.run(_plain_prompt("again"))
+    again = _run(comfyui, _plain_prompt("again"))
     assert (comfyui.latent(again, "save_ours") == plain_ours).all()  # same path, same inputs: stack undone
 
 
@@ -371,9 +266,9 @@ def test_adopting_core_models_shares_their_weights_and_our_sampler_runs(comfyui,
     # start from core's model alone: drop every model and cached output (our own loaded copy included), load
     # core's checkpoint and sample once (the same latent size), then adopt it with core's loader output cached
     comfyui.request("/free", {"unload_models": True, "free_memory": True})
-    comfyui.run({**CORE_LOADER, **_sampling_nodes(["core", 0], "settle", "_core")}, free=False)
+    _run(comfyui, {**CORE_LOADER, **_sampling_nodes(["core", 0], "settle", "_core")}, free=False)
     before = comfyui.rss_bytes()
-    entry = comfyui.run(_adopt_prompt(), free=False)
+    entry = _run(comfyui, _adopt_prompt(), free=False)
     after = comfyui.rss_bytes()
     adopted = comfyui.latent(entry, "save_adopted")
     copy = _core_weights_bytes()
@@ -410,7 +305,7 @@ def test_the_mixed_examples_run(comfyui):
                 inputs.update(width=128, height=128)
             if "steps" in inputs:
                 inputs["steps"] = 2
-        entry = comfyui.run(prompt)
+        entry = _run(comfyui, prompt)
         images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
         assert images, f"{path.name} saved no image"
         for image in images:
@@ -471,7 +366,7 @@ def _controlnet_prompt() -> dict:
 
 def test_controlnets_act_in_ksampler_on_a_fluxion_model_as_on_cores(comfyui):
     comfyui.request("/free", {"unload_models": True, "free_memory": True})  # drop our own loaded copy
-    entry = comfyui.run(_controlnet_prompt(), free=False)
+    entry = _run(comfyui, _controlnet_prompt(), free=False)
     plain, core, ours, mapped = (
         comfyui.latent(entry, f"save{s}") for s in ("_plain", "_core", "_ours", "_mapped")
     )

@@ -16,35 +16,26 @@ random full-size LoRA, in ComfyUI started on the CPU:
 """
 
 import importlib.util
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-COMFYUI = os.environ.get("FLUXION_COMFYUI", "")
-PYTHON = os.environ.get("FLUXION_COMFYUI_PYTHON") or sys.executable
-START_TIMEOUT_S = 180
+from tests.support.comfyui_server import REPO, Server, comfyui_server, needs_comfyui, prepare_base
+
 RUN_TIMEOUT_S = 900
 CHECKPOINT = "sd15-random.safetensors"
 LORA = "sd15-random-lora.safetensors"
 MIB = 1024 * 1024
 
-pytestmark = pytest.mark.skipif(
-    not (COMFYUI and (Path(COMFYUI) / "main.py").is_file()),
-    reason="set FLUXION_COMFYUI to a ComfyUI checkout (and FLUXION_COMFYUI_PYTHON to its python)",
-)
+pytestmark = needs_comfyui
 
 PROBE = '''
 """Test probe: what ComfyUI's memory manager holds, and this process's RSS."""
@@ -84,57 +75,8 @@ NODE_CLASS_MAPPINGS = {}
 '''
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
-        command += ["--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-        command += ["--disable-auto-launch"]
-        self.log = base / f"comfyui-{port}.log"
-        with self.log.open("wb") as log_file:
-            self.process = subprocess.Popen(
-                command, cwd=COMFYUI, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {self.process.returncode} while starting:\n{self.tail()}")
-            try:
-                self.request("/system_stats", timeout=5)
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"ComfyUI did not answer within {START_TIMEOUT_S} s:\n{self.tail()}")
-                time.sleep(1)
-
-    def request(self, path: str, data: dict | None = None, timeout: float = 30.0):
-        body = None if data is None else json.dumps(data).encode()
-        request = urllib.request.Request(
-            self.url + path, data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            raw = response.read()
-        return json.loads(raw) if raw else None
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=30)
+class MemoryServer(Server):
+    """A server with the memory probe: what ComfyUI holds, runs' images, unloads."""
 
     def poll(self, path: str, timeout: float = 300.0):
         """GET `path`, waiting out a server busy with a run (on 2 shared cores a request may take long)."""
@@ -150,24 +92,9 @@ class Server:
     def memory(self) -> dict:
         return self.poll("/fluxion_probe/memory")
 
-    def run(self, prompt: dict) -> list[np.ndarray]:
-        """Queue `prompt`, wait for it, and return the saved images as arrays."""
-        try:
-            prompt_id = self.request("/prompt", {"prompt": prompt})["prompt_id"]
-        except urllib.error.HTTPError as error:
-            pytest.fail(f"prompt rejected ({error.code}): {error.read().decode(errors='replace')}")
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while True:
-            entry = self.poll(f"/history/{prompt_id}").get(prompt_id, {})
-            status = entry.get("status", {})
-            if status.get("status_str") == "success":
-                break
-            if status.get("status_str") == "error" or self.process.poll() is not None:
-                pytest.fail(f"the prompt failed: {json.dumps(status)[:3000]}\n{self.tail()}")
-            if time.monotonic() > deadline:
-                self.request("/interrupt", {})
-                pytest.fail(f"the prompt did not finish within {RUN_TIMEOUT_S} s:\n{self.tail()}")
-            time.sleep(0.5)
+    def images(self, prompt: dict) -> list[np.ndarray]:
+        """Queue `prompt` (nothing freed first), wait for it, and return the saved images as arrays."""
+        entry = self.run(prompt, "prompt", RUN_TIMEOUT_S, free=None)
         images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
         assert images, entry["outputs"]
         return [
@@ -175,7 +102,7 @@ class Server:
             for image in images
         ]
 
-    def unload_models(self, still_loaded: callable) -> dict:
+    def unload_models(self, still_loaded: Callable[[dict], bool]) -> dict:
         """POST /free {"unload_models": true} and wait until the worker has unloaded (the probe says so)."""
         self.request("/free", {"unload_models": True})
         deadline = time.monotonic() + 60
@@ -226,12 +153,9 @@ def base():
 
 
 def _prepare(base: Path) -> Path:
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "ComfyUI-Fluxion").symlink_to(REPO, target_is_directory=True)
+    prepare_base(base)
     (base / "custom_nodes" / "fluxion_memory_probe").mkdir()
     (base / "custom_nodes" / "fluxion_memory_probe" / "__init__.py").write_text(PROBE)
-    for folder in ("input", "output", "user"):
-        (base / folder).mkdir()
     _write_files(base / "models")
     return base
 
@@ -330,23 +254,20 @@ def _core(memory: dict) -> list[dict]:
 
 def _session(base: Path, prompt, loaded) -> dict:
     """Three runs with an unload after each, in a fresh server: what was loaded, the images and the RSS."""
-    server = Server(base)
-    try:
+    with comfyui_server(base, MemoryServer) as server:
         report: dict = {"baseline": server.memory()["rss"], "loaded": [], "after_unload": [], "images": []}
         # the second run changes the prompt and the seed, so ComfyUI's output cache cannot answer the third,
         # which repeats the first after two unloads: every model has to come back from its offload device
         for text, seed in (("a red house", 1), ("a blue lake", 2), ("a red house", 1)):
-            report["images"].append(server.run(prompt(text, seed)))
+            report["images"].append(server.images(prompt(text, seed)))
             memory = server.memory()
             report["loaded"].append(loaded(memory))
             report["rss_loaded"] = memory["rss"]
             memory = server.unload_models(lambda m: bool(loaded(m)))
             report["after_unload"].append(memory)
             report["rss_unloaded"] = memory["rss"]
-        report["log"] = server.tail(20000)
+        report["log"] = server.log_tail(20000)
         return report
-    finally:
-        server.stop()
 
 
 def test_fluxion_models_are_loaded_and_unloaded_by_comfyui_as_core_checkpoints_are(base):

@@ -1,7 +1,7 @@
 """A real ComfyUI started for a test: on the CPU, on a free port of 127.0.0.1, with its own base folder.
 
 `FLUXION_COMFYUI` names a ComfyUI checkout (the folder holding `main.py`), `FLUXION_COMFYUI_PYTHON` a python that
-runs it (default: this one). The base folder (`--base-directory`) holds the models, custom_nodes, input, output,
+runs it (default: this one), `FLUXION_COMFYUI_PORT` a port (default: a free one). The base folder (`--base-directory`) holds the models, custom_nodes, input, output,
 temp and user folders; its `custom_nodes/ComfyUI-Fluxion` links to this repository. Nothing is installed.
 """
 
@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 COMFYUI = os.environ.get("FLUXION_COMFYUI", "")
 PYTHON = os.environ.get("FLUXION_COMFYUI_PYTHON") or sys.executable
 START_TIMEOUT_S = 180
+FREE_EVERYTHING = {"unload_models": True, "free_memory": True}
+FREE_CACHE = {"unload_models": False, "free_memory": True}
+"""POST /free bodies: unload every model and empty the output cache; or only empty the cache."""
 
 needs_comfyui = pytest.mark.skipif(
     not (COMFYUI and (Path(COMFYUI) / "main.py").is_file()),
@@ -64,9 +67,25 @@ class Server:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_text()[-chars:]
 
-    def run(self, prompt: dict, name: str, timeout_s: float) -> dict:
-        """POST `prompt` (after freeing ComfyUI's cache) and wait for its history entry; fail on an error."""
-        self.request("/free", {"unload_models": True, "free_memory": True})  # no answer from cache
+    def rss_bytes(self) -> int:
+        """The server process's resident memory."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    def latent(self, entry: dict, node: str) -> Any:
+        """The latent tensor a core SaveLatent node `node` of a finished prompt wrote."""
+        from safetensors.torch import load_file
+
+        item = entry["outputs"][node]["latents"][0]
+        path = self.base / "output" / item.get("subfolder", "") / item["filename"]
+        return load_file(str(path))["latent_tensor"]
+
+    def run(self, prompt: dict, name: str, timeout_s: float, free: dict | None = FREE_EVERYTHING) -> dict:
+        """POST `prompt` (after POST /free `free`, by default everything: no answer from cache) and wait for its
+        history entry; fail on an error."""
+        if free is not None:
+            self.request("/free", free)
         try:
             prompt_id = self.request("/prompt", {"prompt": prompt})["prompt_id"]
         except urllib.error.HTTPError as error:
@@ -91,6 +110,9 @@ class Server:
         return entry
 
 
+ServerType = TypeVar("ServerType", bound=Server)
+
+
 def prepare_base(base: Path, custom_nodes: dict[str, Path] | None = None) -> Path:
     """A base folder whose custom_nodes link this repository (and `custom_nodes`: name -> folder)."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
@@ -103,13 +125,14 @@ def prepare_base(base: Path, custom_nodes: dict[str, Path] | None = None) -> Pat
 
 
 @contextmanager
-def comfyui_server(base: Path) -> Iterator[Server]:
-    """ComfyUI on `base` until the block ends (then terminated, killed if it must be)."""
+def comfyui_server(base: Path, server_class: type[ServerType] = Server) -> Iterator[ServerType]:  # type: ignore[assignment]
+    """ComfyUI on `base` until the block ends (then terminated, killed if it must be), driven through a
+    `server_class` (a `Server` subclass may add what a test asks of it)."""
     flags_file = Path(COMFYUI) / "comfy" / "cli_args.py"
     flags = flags_file.read_text(errors="replace") if flags_file.is_file() else ""
     if "--base-directory" not in flags:
         pytest.skip("this ComfyUI has no --base-directory (models, custom_nodes, input, output, temp, user)")
-    port = _free_port()
+    port = int(os.environ.get("FLUXION_COMFYUI_PORT") or _free_port())
     command = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
     command += ["--base-directory", str(base)]
     if "--database-url" in flags:  # keep the checkout's user/comfyui.db untouched
@@ -121,7 +144,7 @@ def comfyui_server(base: Path) -> Iterator[Server]:
         process = subprocess.Popen(
             command, cwd=COMFYUI, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-    server = Server(base, port, process, log)
+    server = server_class(base, port, process, log)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

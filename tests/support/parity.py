@@ -236,6 +236,20 @@ PARITY: dict[str, Parity] = {
         2e-05,
         "5.7e-6 (RescaleCFG, x0 up to ~12; FreeU, blur: 0.0)",
     ),
+    "style_aligned": Parity(
+        "StyleAligned shared self-attention (one layer, CFG halves, scale, AdaIN q/k, reference shared or not)",
+        "hand-written torch of refiners' `StyleAlignedAdapter` formulas (in the test)",
+        "adapters/test_style_aligned.py",
+        1e-05,
+        "1.4e-6",
+    ),
+    "reference_adain": Parity(
+        "Reference-only AdaIN of a block's output (per-channel mean/var, clamp, adain strength, style fidelity)",
+        "hand-derived in plain Python (Advanced-ControlNet's `reference_adain` formulas)",
+        "adapters/test_reference_only.py",
+        1e-05,
+        "4.8e-7",
+    ),
 }
 
 

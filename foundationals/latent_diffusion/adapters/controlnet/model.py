@@ -32,6 +32,7 @@ from torch import dtype as DType
 
 from .....fluxion import layers as fl
 from .....fluxion.adapters.adapter import Adapter
+from .....fluxion.casting import compute_placement
 from ...guidance import POSITIVE, Halves, halves_for
 from ...model_config import SD15_UNET, UNetConfig, unet_family
 from ...model_patch import SamplingRun, Undo
@@ -302,8 +303,7 @@ class ControlNetBranch(fl.ContextModule):
             pooled = None if pooled is None else pooled.chunk(len(halves))[positive]
             time_ids = None if time_ids is None else time_ids.chunk(len(halves))[positive]
         copies = 1 if conditional_only else len(halves)
-        parameter = next(controlnet.parameters())
-        device, dtype = parameter.device, parameter.dtype
+        device, dtype = compute_placement(controlnet)
         controlnet.set_timestep(self.use_context("diffusion")["timestep"])
         controlnet.set_clip_text_embedding(text.to(device=device, dtype=dtype))
         if controlnet.config.unet.addition_embedding == "text_time":

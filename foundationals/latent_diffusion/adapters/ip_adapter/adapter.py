@@ -34,6 +34,7 @@ from torch import dtype as DType
 
 from .....fluxion import layers as fl
 from .....fluxion.adapters.adapter import Adapter
+from .....fluxion.casting import compute_placement
 from ....clip.image_encoder import CLIPImageEncoder, CLIPImageHiddenState, preprocess_images
 from ....formats.ip_adapter import (
     BASE,
@@ -281,9 +282,9 @@ class IPAdapter:
     ) -> ImageEmbeddings:
         """CLIP embeddings of ComfyUI images (B, H, W, C), one per image, with their negatives."""
         self.check_image_encoder(encoder)
-        parameter = next(encoder.parameters())
+        device, dtype = compute_placement(encoder)
         size = encoder.config.image_size
-        pixels = preprocess_images(images, size=size).to(device=parameter.device, dtype=parameter.dtype)
+        pixels = preprocess_images(images, size=size).to(device=device, dtype=dtype)
         with torch.no_grad():
             if self.kind == BASE:
                 positive = encoder(pixels).float()
@@ -308,9 +309,9 @@ class IPAdapter:
 
     def project(self, embeddings: Tensor) -> Tensor:
         """Image tokens (N, T, context_dim) of N image embeddings."""
-        parameter = next(self.image_projection.parameters())
+        device, dtype = compute_placement(self.image_projection)
         with torch.no_grad():
-            return self.image_projection(embeddings.to(device=parameter.device, dtype=parameter.dtype))
+            return self.image_projection(embeddings.to(device=device, dtype=dtype))
 
     def image_tokens(
         self,
@@ -360,10 +361,9 @@ class IPAdapter:
                     attention.num_heads,
                     device="meta",
                 )
-                unet_parameter = next(attention.parameters())
+                device, dtype = compute_placement(attention)
                 adapter.image_attention.load_key_value(
-                    key.to(device=unet_parameter.device, dtype=unet_parameter.dtype),
-                    value.to(device=unet_parameter.device, dtype=unet_parameter.dtype),
+                    key.to(device=device, dtype=dtype), value.to(device=device, dtype=dtype)
                 )
                 adapter.inject(attention)
                 injected.append(adapter)
@@ -392,8 +392,8 @@ class IPAdapterInjection:
 
     def set_tokens(self, tokens: Tensor) -> None:
         """Image tokens for the UNet's batch (B, T, context_dim), e.g. `[negative, positive]` with guidance."""
-        parameter = next(self.unet.parameters())
-        self._state()["tokens"] = tokens.to(device=parameter.device, dtype=parameter.dtype)
+        device, dtype = compute_placement(self.unet)
+        self._state()["tokens"] = tokens.to(device=device, dtype=dtype)
 
     def set_scale(self, scale: float) -> None:
         """Weight of the image attention (0: exactly the model without adapter)."""

@@ -66,7 +66,7 @@ class TuckerConv2dLora(Lora[fl.Conv2d]):
         self, name: str, target: fl.Conv2d, down: Tensor, mid: Tensor, up: Tensor, scale: float
     ) -> None:
         self.in_channels, self.out_channels = target.in_channels, target.out_channels
-        options = {"device": target.weight.device, "dtype": target.weight.dtype, "use_bias": False}
+        options = {"device": target.device, "dtype": target.dtype, "use_bias": False}
         super().__init__(
             name,
             down.shape[0],
@@ -121,7 +121,7 @@ class WeightFactors(fl.WeightedModule):
         self.shape = tuple(target.weight.shape)
         self._conv = _conv_settings(target)
         for role, tensor in tensors.items():
-            weight = tensor.to(device=target.weight.device, dtype=target.weight.dtype)
+            weight = tensor.to(device=target.device, dtype=target.dtype)
             self.register_parameter(role, torch.nn.Parameter(weight, requires_grad=False))
 
     def delta(self, dtype: DType | None = None) -> Tensor:
@@ -229,7 +229,7 @@ def build_lora(name: str, target: fl.WeightedModule, weights: LoraWeights, stren
     scale = strength * weights.scale
     if weights.method != "lora":
         return DeltaLora(name, target, weights, scale)
-    options = {"device": target.weight.device, "dtype": target.weight.dtype}
+    options = {"device": target.device, "dtype": target.dtype}
     down = _as_target_shape(weights.down, target, "down")
     up = _as_target_shape(weights.up, target, "up")
     rank = down.shape[0]

@@ -28,6 +28,7 @@ from torch import dtype as DType
 
 from .....fluxion import layers as fl
 from .....fluxion.adapters.adapter import Adapter
+from .....fluxion.casting import compute_placement
 from ...guidance import Halves, select_halves
 from ...model_config import UNetConfig, unet_family
 from ...model_patch import SamplingRun, Undo
@@ -284,9 +285,8 @@ class T2IAdapterPatch:
         factor = self.adapter.config.latent_factor
         hint = resize_hint(self.hint, run.latent_height * factor, run.latent_width * factor)
         hint = broadcast_batch(hint, run.batch_size)
-        parameter = next(self.adapter.parameters())
         with torch.no_grad():
-            outputs = self.adapter(hint.to(device=parameter.device, dtype=parameter.dtype))
+            outputs = self.adapter(hint.to(*compute_placement(self.adapter)))
         features = [(output * self.strength).to(device=device, dtype=dtype) for output in outputs]
         return [torch.cat([f, f]) for f in features] if run.uses_guidance else features
 
@@ -296,8 +296,7 @@ class T2IAdapterPatch:
         check_adapter_fits(self.adapter.config, unet.config)
         if run is None:
             return lambda: None
-        parameter = next(unet.parameters())
-        features = self.features(run, parameter.device, parameter.dtype)
+        features = self.features(run, *compute_placement(unet))
         targets: list[ResidualAccumulator | ControlResidual] = list(feature_sites(unet))
         layers = [T2IFeature(index, feature) for index, feature in zip(range(len(targets)), features)]
         if len(features) > len(targets):

@@ -9,14 +9,23 @@ import torch
 
 import fluxion.layers as fl
 from foundationals.latent_diffusion.adapters.reference_only import (
+    ReferenceAdaIN,
     ReferenceAttention,
     ReferenceOnly,
     ReferenceOnlyPatch,
     self_attention_blocks_by_width,
 )
 from foundationals.latent_diffusion.model_config import UNET_PRESETS
-from foundationals.latent_diffusion.unet import SelfAttentionBlock, UNet
+from foundationals.latent_diffusion.unet import (
+    DownBlocks,
+    MiddleBlock,
+    ResidualAccumulator,
+    SelfAttentionBlock,
+    UNet,
+    UpBlocks,
+)
 from tests.foundationals.latent_diffusion.test_unet import conditioning, reference_and_ours
+from tests.support.parity import assert_parity
 from tests.support.tiny_ip_adapter import sample_with_patches
 from tests.support.tiny_sd import (
     diffusers_autoencoder,
@@ -152,3 +161,141 @@ def test_inpainting_unets_are_refused_and_left_unchanged():
     with pytest.raises(ValueError, match="inpainting UNets are not supported"):
         ReferenceOnly(unet, torch.zeros(1, 4, 8, 8, device="meta"))
     assert repr(unet) == before
+
+
+# --- AdaIN modes (Advanced-ControlNet's reference_adain / reference_attn+adain) ---
+
+
+def hand_adain(x, reference):
+    """Per channel: population mean / variance over the pixels, std = sqrt(max(var, 1e-6)), by hand."""
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            values, ref = x[b, c].flatten().tolist(), reference[b, c].flatten().tolist()
+            mean, ref_mean = sum(values) / len(values), sum(ref) / len(ref)
+            var = sum((v - mean) ** 2 for v in values) / len(values)
+            ref_var = sum((v - ref_mean) ** 2 for v in ref) / len(ref)
+            std, ref_std = max(var, 1e-6) ** 0.5, max(ref_var, 1e-6) ** 0.5
+            out[b, c] = (x[b, c] - mean) / std * ref_std + ref_mean
+    return out
+
+
+@pytest.mark.parametrize("adain_strength", [1.0, 0.6])
+def test_reference_adain_by_hand(adain_strength):
+    root = fl.Chain(fl.Identity())
+    state = {"mode": "write", "style_fidelity": 0.25, "uses_guidance": True, "adain_strength": adain_strength}
+    root.set_context("reference", state)
+    adain = ReferenceAdaIN("reference", 0.0)
+    root.append(adain)
+    generator = torch.Generator().manual_seed(4)
+    reference = torch.randn(2, 3, 4, 5, generator=generator) * 2 + 1
+    x = torch.randn(2, 3, 4, 5, generator=generator) * 0.5 - 1
+    x[1, 2] = 0.25  # a constant channel: its variance is clamped to 1e-6
+    root(reference)
+    root.use_context("reference")["mode"] = "read"
+    output = root(x)
+    renormalised = adain_strength * hand_adain(x, reference) + (1 - adain_strength) * x
+    # row 0 is the unconditional half: 0.25 plain + 0.75 AdaIN; row 1 (conditional) keeps the AdaIN
+    assert_parity(
+        "reference_adain", output, torch.stack([0.25 * x[0] + 0.75 * renormalised[0], renormalised[1]])
+    )
+    assert torch.allclose(hand_adain(x, reference)[0].mean((1, 2)), reference[0].mean((1, 2)), atol=1e-5)
+
+
+def test_adain_blocks_and_weights_are_the_references_tables():
+    def enabled(preset, strength=1.0):
+        unet = UNet(UNET_PRESETS[preset], device="meta")
+        control = ReferenceOnly(unet, torch.zeros(1, 4, 8, 8, device="meta"), strength=strength, mode="adain")
+        down, middle, up = (
+            unet.ensure_find(DownBlocks),
+            unet.ensure_find(MiddleBlock),
+            unet.ensure_find(UpBlocks),
+        )
+        where = []
+        for block, _, module in control.adain_sites:
+            assert module in block
+            if block is middle:
+                where.append("middle")
+            elif any(block is child for child in down):
+                where.append(f"in{list(down).index(block)}")
+                assert isinstance(list(block)[-1], ResidualAccumulator)  # before the skip is stored
+            else:
+                where.append(f"out{list(up).index(block)}")
+        assert not any(attention.enabled for attention in control.attentions)
+        before = repr(unet)
+        control.eject()
+        assert repr(unet) != before and not list(unet.layers(ReferenceAdaIN))
+        return where
+
+    # weights 2(1 - w/6) for inputs 4, 5, 7, 8, 10, 11; 2w/8 for outputs 0-7; middle 0: used when strength > weight
+    assert enabled("sd15") == ["middle", "in10", "in11", "out0", "out1", "out2", "out3"]
+    assert enabled("sdxl_base") == ["middle", "in8", "out0", "out1", "out2"]
+    assert enabled("tiny") == ["middle", "in8", "out0", "out1", "out2"]
+    assert len(enabled("sd15", strength=2.5)) == 1 + 6 + 8 and enabled("sd15", strength=0.0) == []
+
+
+def test_attn_mode_is_the_default_and_adain_modes_change_the_trajectory(sd, reference_latents):
+    plain = trajectory(sd, [])
+    attn = trajectory(sd, [ReferenceOnlyPatch(reference_latents)])
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(trajectory(sd, [ReferenceOnlyPatch(reference_latents, mode="attn")]), attn)
+    )
+    adain = trajectory(sd, [ReferenceOnlyPatch(reference_latents, mode="adain")])
+    both = trajectory(sd, [ReferenceOnlyPatch(reference_latents, mode="attn+adain")])
+    for one, other in [(adain, plain), (adain, attn), (both, attn), (both, adain)]:
+        assert (one[-1] - other[-1]).abs().max().item() > 1e-4
+    zero = trajectory(sd, [ReferenceOnlyPatch(reference_latents, mode="attn+adain", strength=0.0)])
+    assert all(torch.equal(a, b) for a, b in zip(zero, plain))
+
+
+@pytest.mark.parametrize("mode", ["adain", "attn+adain"])
+def test_adain_modes_undo_exactly_and_a_reference_identical_to_the_generation_changes_nothing(sd, mode):
+    before, contexts = repr(sd.unet), sorted(sd.unet.provider.contexts)
+    unet = sd.unet
+    config = unet.config
+    inputs = conditioning(config, 2, 8, 8)
+    unet.set_timestep(inputs["timestep"])
+    unet.set_clip_text_embedding(inputs["text"])
+    with torch.no_grad():
+        plain = unet(inputs["x"])
+        control = ReferenceOnly(unet, inputs["x"][:1], strength=1.0, style_fidelity=0.0, mode=mode)
+        assert any(attention.enabled for attention in control.attentions) == (mode == "attn+adain")
+        control.reference_pass.noised_reference = lambda timestep, batch: inputs["x"]
+        control.set_active(True)
+        same = unet(inputs["x"])
+        control.reference_pass.noised_reference = lambda timestep, batch: inputs["x"] * 3 + 1
+        different = unet(inputs["x"])
+        control.eject()
+    assert (same - plain).abs().max().item() < 1e-5  # AdaIN to its own statistics, keys/values [x; x]
+    assert (different - plain).abs().max().item() > 1e-4
+    assert repr(sd.unet) == before and sorted(sd.unet.provider.contexts) == contexts
+
+
+def test_a_wrong_mode_is_refused():
+    with pytest.raises(ValueError, match="mode must be one of attn, adain, attn\\+adain"):
+        ReferenceOnlyPatch(torch.zeros(1, 4, 8, 8), mode="style")
+    with pytest.raises(ValueError, match="adain_strength must be within 0..1"):
+        ReferenceOnlyPatch(torch.zeros(1, 4, 8, 8), adain_strength=2.0)
+
+
+def test_a_second_attention_sharing_adapter_is_refused_before_anything_is_injected():
+    from foundationals.latent_diffusion.adapters.style_aligned import StyleAligned
+
+    unet = UNet(UNET_PRESETS["tiny"], device="meta")
+    plain = repr(unet)
+    first = ReferenceOnly(unet, torch.zeros(1, 4, 8, 8, device="meta"))
+    before = repr(unet)
+    with pytest.raises(
+        ValueError, match="reference-only cannot go on a model whose self-attention already carries"
+    ):
+        ReferenceOnly(unet, torch.zeros(1, 4, 8, 8, device="meta"))
+    with pytest.raises(ValueError, match="StyleAligned cannot go on .* ReferenceAttention"):
+        StyleAligned(unet)
+    assert repr(unet) == before
+    adain = ReferenceOnly(
+        unet, torch.zeros(1, 4, 8, 8, device="meta"), mode="adain"
+    )  # no attention of its own
+    adain.eject()
+    first.eject()
+    assert repr(unet) == plain
