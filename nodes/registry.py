@@ -13,6 +13,7 @@ from types import ModuleType
 from . import (
     checkpoint_nodes,
     control_nodes,
+    controlnet_union_nodes,
     core_model_nodes,
     guidance_nodes,
     image_prompt_nodes,
@@ -36,6 +37,7 @@ FEATURE_MODULES: tuple[ModuleType, ...] = (
     sampler_nodes,
     lora_nodes,
     control_nodes,
+    controlnet_union_nodes,
     image_prompt_nodes,
     ip_adapter_embeds_nodes,
     reference_only_nodes,

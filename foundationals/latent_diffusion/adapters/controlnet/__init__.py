@@ -1,6 +1,6 @@
 """ControlNet: the model and its adapter (`model`), ControlNet Union / ProMax (`union`), reading files (`loading`)."""
 
-from .loading import load_controlnet
+from .loading import load_controlnet, union_controlnet_tensors
 from .model import (
     CONTROL_MODES,
     ConditionEncoder,
@@ -48,4 +48,5 @@ __all__ = [
     "control_type_index",
     "is_step_active",
     "load_controlnet",
+    "union_controlnet_tensors",
 ]

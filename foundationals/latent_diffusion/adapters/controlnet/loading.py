@@ -123,3 +123,19 @@ def load_controlnet(
         state[ours] = tensor
     controlnet.load_state_dict(state, strict=True, assign=True)
     return controlnet
+
+
+def union_controlnet_tensors(controlnet: UnionControlNet) -> dict[str, Tensor]:
+    """A union ControlNet's tensors under diffusers `ControlNetUnionModel` names (the public release's layout)."""
+    state = controlnet.state_dict()
+    thirds: dict[str, dict[int, Tensor]] = {}
+    tensors: dict[str, Tensor] = {}
+    for theirs, ours in diffusers_union_key_map(controlnet).items():
+        name, third = union_source_key(theirs)
+        if third is None:
+            tensors[name] = state[ours]
+        else:
+            thirds.setdefault(name, {})[third] = state[ours]
+    for name, parts in thirds.items():
+        tensors[name] = torch.cat([parts[index] for index in sorted(parts)])
+    return tensors
