@@ -728,6 +728,41 @@ def sdxl_ip_adapter() -> dict:
     }
 
 
+UNION_PROMAX = "controlnet-union-sdxl-1.0/diffusion_pytorch_model_promax.safetensors"
+
+
+def sdxl_controlnet_union() -> dict:
+    """ControlNet Union ProMax, core-style: Set Union ControlNet Type (canny) -> Apply Control."""
+    return {
+        **sdxl_base("a glass house in a forest, photograph", "lowres, watermark", 1024),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "FluxionCanny",
+            "inputs": {"image": ["4", 0], "low_threshold": 0.2, "high_threshold": 0.6},
+        },
+        "6": {"class_type": "FluxionControlLoader", "inputs": {"control_name": UNION_PROMAX}},
+        "7": {
+            "class_type": "FluxionSetUnionControlNetType",
+            "inputs": {"control": ["6", 0], "type": "canny/lineart/anime_lineart/mlsd"},
+        },
+        "8": {
+            "class_type": "FluxionApplyControl",
+            "inputs": {
+                "model": ["1", 0],
+                "control": ["7", 0],
+                "image": ["5", 0],
+                "strength": 0.8,
+                "start_percent": 0.0,
+                "end_percent": 0.9,
+                "mode": "balanced",
+            },
+        },
+        "9": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "10": sampler(["8", 0], ["9", 0], steps=4),
+        **decode_and_save(["10", 0], "fluxion_sdxl_controlnet_union", 11),
+    }
+
+
 def sdxl_guidance() -> dict:
     """SDXL with self-attention guidance and FreeU (ComfyUI's defaults)."""
     return {
@@ -892,6 +927,7 @@ WORKFLOWS = {
     "sdxl_img2img": sdxl_img2img,
     "sdxl_ip_adapter": sdxl_ip_adapter,
     "sdxl_guidance": sdxl_guidance,
+    "sdxl_controlnet_union": sdxl_controlnet_union,
     "sd15_regional_prompt": regional_prompt,
     "sd15_masked_prompt_upscale": masked_prompt_upscale,
     "sd15_inpaint_core_mask": inpaint_core_mask,

@@ -13,6 +13,9 @@ from ..foundationals.latent_diffusion.adapters.controlnet import (
     ControlMismatchError,
     ControlNet,
     ControlNetPatch,
+    UnionControlNet,
+    UnionControlNetPatch,
+    UnionHint,
     load_controlnet,
 )
 from ..foundationals.latent_diffusion.adapters.t2i_adapter import (
@@ -36,9 +39,13 @@ class LoadedControl:
 
     name: str
     model: ControlNet | T2IAdapter
+    control_type: int | None = None
+    """A union ControlNet's control type for its hints (Fluxion Set Union ControlNet Type); None: auto."""
 
     @property
     def kind(self) -> str:
+        if isinstance(self.model, UnionControlNet):
+            return "ControlNet Union"
         return "T2I-Adapter" if isinstance(self.model, T2IAdapter) else "ControlNet"
 
 
@@ -171,6 +178,11 @@ class FluxionApplyControl:
             if mask is not None or mode != "balanced":
                 raise ValueError("masks and control modes apply to ControlNets; this is a T2I-Adapter")
             patch = T2IAdapterPatch(control.model, image, strength, start_percent, end_percent, name=name)
+        elif isinstance(control.model, UnionControlNet):  # one hint, its type from Set Union ControlNet Type
+            hint = UnionHint(image, control.control_type)
+            patch = UnionControlNetPatch(
+                control.model, [hint], strength, start_percent, end_percent, mask, mode, name=name
+            )
         else:
             patch = ControlNetPatch(
                 control.model, image, strength, start_percent, end_percent, mask, mode, name=name

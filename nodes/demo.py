@@ -26,7 +26,13 @@ from ..foundationals.clip.image_encoder import CLIPImageEncoder, load_clip_image
 from ..foundationals.clip.text_encoder import CLIPTextEncoder, transformer_layer_names
 from ..foundationals.formats.clip import IMAGE_LAYOUTS, export_clip_state_dict
 from ..foundationals.formats.controlnet import lllyasviel_controlnet_key_map
-from ..foundationals.latent_diffusion.adapters.controlnet import ControlNet, ControlNetConfig
+from ..foundationals.latent_diffusion.adapters.controlnet import (
+    ControlNet,
+    ControlNetConfig,
+    UnionControlNet,
+    UnionControlNetConfig,
+    union_controlnet_tensors,
+)
 from ..foundationals.latent_diffusion.adapters.ip_adapter import (
     ImageEmbeddings,
     ip_adapter_from_state_dict,
@@ -50,6 +56,8 @@ DEMO_LORA_2 = "fluxion_demo_lora_2.safetensors"
 DEMO_LOCON = "fluxion_demo_locon.safetensors"
 DEMO_CONTROLNET = "control_v11p_sd15_canny.safetensors"
 DEMO_IP_ADAPTER = "ip-adapter_sd15.safetensors"
+DEMO_UNION_CONTROLNET = "controlnet-union-sdxl-1.0/diffusion_pytorch_model_promax.safetensors"
+"""The ProMax file where the public release (xinsir/controlnet-union-sdxl-1.0) has it, in a folder of its name."""
 DEMO_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 DEMO_IP_ADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"
 DEMO_SDXL_IP_ADAPTER = "ip-adapter_sdxl.safetensors"
@@ -156,6 +164,19 @@ def lllyasviel_controlnet(seed: int = 2) -> dict[str, torch.Tensor]:
         "control_model." + theirs: state[ours]
         for theirs, ours in lllyasviel_controlnet_key_map(controlnet).items()
     }
+
+
+def union_controlnet_file(seed: int = 4) -> dict[str, torch.Tensor]:
+    """A tiny ControlNet Union ProMax (8 control types) for the tiny SDXL model, in the diffusers layout."""
+    torch.manual_seed(seed)
+    base = ControlNetConfig(TINY_SDXL_UNET, 3, (8, 16, 16, 32))  # 8x hints, as the tiny autoencoder
+    config = UnionControlNetConfig(base, type_embedding_dim=TINY_SDXL_UNET.time_id_embedding_dim)
+    controlnet = UnionControlNet(config)
+    with torch.no_grad():  # zero convolutions and the projection start at zero: give them weights
+        for parameter in controlnet.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.05)
+    return union_controlnet_tensors(controlnet)
 
 
 def tiny_image_encoder_file(seed: int = 3, projection_dim: int | None = None) -> dict[str, torch.Tensor]:
@@ -334,6 +355,8 @@ def write_demo_files(models_dir: Path, input_dir: Path) -> None:
     save_to_safetensors(models_dir / "loras" / DEMO_LOCON, kohya_locon(model))
     save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROLNET, lllyasviel_controlnet())
     save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER, tencent_ip_adapter(model))
+    (models_dir / "controlnet" / DEMO_UNION_CONTROLNET).parent.mkdir(parents=True, exist_ok=True)
+    save_to_safetensors(models_dir / "controlnet" / DEMO_UNION_CONTROLNET, union_controlnet_file())
     save_to_safetensors(models_dir / "clip_vision" / DEMO_CLIP_VISION, tiny_image_encoder_file())
     save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER_PLUS, tencent_ip_adapter_plus(model))
     save_to_safetensors(

@@ -44,12 +44,21 @@ def controlnet_layout(keys: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
+def _hint_holder(controlnet: fl.Chain) -> str:
+    """Our module path of the block holding the hint encoder (a union ControlNet's fuser included)."""
+    first_name, first = next(iter(controlnet.DownBlocks.named_children()))
+    holder = next(
+        name
+        for name, child in first.named_children()
+        if is_block(child, "HintEmbedding", "UnionHintEmbedding")
+    )
+    return f"DownBlocks.{first_name}.{holder}"
+
+
 def _hint_convolutions(controlnet: fl.Chain) -> list[str]:
     """Our module paths of the hint encoder's convolutions, in order."""
     encoder = find_block(controlnet, "ConditionEncoder")
-    first_name, first = next(iter(controlnet.DownBlocks.named_children()))
-    holder = next(name for name, child in first.named_children() if is_block(child, "HintEmbedding"))
-    prefix = f"DownBlocks.{first_name}.{holder}.ConditionEncoder"
+    prefix = f"{_hint_holder(controlnet)}.ConditionEncoder"
     return [f"{prefix}.{name}" for name, child in encoder.named_children() if isinstance(child, fl.Conv2d)]
 
 
@@ -149,3 +158,67 @@ def ldm_shapes_from_diffusers(shapes: Mapping[str, tuple[int, ...]]) -> dict[str
     if "add_embedding.linear_1.weight" in shapes:
         result["label_emb.0.0.weight"] = shapes["add_embedding.linear_1.weight"]
     return result
+
+
+# -- ControlNet Union / ProMax (xinsir's controlnet-union-sdxl-1.0, diffusers' ControlNetUnionModel) -------------
+
+UNION_WEIGHT_NAMES = ("diffusion_pytorch_model_promax.safetensors",)
+"""The ProMax file of the public release, beside the plain union file `diffusion_pytorch_model.safetensors`."""
+UNION_SLICE = ":"
+"""`their key:i` in a union key map: the i-th third (query, key, value) of an `nn.MultiheadAttention`'s
+`in_proj_weight` / `in_proj_bias`, which our attention keeps as three linear layers."""
+
+
+def is_union_controlnet(keys: Sequence[str]) -> bool:
+    """Whether a diffusers-layout ControlNet file's keys are a union ControlNet's (control types, fuser)."""
+    return "control_add_embedding.linear_1.weight" in keys and "task_embedding" in keys
+
+
+def union_sizes_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int, int]:
+    """(control types, control-type embedding width, transformer layers) of a union ControlNet file."""
+    types = shapes["task_embedding"][0]
+    embedding_dim = shapes["control_add_embedding.linear_1.weight"][1] // types
+    layers = count_matches(shapes, r"transformer_layes\.(\d+)\.")
+    return types, embedding_dim, layers
+
+
+def diffusers_union_module_map(controlnet: fl.Chain) -> dict[str, str]:
+    """Our module paths -> diffusers `ControlNetUnionModel` module paths (in-projections as `attn.in_proj`)."""
+    mapping = diffusers_controlnet_module_map(controlnet)
+    embedding = "TimestepEncoder.ControlTypeEmbedding.RangeEncoder"
+    mapping[f"{embedding}.Linear_1"] = "control_add_embedding.linear_1"
+    mapping[f"{embedding}.Linear_2"] = "control_add_embedding.linear_2"
+    holder = _hint_holder(controlnet)
+    mapping[f"{holder}.Parameter"] = "task_embedding"
+    mapping[f"{holder}.Linear"] = "spatial_ch_projs"
+    transformer = find_block(controlnet, "UnionHintEmbedding").Chain
+    for index, (name, _) in enumerate(transformer.named_children()):
+        ours, theirs = f"{holder}.Chain.{name}", f"transformer_layes.{index}"
+        mapping[f"{ours}.Residual_1.LayerNorm"] = f"{theirs}.ln_1"
+        for part, projection in enumerate(("Linear_1", "Linear_2", "Linear_3")):
+            mapping[f"{ours}.Residual_1.SelfAttention.Distribute.{projection}"] = (
+                f"{theirs}.attn.in_proj{part}"
+            )
+        mapping[f"{ours}.Residual_1.SelfAttention.Linear"] = f"{theirs}.attn.out_proj"
+        mapping[f"{ours}.Residual_2.LayerNorm"] = f"{theirs}.ln_2"
+        mapping[f"{ours}.Residual_2.Linear_1"] = f"{theirs}.mlp.c_fc"
+        mapping[f"{ours}.Residual_2.Linear_2"] = f"{theirs}.mlp.c_proj"
+    return mapping
+
+
+def diffusers_union_key_map(controlnet: fl.Chain) -> dict[str, str]:
+    """`{diffusers ControlNetUnionModel key: our key}`; an in-projection third is `in_proj_weight:i` (`UNION_SLICE`)."""
+    keys: dict[str, str] = {}
+    for theirs, ours in expand_module_map(controlnet, diffusers_union_module_map(controlnet)).items():
+        if match := re.fullmatch(r"(.*\.attn)\.in_proj(\d)\.(weight|bias)", theirs):
+            theirs = f"{match.group(1)}.in_proj_{match.group(3)}{UNION_SLICE}{match.group(2)}"
+        elif theirs == "task_embedding.weight":
+            theirs = "task_embedding"
+        keys[theirs] = ours
+    return keys
+
+
+def union_source_key(key: str) -> tuple[str, int | None]:
+    """(file key, third or None) of a union key map key."""
+    name, _, part = key.partition(UNION_SLICE)
+    return name, int(part) if part else None

@@ -17,6 +17,7 @@ from foundationals.latent_diffusion.adapters.ip_adapter import adapter as ip_ada
 from nodes import host
 from nodes.checkpoint_nodes import FluxionCheckpointLoader
 from nodes.control_nodes import FluxionApplyControl, FluxionControlLoader
+from nodes.controlnet_union_nodes import FluxionApplyUnionControlNet, FluxionSetUnionControlNetType
 from nodes.demo import (
     DEMO_CLIP_VISION,
     DEMO_CONTROLNET,
@@ -26,7 +27,9 @@ from nodes.demo import (
     DEMO_IP_ADAPTER,
     DEMO_LORA,
     DEMO_LORA_2,
+    DEMO_UNION_CONTROLNET,
     SD15_CHECKPOINT,
+    SDXL_CHECKPOINT,
     write_demo_files,
 )
 from nodes.faceid_nodes import FluxionApplyIPAdapterFaceID, FluxionLoadFaceEmbeds
@@ -189,6 +192,30 @@ def test_a_masked_faceid_plus_with_its_lora_copies_nothing_again(spy, float64_mo
     assert [sync for sync in spy.syncs if sync[0] > 0] == []
 
 
+def test_union_controlnet_steps_copy_resize_and_sync_nothing_again(spy, float64_models):
+    model, clip, _ = FluxionCheckpointLoader().load(SDXL_CHECKPOINT)
+    union = FluxionControlLoader().load(DEMO_UNION_CONTROLNET)[0]
+    typed = FluxionSetUnionControlNetType().set_type(union, "depth")[0]
+    model = FluxionApplyControl().apply(model, typed, HINT, 0.9, 0.0, 1.0, "balanced", MASK)[0]
+    model = FluxionApplyUnionControlNet().apply(
+        model, union, HINT, "openpose", 0.7, 1.0, 0.0, 1.0, "balanced", HINT.flip(1), "tile", 0.5
+    )[0]
+    positive = FluxionTextEncode().encode(clip, "a house")[0]
+    negative = FluxionTextEncode().encode(clip, "blurry")[0]
+    latent = FluxionEmptyLatent().generate(64, 64, 1)[0]
+    spy.active = True
+    sample_latents(model, positive, negative, latent, 1, STEPS, 5.0, "euler", "normal", 1.0, Progress(spy))
+    spy.active = False
+    assert spy.step == STEPS
+    # SDXL's (2, 6) size/crop time ids are cast to float32 by every sinusoidal embedding in each step (the plain
+    # SDXL UNet does it too, with no control: only this float64 harness sees it as a copy; float32 ids are not
+    # copied). Everything the union ControlNet prepares is copied once.
+    assert [line for line in spy.repeated() if not line.startswith("(2, 6) torch.float64")] == []
+    assert [step for step in spy.resizes if step > 0] == []
+    assert [sync for sync in spy.syncs if sync[0] > 0] == []
+
+
+
 @pytest.mark.parametrize("solver", ["euler", "dpmpp_2m"])
 def test_tiled_sampling_prepares_each_tile_once(spy, float64_models, solver):
     # tiles (Fluxion Tiled Diffusion): the ControlNet hint and mask are cut once per tile in the first step
@@ -211,3 +238,6 @@ def test_tiled_sampling_prepares_each_tile_once(spy, float64_models, solver):
     assert spy.repeated() == []
     assert [step for step in spy.resizes if step > 0] == []
     assert [sync for sync in spy.syncs if sync[0] > 0] == []
+
+
+

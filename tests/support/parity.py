@@ -285,6 +285,20 @@ PARITY: dict[str, Parity] = {
         1e-10,
         "1.2e-13",
     ),
+    "controlnet_union": Parity(
+        "ControlNet Union / ProMax residuals (one hint per type, several hints with weights; release file names)",
+        "diffusers `ControlNetUnionModel`",
+        "adapters/test_controlnet_union.py",
+        1e-05,
+        "2.4e-6",
+    ),
+    "controlnet_union_pipeline": Parity(
+        "ControlNet Union images (one hint with a scale, two hints with their scales)",
+        "diffusers `StableDiffusionXLControlNetUnionPipeline`",
+        "adapters/test_controlnet_union.py",
+        3e-05,
+        "8.4e-6",
+    ),
 }
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
-from diffusers import ControlNetModel, T2IAdapter
+from diffusers import ControlNetModel, ControlNetUnionModel, T2IAdapter
 
 from foundationals.formats.controlnet import diffusers_controlnet_key_map
 from foundationals.latent_diffusion.adapters.controlnet import ControlNet, ControlNetConfig
-from foundationals.latent_diffusion.model_config import TINY_UNET, UNetConfig
+from foundationals.latent_diffusion.model_config import TINY_SDXL_UNET, TINY_UNET, UNetConfig
 
 TINY_HINT_CHANNELS = (8, 16, 16)  # two stride-2 stages: hints 4x the latents, as the tiny autoencoder
 
@@ -52,6 +53,25 @@ def diffusers_controlnet(
             projection_class_embeddings_input_dim=config.addition_embedding_dim,
         )
     model = ControlNetModel(**kwargs).eval()
+    redraw(model)
+    return model
+
+
+def diffusers_union_controlnet(
+    config: UNetConfig = TINY_SDXL_UNET,
+    num_control_type: int = 8,
+    hint_channels: tuple[int, ...] = TINY_HINT_CHANNELS,
+    seed: int = 0,
+) -> ControlNetUnionModel:
+    """A tiny diffusers `ControlNetUnionModel` (8 control types: ProMax; 6: the first union release)."""
+    plain = diffusers_controlnet(config, hint_channels, seed)
+    names = inspect.signature(ControlNetUnionModel.__init__).parameters
+    kwargs = {key: value for key, value in plain.config.items() if key in names}
+    width = config.block_channels[0]
+    torch.manual_seed(seed)
+    model = ControlNetUnionModel(
+        **kwargs, num_control_type=num_control_type, num_trans_channel=width, num_proj_channel=width
+    ).eval()
     redraw(model)
     return model
 

@@ -1,6 +1,6 @@
-"""ControlNet: the model and its adapter (`model`), and reading its files (`loading`)."""
+"""ControlNet: the model and its adapter (`model`), ControlNet Union / ProMax (`union`), reading files (`loading`)."""
 
-from .loading import load_controlnet
+from .loading import load_controlnet, union_controlnet_tensors
 from .model import (
     CONTROL_MODES,
     ConditionEncoder,
@@ -16,9 +16,19 @@ from .model import (
     check_controlnet_fits,
     is_step_active,
 )
+from .union import (
+    UNION_CONTROL_TYPES,
+    UnionControlNet,
+    UnionControlNetBranch,
+    UnionControlNetConfig,
+    UnionControlNetPatch,
+    UnionHint,
+    control_type_index,
+)
 
 __all__ = [
     "CONTROL_MODES",
+    "UNION_CONTROL_TYPES",
     "ConditionEncoder",
     "ControlMismatchError",
     "ControlNet",
@@ -28,8 +38,15 @@ __all__ = [
     "ControlNetPatch",
     "ControlOutputs",
     "HintEmbedding",
+    "UnionControlNet",
+    "UnionControlNetBranch",
+    "UnionControlNetConfig",
+    "UnionControlNetPatch",
+    "UnionHint",
     "ZeroConvolution",
     "check_controlnet_fits",
+    "control_type_index",
     "is_step_active",
     "load_controlnet",
+    "union_controlnet_tensors",
 ]

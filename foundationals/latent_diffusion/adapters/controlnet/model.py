@@ -312,7 +312,7 @@ class ControlNetBranch(fl.ContextModule):
             if pooled is None or time_ids is None:
                 raise ValueError("an SDXL ControlNet needs the UNet's pooled text embedding and time ids")
             controlnet.set_sdxl_conditioning(pooled.to(device=device, dtype=dtype), time_ids.to(device))
-        controlnet.set_hint(self._batched(self._hint, x, copies, device, dtype))
+        self.set_hint(x, copies, device, dtype)
         outputs = [output.to(x.dtype) for output in controlnet(x.to(device=device, dtype=dtype))]
         outputs = self._scaled(outputs)
         if self._mask is not None:
@@ -324,6 +324,10 @@ class ControlNetBranch(fl.ContextModule):
                 for o in outputs
             ]
         return outputs
+
+    def set_hint(self, x: Tensor, copies: int, device: Device, dtype: DType) -> None:
+        """Give the ControlNet its hint for latents `x` (prepared once per shape, see `_batched`)."""
+        self.controlnet.set_hint(self._batched(self._hint, x, copies, device, dtype))
 
     def _scaled(self, outputs: list[Tensor]) -> list[Tensor]:
         count = len(outputs)
@@ -344,14 +348,16 @@ class ControlNetBranch(fl.ContextModule):
         device: Device,
         dtype: DType,
         is_mask: bool = False,
+        slot: int = 0,
     ) -> Tensor:
         """The hint (or mask) for latents `x`: resized, batch broadcast, repeated per batch half and moved to
-        `device` in `dtype` once per shape (every later step reuses it: no copy per step)."""
+        `device` in `dtype` once per shape (every later step reuses it: no copy per step); `slot` tells several
+        sources of one branch apart."""
         batch = x.shape[0] // copies
         window = (
             self.window if self.window is not None and self.window[0][:2] == tuple(x.shape[-2:]) else None
         )
-        key = (int(is_mask), *x.shape[-2:], batch, copies, str(device), str(dtype), window)
+        key = (int(is_mask), *x.shape[-2:], batch, copies, str(device), str(dtype), window, slot)
         if key not in self._prepared:
             factor = self.controlnet.config.downscale_factor
             if is_mask:
@@ -445,6 +451,12 @@ class ControlNetPatch:
         """The ControlNet: brought to the run's device with the UNet (see `model_patch.patch_models`)."""
         return (self.controlnet,)
 
+    def make_branch(self, uses_guidance: bool) -> ControlNetBranch:
+        """The branch that runs the ControlNet in the UNet for one run."""
+        return ControlNetBranch(
+            self.controlnet, self.hint, self.strength, self.mask, self.mode, uses_guidance=uses_guidance
+        )
+
     def apply(self, model: StableDiffusion, run: SamplingRun | None) -> Undo:
         """Inject into `model.unet`; the undo ejects it and restores the UNet's contexts exactly."""
         unet: UNet = model.unet
@@ -452,9 +464,7 @@ class ControlNetPatch:
         if run is None:
             return lambda: None
         # The ControlNet runs where it is (the host loads it with the UNet: `models()`); inputs go to it.
-        branch = ControlNetBranch(
-            self.controlnet, self.hint, self.strength, self.mask, self.mode, uses_guidance=run.uses_guidance
-        )
+        branch = self.make_branch(run.uses_guidance)
         adapter = ControlNetAdapter(unet.ensure_find(DownBlocks), branch).inject()
 
         def on_step(step: int) -> None:
