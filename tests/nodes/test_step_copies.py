@@ -215,7 +215,6 @@ def test_union_controlnet_steps_copy_resize_and_sync_nothing_again(spy, float64_
     assert [sync for sync in spy.syncs if sync[0] > 0] == []
 
 
-
 @pytest.mark.parametrize("solver", ["euler", "dpmpp_2m"])
 def test_tiled_sampling_prepares_each_tile_once(spy, float64_models, solver):
     # tiles (Fluxion Tiled Diffusion): the ControlNet hint and mask are cut once per tile in the first step
@@ -238,6 +237,3 @@ def test_tiled_sampling_prepares_each_tile_once(spy, float64_models, solver):
     assert spy.repeated() == []
     assert [step for step in spy.resizes if step > 0] == []
     assert [sync for sync in spy.syncs if sync[0] > 0] == []
-
-
-
