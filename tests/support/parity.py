@@ -236,6 +236,20 @@ PARITY: dict[str, Parity] = {
         2e-05,
         "5.7e-6 (RescaleCFG, x0 up to ~12; FreeU, blur: 0.0)",
     ),
+    "control_lora": Parity(
+        "Control-LoRA (tiny SDXL): the ControlNet's weights (UNet + up @ down), residuals, sampled latents",
+        "the plain ControlNet derived by hand from the file (`tests/support/tiny_control_lora.py`)",
+        "adapters/test_control_lora.py",
+        1e-05,
+        "",
+    ),
+    "control_lora_comfyui": Parity(
+        "Control-LoRA residuals on the same tiny file and UNet (`FLUXION_COMFYUI`)",
+        "ComfyUI 0.8 `ControlLora` (comfy/controlnet.py)",
+        "adapters/test_control_lora_comfyui.py",
+        1e-05,
+        "",
+    ),
 }
 
 

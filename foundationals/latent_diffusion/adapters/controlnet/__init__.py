@@ -1,6 +1,7 @@
-"""ControlNet: the model and its adapter (`model`), and reading its files (`loading`)."""
+"""ControlNet: the model and its adapter (`model`), Control-LoRA (`control_lora`), reading their files (`loading`)."""
 
-from .loading import load_controlnet
+from .control_lora import ControlLora, ControlLoraPatch, base_tensors
+from .loading import load_control_lora, load_controlnet
 from .model import (
     CONTROL_MODES,
     ConditionEncoder,
@@ -20,6 +21,8 @@ from .model import (
 __all__ = [
     "CONTROL_MODES",
     "ConditionEncoder",
+    "ControlLora",
+    "ControlLoraPatch",
     "ControlMismatchError",
     "ControlNet",
     "ControlNetAdapter",
@@ -29,7 +32,9 @@ __all__ = [
     "ControlOutputs",
     "HintEmbedding",
     "ZeroConvolution",
+    "base_tensors",
     "check_controlnet_fits",
     "is_step_active",
+    "load_control_lora",
     "load_controlnet",
 ]
