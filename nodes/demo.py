@@ -49,6 +49,7 @@ DEMO_LORA = "fluxion_demo_lora.safetensors"
 DEMO_LORA_2 = "fluxion_demo_lora_2.safetensors"
 DEMO_LOCON = "fluxion_demo_locon.safetensors"
 DEMO_CONTROLNET = "control_v11p_sd15_canny.safetensors"
+DEMO_CONTROL_LORA = "control-lora-canny-rank128.safetensors"
 DEMO_IP_ADAPTER = "ip-adapter_sd15.safetensors"
 DEMO_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 DEMO_IP_ADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"
@@ -149,6 +150,29 @@ def lllyasviel_controlnet(seed: int = 2) -> dict[str, torch.Tensor]:
         "control_model." + theirs: state[ours]
         for theirs, ours in lllyasviel_controlnet_key_map(controlnet).items()
     }
+
+
+def stability_control_lora(model: StableDiffusion, rank: int = 4, seed: int = 15) -> dict[str, torch.Tensor]:
+    """A tiny Control-LoRA for `model` (the tiny SDXL one) in Stability's layout: the `lora_controlnet` marker,
+    the ControlNet's own layers (hint encoder, zero convolutions) in full, and for the layers copied from the
+    UNet new biases and norms in full and every other weight as a rank-`rank` pair `.up` / `.down`."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = model.unet.state_dict()
+    controlnet = ControlNet(ControlNetConfig(model.unet.config), device="meta")
+    tensors: dict[str, torch.Tensor] = {"lora_controlnet": torch.tensor([])}
+    for theirs, ours in lllyasviel_controlnet_key_map(controlnet).items():
+        shape = controlnet.state_dict()[ours].shape
+        if ours not in unet:  # the ControlNet's own layers
+            tensors[theirs] = torch.randn(shape, generator=generator) * (0.05 if len(shape) > 1 else 0.02)
+        elif len(shape) < 2:
+            tensors[theirs] = unet[ours] + torch.randn(shape, generator=generator) * 0.02
+        else:
+            module, (out_channels, in_channels, *kernel) = theirs.rpartition(".")[0], shape
+            tensors[f"{module}.up"] = (
+                torch.randn(out_channels, rank, *[1] * len(kernel), generator=generator) * 0.1
+            )
+            tensors[f"{module}.down"] = torch.randn(rank, in_channels, *kernel, generator=generator) * 0.1
+    return tensors
 
 
 def tiny_image_encoder_file(seed: int = 3, projection_dim: int | None = None) -> dict[str, torch.Tensor]:
@@ -254,6 +278,7 @@ def write_demo_files(models_dir: Path, input_dir: Path) -> None:
     save_to_safetensors(models_dir / "loras" / DEMO_LORA_2, kohya_lora(model, seed=21))
     save_to_safetensors(models_dir / "loras" / DEMO_LOCON, kohya_locon(model))
     save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROLNET, lllyasviel_controlnet())
+    save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROL_LORA, stability_control_lora(sdxl))
     save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER, tencent_ip_adapter(model))
     save_to_safetensors(models_dir / "clip_vision" / DEMO_CLIP_VISION, tiny_image_encoder_file())
     save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER_PLUS, tencent_ip_adapter_plus(model))
