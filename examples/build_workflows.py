@@ -907,6 +907,37 @@ def speed() -> dict:
     }
 
 
+def sdxl_control_lora() -> dict:
+    return {
+        **sdxl_base("a glass house in a forest, photograph", "lowres, watermark", 512),
+        "4": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "5": {
+            "class_type": "FluxionCanny",
+            "inputs": {"image": ["4", 0], "low_threshold": 0.2, "high_threshold": 0.6},
+        },
+        "6": {
+            "class_type": "FluxionControlLoader",
+            "inputs": {"control_name": "control-lora-canny-rank128.safetensors"},
+        },
+        "7": {
+            "class_type": "FluxionApplyControl",
+            "inputs": {
+                "model": ["1", 0],
+                "control": ["6", 0],
+                "image": ["5", 0],
+                "strength": 0.9,
+                "start_percent": 0.0,
+                "end_percent": 1.0,
+                "mode": "balanced",
+            },
+        },
+        "8": {"class_type": "FluxionEmptyLatent", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "9": sampler(["7", 0], ["8", 0], steps=4),
+        **decode_and_save(["9", 0], "fluxion_sdxl_control_lora", 10),
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+
+
 WORKFLOWS = {
     "sd15_txt2img": txt2img,
     "sd15_img2img": img2img,
@@ -928,6 +959,7 @@ WORKFLOWS = {
     "sdxl_ip_adapter": sdxl_ip_adapter,
     "sdxl_guidance": sdxl_guidance,
     "sdxl_controlnet_union": sdxl_controlnet_union,
+    "sdxl_control_lora": sdxl_control_lora,
     "sd15_regional_prompt": regional_prompt,
     "sd15_masked_prompt_upscale": masked_prompt_upscale,
     "sd15_inpaint_core_mask": inpaint_core_mask,

@@ -1,4 +1,4 @@
-"""ControlNet and T2I-Adapter: load one, wire it onto a model with a hint image; a Canny preprocessor."""
+"""ControlNet, Control-LoRA, T2I-Adapter: load one, wire it onto a model with a hint image; a Canny preprocessor."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ from typing import Any
 
 import torch
 
+from ..foundationals.formats.controlnet import is_control_lora
 from ..foundationals.latent_diffusion.adapters.controlnet import (
     CONTROL_MODES,
+    ControlLora,
+    ControlLoraPatch,
     ControlMismatchError,
     ControlNet,
     ControlNetPatch,
     UnionControlNet,
     UnionControlNetPatch,
     UnionHint,
+    load_control_lora,
     load_controlnet,
 )
 from ..foundationals.latent_diffusion.adapters.t2i_adapter import (
@@ -35,10 +39,10 @@ CONTROL = "FLUXION_CONTROL"
 
 @dataclass(frozen=True)
 class LoadedControl:
-    """A ControlNet or a T2I-Adapter, and the file it came from."""
+    """A ControlNet, a Control-LoRA or a T2I-Adapter, and the file it came from."""
 
     name: str
-    model: ControlNet | T2IAdapter
+    model: ControlNet | T2IAdapter | ControlLora
     control_type: int | None = None
     """A union ControlNet's control type for its hints (Fluxion Set Union ControlNet Type); None: auto."""
 
@@ -46,10 +50,12 @@ class LoadedControl:
     def kind(self) -> str:
         if isinstance(self.model, UnionControlNet):
             return "ControlNet Union"
+        if isinstance(self.model, ControlLora):
+            return "Control-LoRA"
         return "T2I-Adapter" if isinstance(self.model, T2IAdapter) else "ControlNet"
 
 
-def _load_control_file(path: Path) -> ControlNet | T2IAdapter:
+def _load_control_file(path: Path) -> ControlNet | T2IAdapter | ControlLora:
     target = path
     if path.is_dir():
         target = next((p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin")), path)
@@ -57,14 +63,16 @@ def _load_control_file(path: Path) -> ControlNet | T2IAdapter:
     is_t2i = any(k.startswith(("body.", "adapter.body.")) for k in keys)
     role = "adapter" if is_t2i else "controlnet"
     placement = model_placement(role)  # read straight into the UNet's dtype, on the offload device
-    load = load_t2i_adapter if is_t2i else load_controlnet
+    # A Control-LoRA's ControlNet is made from the UNet of the model it is applied to, when a run starts.
+    load = load_t2i_adapter if is_t2i else load_control_lora if is_control_lora(keys) else load_controlnet
     model = load(path, device=placement.offload_device, dtype=placement.dtype)
     manage(model, role, placement, path.name)
     return model
 
 
-def load_control(path: Path) -> ControlNet | T2IAdapter:
-    """A ControlNet or T2I-Adapter file (the kind is read from its keys), cached until the file changes."""
+def load_control(path: Path) -> ControlNet | T2IAdapter | ControlLora:
+    """A ControlNet, Control-LoRA or T2I-Adapter file (the kind is read from its keys), cached until the file
+    changes."""
     return MODEL_FILES.get("control", path, _load_control_file)
 
 
@@ -72,14 +80,16 @@ class FluxionControlLoader:
     """Load a ControlNet (lllyasviel or diffusers) or a T2I-Adapter (TencentARC or diffusers)."""
 
     DESCRIPTION = (
-        "Loads a ControlNet (1.0/1.1 single files with or without control_model., diffusers files) or a "
-        "T2I-Adapter (full, light, SDXL) from models/controlnet; the kind and architecture are read from the file."
+        "Loads a ControlNet (1.0/1.1 single files with or without control_model., diffusers files), a "
+        "Control-LoRA (Stability's SDXL control-lora files: its ControlNet is made from the model's UNet when "
+        "sampling starts) or a T2I-Adapter (full, light, SDXL) from models/controlnet; the kind and architecture "
+        "are read from the file."
     )
     CATEGORY = "fluxion/loaders"
     FUNCTION = "load"
     RETURN_TYPES = (CONTROL,)
     RETURN_NAMES = ("control",)
-    OUTPUT_TOOLTIPS = ("The ControlNet or T2I-Adapter, for Fluxion Apply Control.",)
+    OUTPUT_TOOLTIPS = ("The ControlNet, Control-LoRA or T2I-Adapter, for Fluxion Apply Control.",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -88,7 +98,8 @@ class FluxionControlLoader:
                 "control_name": (
                     list_model_files("controlnet"),
                     {
-                        "tooltip": "ControlNet or T2I-Adapter file in models/controlnet (or models/t2i_adapter)."
+                        "tooltip": "ControlNet, Control-LoRA or T2I-Adapter file in models/controlnet (or "
+                        "models/t2i_adapter)."
                     },
                 )
             }
@@ -104,7 +115,8 @@ class FluxionApplyControl:
     DESCRIPTION = (
         "Adds a control to the model's adapter stack: the hint image (e.g. from Fluxion Canny) is resized to the "
         "generation size; strength scales the control; start/end limit it to a fraction of the steps; a mask "
-        "limits it to a region (ControlNet). Stack as many as you like, ControlNets and T2I-Adapters mixed."
+        "limits it to a region (ControlNet). Stack as many as you like, ControlNets, Control-LoRAs and T2I-Adapters "
+        "mixed (a Control-LoRA is a ControlNet made from this model's UNet, LoRAs before it included)."
     )
     CATEGORY = "fluxion/control"
     FUNCTION = "apply"
@@ -182,6 +194,10 @@ class FluxionApplyControl:
             hint = UnionHint(image, control.control_type)
             patch = UnionControlNetPatch(
                 control.model, [hint], strength, start_percent, end_percent, mask, mode, name=name
+            )
+        elif isinstance(control.model, ControlLora):
+            patch = ControlLoraPatch(
+                control.model, image, strength, start_percent, end_percent, mask, mode, name=name
             )
         else:
             patch = ControlNetPatch(

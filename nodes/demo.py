@@ -55,6 +55,7 @@ DEMO_LORA = "fluxion_demo_lora.safetensors"
 DEMO_LORA_2 = "fluxion_demo_lora_2.safetensors"
 DEMO_LOCON = "fluxion_demo_locon.safetensors"
 DEMO_CONTROLNET = "control_v11p_sd15_canny.safetensors"
+DEMO_CONTROL_LORA = "control-lora-canny-rank128.safetensors"
 DEMO_IP_ADAPTER = "ip-adapter_sd15.safetensors"
 DEMO_UNION_CONTROLNET = "controlnet-union-sdxl-1.0/diffusion_pytorch_model_promax.safetensors"
 """The ProMax file where the public release (xinsir/controlnet-union-sdxl-1.0) has it, in a folder of its name."""
@@ -177,6 +178,29 @@ def union_controlnet_file(seed: int = 4) -> dict[str, torch.Tensor]:
             if parameter.dim() > 1:
                 parameter.normal_(0.0, 0.05)
     return union_controlnet_tensors(controlnet)
+
+
+def stability_control_lora(model: StableDiffusion, rank: int = 4, seed: int = 15) -> dict[str, torch.Tensor]:
+    """A tiny Control-LoRA for `model` (the tiny SDXL one) in Stability's layout: the `lora_controlnet` marker,
+    the ControlNet's own layers (hint encoder, zero convolutions) in full, and for the layers copied from the
+    UNet new biases and norms in full and every other weight as a rank-`rank` pair `.up` / `.down`."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = model.unet.state_dict()
+    controlnet = ControlNet(ControlNetConfig(model.unet.config), device="meta")
+    tensors: dict[str, torch.Tensor] = {"lora_controlnet": torch.tensor([])}
+    for theirs, ours in lllyasviel_controlnet_key_map(controlnet).items():
+        shape = controlnet.state_dict()[ours].shape
+        if ours not in unet:  # the ControlNet's own layers
+            tensors[theirs] = torch.randn(shape, generator=generator) * (0.05 if len(shape) > 1 else 0.02)
+        elif len(shape) < 2:
+            tensors[theirs] = unet[ours] + torch.randn(shape, generator=generator) * 0.02
+        else:
+            module, (out_channels, in_channels, *kernel) = theirs.rpartition(".")[0], shape
+            tensors[f"{module}.up"] = (
+                torch.randn(out_channels, rank, *[1] * len(kernel), generator=generator) * 0.1
+            )
+            tensors[f"{module}.down"] = torch.randn(rank, in_channels, *kernel, generator=generator) * 0.1
+    return tensors
 
 
 def tiny_image_encoder_file(seed: int = 3, projection_dim: int | None = None) -> dict[str, torch.Tensor]:
@@ -354,6 +378,7 @@ def write_demo_files(models_dir: Path, input_dir: Path) -> None:
     save_to_safetensors(models_dir / "loras" / DEMO_LORA_2, kohya_lora(model, seed=21))
     save_to_safetensors(models_dir / "loras" / DEMO_LOCON, kohya_locon(model))
     save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROLNET, lllyasviel_controlnet())
+    save_to_safetensors(models_dir / "controlnet" / DEMO_CONTROL_LORA, stability_control_lora(sdxl))
     save_to_safetensors(models_dir / "ipadapter" / DEMO_IP_ADAPTER, tencent_ip_adapter(model))
     (models_dir / "controlnet" / DEMO_UNION_CONTROLNET).parent.mkdir(parents=True, exist_ok=True)
     save_to_safetensors(models_dir / "controlnet" / DEMO_UNION_CONTROLNET, union_controlnet_file())

@@ -19,6 +19,7 @@ MODEL_DECLARATIONS = (
     "foundationals.latent_diffusion.unet",
     "foundationals.latent_diffusion.auto_encoder",
     "foundationals.latent_diffusion.adapters.controlnet.model",
+    "foundationals.latent_diffusion.adapters.controlnet.control_lora",
     "foundationals.latent_diffusion.adapters.t2i_adapter.model",
     "foundationals.latent_diffusion.adapters.ip_adapter.model",
     "foundationals.latent_diffusion.adapters.ip_adapter.adapter",

@@ -222,3 +222,46 @@ def union_source_key(key: str) -> tuple[str, int | None]:
     """(file key, third or None) of a union key map key."""
     name, _, part = key.partition(UNION_SLICE)
     return name, int(part) if part else None
+
+
+# -- Stability's Control-LoRA files -------------------------------------------------------------------------------
+
+CONTROL_LORA_MARKER = "lora_controlnet"
+"""The key Stability's Control-LoRA files hold (ComfyUI's `load_controlnet_state_dict` detects them by it)."""
+CONTROL_LORA_SUFFIXES = (".weight", ".bias", ".up", ".down")
+CONTROL_LORA_EXPECTED = (
+    "a Control-LoRA (Stability's control-lora files: key lora_controlnet, lllyasviel-named input_hint_block.*, "
+    "zero_convs.*, middle_block_out.*, and full weights or .up/.down low-rank pairs for the UNet's layers)"
+)
+
+
+def is_control_lora(keys: Sequence[str]) -> bool:
+    """Whether a file's keys are a Control-LoRA's (the `lora_controlnet` marker)."""
+    return CONTROL_LORA_MARKER in keys
+
+
+def control_lora_entries(keys: Sequence[str]) -> dict[str, str]:
+    """`{file key: kind}` of the tensors ComfyUI's `ControlLora` applies (kind: weight, bias, up or down).
+
+    As ComfyUI: the marker and keys holding "__" or another suffix are not applied."""
+    entries: dict[str, str] = {}
+    for key in keys:
+        if key == CONTROL_LORA_MARKER or "__" in key:
+            continue
+        for suffix in CONTROL_LORA_SUFFIXES:
+            if key.endswith(suffix):
+                entries[key] = suffix[1:]
+    return entries
+
+
+def control_lora_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The lllyasviel key shapes of a Control-LoRA's ControlNet: full tensors as stored, and for each low-rank
+    pair `M.up` (out, rank[, 1, 1]) / `M.down` (rank, in[, k, k]) the weight `M.weight` (out, in[, k, k])."""
+    result: dict[str, tuple[int, ...]] = {}
+    for key, kind in control_lora_entries(list(shapes)).items():
+        module = key.rpartition(".")[0]
+        if kind in ("weight", "bias"):
+            result[key] = tuple(shapes[key])
+        elif kind == "up" and f"{module}.down" in shapes:
+            result[f"{module}.weight"] = (shapes[key][0], *shapes[f"{module}.down"][1:])
+    return result

@@ -20,6 +20,7 @@ from nodes.control_nodes import FluxionApplyControl, FluxionControlLoader
 from nodes.controlnet_union_nodes import FluxionApplyUnionControlNet, FluxionSetUnionControlNetType
 from nodes.demo import (
     DEMO_CLIP_VISION,
+    DEMO_CONTROL_LORA,
     DEMO_CONTROLNET,
     DEMO_FACE_EMBEDS,
     DEMO_FACEID_PLUSV2,
@@ -38,7 +39,7 @@ from nodes.latent_nodes import FluxionEmptyLatent
 from nodes.lora_nodes import FluxionLoraLoader, FluxionRegionalLora
 from nodes.reference_only_nodes import FluxionReferenceOnly
 from nodes.sampler_nodes import sample_latents
-from nodes.text_nodes import FluxionTextEncode
+from nodes.text_nodes import FluxionCLIPTextEncodeSDXL, FluxionTextEncode
 from nodes.upscale_nodes import FluxionTiledDiffusion
 
 STEPS = 4
@@ -237,3 +238,35 @@ def test_tiled_sampling_prepares_each_tile_once(spy, float64_models, solver):
     assert spy.repeated() == []
     assert [step for step in spy.resizes if step > 0] == []
     assert [sync for sync in spy.syncs if sync[0] > 0] == []
+
+
+def _sdxl_steps(spy: StepSpy, with_control_lora: bool) -> StepSpy:
+    model, clip, _ = FluxionCheckpointLoader().load(SDXL_CHECKPOINT)
+    if with_control_lora:
+        control = FluxionControlLoader().load(DEMO_CONTROL_LORA)[0]
+        model = FluxionApplyControl().apply(model, control, HINT, 0.9, 0.0, 1.0, "balanced", MASK)[0]
+    encode = FluxionCLIPTextEncodeSDXL().encode
+    positive = encode(clip, "a house", 1, 64, 64, 0, 0, 64, 64)[0]
+    negative = encode(clip, "blurry", 1, 64, 64, 0, 0, 64, 64)[0]
+    latent = FluxionEmptyLatent().generate(64, 64, 1)[0]
+    spy.active = True
+    sample_latents(model, positive, negative, latent, 1, STEPS, 5.0, "euler", "normal", 1.0, Progress(spy))
+    spy.active = False
+    assert spy.step == STEPS
+    return spy
+
+
+def test_a_control_lora_adds_no_per_step_copy_to_an_sdxl_run(spy, float64_models):
+    """Its ControlNet is built once, when the run starts. (The SDXL UNet itself re-embeds its (B, 6) size ids
+    each step; the Control-LoRA run is compared with the plain SDXL run, so only what it adds counts.)"""
+    controlled = _sdxl_steps(spy, True)
+    repeated = controlled.repeated()
+    controlled_resizes = [step for step in controlled.resizes if step > 0]
+    controlled_syncs = [sync for sync in controlled.syncs if sync[0] > 0]
+    spy.copies.clear()
+    spy.resizes.clear()
+    spy.syncs.clear()
+    spy.step = 0
+    baseline = _sdxl_steps(spy, False)
+    assert repeated == baseline.repeated()
+    assert controlled_resizes == [] and controlled_syncs == []

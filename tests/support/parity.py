@@ -299,6 +299,20 @@ PARITY: dict[str, Parity] = {
         3e-05,
         "8.4e-6",
     ),
+    "control_lora": Parity(
+        "Control-LoRA (tiny SDXL): the ControlNet's weights (UNet + up @ down), residuals, sampled latents",
+        "the plain ControlNet derived by hand from the file (`tests/support/tiny_control_lora.py`)",
+        "adapters/test_control_lora.py",
+        1e-05,
+        "0.0 (with a LoRA fused into the base: 1.5e-8)",
+    ),
+    "control_lora_comfyui": Parity(
+        "Control-LoRA residuals on the same tiny file and UNet (`FLUXION_COMFYUI`)",
+        "ComfyUI 0.8 `ControlLora` (comfy/controlnet.py)",
+        "adapters/test_control_lora_comfyui.py",
+        1e-05,
+        "2.0e-6",
+    ),
 }
 
 

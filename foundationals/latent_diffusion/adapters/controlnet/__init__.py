@@ -1,6 +1,8 @@
-"""ControlNet: the model and its adapter (`model`), ControlNet Union / ProMax (`union`), reading files (`loading`)."""
+"""ControlNet: the model and its adapter (`model`), ControlNet Union / ProMax (`union`), Control-LoRA
+(`control_lora`), reading their files (`loading`)."""
 
-from .loading import load_controlnet, union_controlnet_tensors
+from .control_lora import ControlLora, ControlLoraPatch, base_tensors
+from .loading import load_control_lora, load_controlnet, union_controlnet_tensors
 from .model import (
     CONTROL_MODES,
     ConditionEncoder,
@@ -30,6 +32,8 @@ __all__ = [
     "CONTROL_MODES",
     "UNION_CONTROL_TYPES",
     "ConditionEncoder",
+    "ControlLora",
+    "ControlLoraPatch",
     "ControlMismatchError",
     "ControlNet",
     "ControlNetAdapter",
@@ -44,9 +48,11 @@ __all__ = [
     "UnionControlNetPatch",
     "UnionHint",
     "ZeroConvolution",
+    "base_tensors",
     "check_controlnet_fits",
     "control_type_index",
     "is_step_active",
+    "load_control_lora",
     "load_controlnet",
     "union_controlnet_tensors",
 ]
