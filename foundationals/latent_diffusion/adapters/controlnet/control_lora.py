@@ -32,11 +32,11 @@ from ...model_config import unet_family
 from ...model_patch import SamplingRun, Undo
 from ...unet import UNet
 from .model import (
-    CONTROL_MODES,
     ControlMismatchError,
     ControlNet,
     ControlNetConfig,
     ControlNetPatch,
+    check_control_settings,
     check_controlnet_fits,
 )
 
@@ -158,10 +158,7 @@ class ControlLoraPatch:
         mode: str = "balanced",
         name: str = "Control-LoRA",
     ) -> None:
-        if mode not in CONTROL_MODES:
-            raise ValueError(f"unknown control mode {mode!r}; choose one of {', '.join(CONTROL_MODES)}")
-        if not 0.0 <= start <= end <= 1.0:
-            raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
+        check_control_settings(mode, start, end)
         self.control_lora, self.hint, self.strength = control_lora, hint, strength
         self.start, self.end, self.mask, self.mode, self.name = start, end, mask, mode, name
 

@@ -422,6 +422,14 @@ class ControlNetAdapter(fl.Chain, Adapter[DownBlocks]):
 # -- the model patch ---------------------------------------------------------------------------------------------
 
 
+def check_control_settings(mode: str, start: float, end: float) -> None:
+    """Refuse an unknown control mode or a step window outside 0 <= start <= end <= 1 (every ControlNet patch)."""
+    if mode not in CONTROL_MODES:
+        raise ValueError(f"unknown control mode {mode!r}; choose one of {', '.join(CONTROL_MODES)}")
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
+
+
 class ControlNetPatch:
     """A ControlNet for one sampling run: hint, strength, start/end fraction of the steps, mask and mode."""
 
@@ -436,10 +444,7 @@ class ControlNetPatch:
         mode: str = "balanced",
         name: str = "ControlNet",
     ) -> None:
-        if mode not in CONTROL_MODES:
-            raise ValueError(f"unknown control mode {mode!r}; choose one of {', '.join(CONTROL_MODES)}")
-        if not 0.0 <= start <= end <= 1.0:
-            raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
+        check_control_settings(mode, start, end)
         self.controlnet, self.hint, self.strength = controlnet, hint, strength
         self.start, self.end, self.mask, self.mode, self.name = start, end, mask, mode, name
 
